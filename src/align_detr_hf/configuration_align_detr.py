@@ -1,0 +1,148 @@
+"""Configuration of Align-DETR: the single source of every hyper-parameter of the network and its loss."""
+
+from transformers import AutoConfig, PreTrainedConfig, ResNetConfig
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)  # fmt: skip
+
+
+class AlignDetrConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`AlignDetrModel`] and [`AlignDetrForObjectDetection`]. The defaults are mmdetection's released
+    `align_detr-4scale_r50_8xb2-12e_coco` model: ResNet-50, 4 feature levels, 6+6 deformable layers, 900 queries,
+    80 COCO classes.
+
+    Network:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*): any `AutoBackbone` config. Defaults to
+            transformers' ResNet-50 with `out_features=["stage2", "stage3", "stage4"]` (strides 8, 16, 32). All its
+            BatchNorms become frozen BatchNorms.
+        freeze_backbone_stages (`int`, defaults to 0): the stem is always frozen; this many stages after it too
+            (Align-DETR trains all four stages: 0; DETR/DINO freeze the first: 1).
+        d_model (`int`, defaults to 256): width of the transformer.
+        num_feature_levels (`int`, defaults to 4): backbone levels plus extra stride-2 levels.
+        encoder_layers / decoder_layers (`int`, defaults to 6): number of layers.
+        encoder_ffn_dim / decoder_ffn_dim (`int`, defaults to 2048): hidden size of the feed-forward networks.
+        encoder_attention_heads / decoder_attention_heads (`int`, defaults to 8).
+        encoder_n_points / decoder_n_points (`int`, defaults to 4): sampling points per head and level.
+        dropout (`float`, defaults to 0.0): dropout after attention and feed-forward blocks (0 in the reference).
+        num_queries (`int`, defaults to 900): matching queries, chosen from the encoder's top-k proposals.
+        position_embedding_temperature (`float`, defaults to 10000) and position_embedding_offset (`float`,
+            defaults to -0.5): the normalised sine position encoding of the feature maps.
+        init_prior_prob (`float`, defaults to 0.01): class-logit bias is initialised to log(p / (1 - p)).
+
+    Contrastive denoising (training only):
+        num_denoising_queries (`int`, defaults to 100): budget per positive/negative half; the number of groups is
+            `max(1, num_denoising_queries // max_gt_per_image)`. 0 switches denoising off.
+        label_noise_ratio (`float`, defaults to 0.5): a denoising label is re-drawn with probability ratio / 2.
+        box_noise_scale (`float`, defaults to 1.0): corner noise, as a fraction of half the box size.
+
+    Align-DETR loss:
+        num_gt_repeat (`list[int]`, *optional*): queries matched to each ground truth, per prediction layer, in
+            mmdetection's order: decoder layers 0..L-1, then the encoder proposals. Defaults to 2 for every layer
+            except the last decoder layer (1): `[2, 2, 2, 2, 2, 1, 2]`.
+        quality_alpha (`float`, defaults to 0.25): target `t = p^alpha * IoU^(1 - alpha)`.
+        quality_min (`float`, defaults to 0.01): lower clamp of `t`.
+        negative_gamma (`float`, defaults to 2.0): negatives are weighted by `p^gamma`.
+        rank_tau (`float`, defaults to 1.5): prime-sample weight `exp(-rank / tau)`.
+        matcher_class_cost, matcher_bbox_cost, matcher_giou_cost (`float`, defaults to 2, 5, 2): Hungarian costs
+            (focal class cost, L1 on normalised cxcywh, negative GIoU).
+        matcher_alpha, matcher_gamma (`float`, defaults to 0.25, 2.0): focal cost parameters.
+        class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient (`float`, defaults to 1, 5, 2).
+    """
+
+    model_type = "align_detr"
+    sub_configs = {"backbone_config": AutoConfig}
+    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "encoder_attention_heads"}
+    keys_to_ignore_at_inference = [
+        "intermediate_logits",
+        "intermediate_pred_boxes",
+        "enc_topk_logits",
+        "enc_topk_boxes",
+        "enc_topk_indices",
+        "dn_logits",
+        "dn_pred_boxes",
+        "last_hidden_state",
+        "encoder_last_hidden_state",
+    ]
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    freeze_backbone_stages: int = 0
+    d_model: int = 256
+    num_feature_levels: int = 4
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    encoder_attention_heads: int = 8
+    decoder_attention_heads: int = 8
+    encoder_n_points: int = 4
+    decoder_n_points: int = 4
+    dropout: float | int = 0.0
+    num_queries: int = 900
+    position_embedding_temperature: float | int = 10000
+    position_embedding_offset: float | int = -0.5
+    init_prior_prob: float = 0.01
+
+    num_denoising_queries: int = 100
+    label_noise_ratio: float | int = 0.5
+    box_noise_scale: float | int = 1.0
+
+    num_gt_repeat: list[int] | tuple[int, ...] | None = None
+    quality_alpha: float | int = 0.25
+    quality_min: float | int = 0.01
+    negative_gamma: float | int = 2.0
+    rank_tau: float | int = 1.5
+    matcher_class_cost: float | int = 2.0
+    matcher_bbox_cost: float | int = 5.0
+    matcher_giou_cost: float | int = 2.0
+    matcher_alpha: float | int = 0.25
+    matcher_gamma: float | int = 2.0
+    class_loss_coefficient: float | int = 1.0
+    bbox_loss_coefficient: float | int = 5.0
+    giou_loss_coefficient: float | int = 2.0
+
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.backbone_config is None:
+            self.backbone_config = ResNetConfig(out_features=["stage2", "stage3", "stage4"])
+        elif isinstance(self.backbone_config, dict):
+            backbone_kwargs = dict(self.backbone_config)
+            self.backbone_config = AutoConfig.for_model(backbone_kwargs.pop("model_type", "resnet"), **backbone_kwargs)
+        if self.num_gt_repeat is None:
+            self.num_gt_repeat = [2] * (self.decoder_layers - 1) + [1, 2]
+        self.num_gt_repeat = list(self.num_gt_repeat)
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = dict(enumerate(COCO_CLASSES))
+        super().__post_init__(**kwargs)
+        if self.label2id is None or len(self.label2id) != len(self.id2label):
+            self.label2id = {name: index for index, name in self.id2label.items()}
+        self._check()
+
+    def _check(self):
+        if len(self.num_gt_repeat) != self.decoder_layers + 1:
+            raise ValueError(
+                f"num_gt_repeat has {len(self.num_gt_repeat)} entries; it needs decoder_layers + 1 = "
+                f"{self.decoder_layers + 1} (one per decoder layer, then the encoder)."
+            )
+        if min(self.num_gt_repeat) < 1:
+            raise ValueError(f"num_gt_repeat entries must be >= 1, got {self.num_gt_repeat}.")
+        num_backbone_levels = len(self.backbone_config.out_features)
+        if num_backbone_levels > self.num_feature_levels:
+            raise ValueError(
+                f"The backbone gives {num_backbone_levels} feature maps but num_feature_levels is "
+                f"{self.num_feature_levels}."
+            )
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by {name} ({getattr(self, name)}).")
