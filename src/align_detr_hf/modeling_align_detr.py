@@ -1,0 +1,801 @@
+"""Align-DETR: DINO-4scale (deformable encoder/decoder, two-stage query selection, contrastive denoising,
+look-forward-twice box refinement) with the Align-DETR training loss, as mmdetection codes it.
+
+Reading order: output dataclasses, building blocks, the denoising query generator, encoder, decoder,
+`AlignDetrModel`, `AlignDetrForObjectDetection`. Module names follow transformers' DETR family; the converter in
+`convert_align_detr.py` maps mmdetection's names onto them.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoBackbone, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .configuration_align_detr import AlignDetrConfig
+from .loss_align_detr import AlignDetrLoss
+from .ms_deform_attn import multi_scale_deformable_attention
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignDetrModelOutput(ModelOutput):
+    """
+    Outputs of [`AlignDetrModel`]. B = batch, Q = matching queries, D = denoising queries (training with labels
+    only, else 0), L = decoder layers, S = encoder positions over all levels.
+
+    Args:
+        last_hidden_state (`(B, Q, d_model)`): last decoder layer after the decoder's final LayerNorm.
+        intermediate_hidden_states (`(L, B, D + Q, d_model)`): every decoder layer after the final LayerNorm,
+            denoising queries first.
+        intermediate_reference_points (`(L + 1, B, D + Q, 4)`): reference boxes (sigmoid cxcywh); [0] are the
+            initial ones, [l + 1] those refined by layer l (not detached: look forward twice).
+        intermediate_pred_boxes (`(L, B, D + Q, 4)`): box predictions of every layer (sigmoid cxcywh).
+        encoder_last_hidden_state (`(B, S, d_model)`): the encoder memory.
+        enc_topk_logits (`(B, Q, num_labels)`), enc_topk_boxes (`(B, Q, 4)`): class logits and boxes of the
+            proposals picked by two-stage query selection; the boxes are the decoder's first references.
+        enc_topk_indices (`(B, Q)`): their flat encoder positions, in descending order of max class logit.
+        denoising_meta (`dict`): `num_denoising_queries`, `num_groups`, `max_gt` of the denoising part.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    intermediate_hidden_states: torch.FloatTensor | None = None
+    intermediate_reference_points: torch.FloatTensor | None = None
+    intermediate_pred_boxes: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    enc_topk_logits: torch.FloatTensor | None = None
+    enc_topk_boxes: torch.FloatTensor | None = None
+    enc_topk_indices: torch.LongTensor | None = None
+    denoising_meta: dict | None = None
+
+
+@dataclass
+class AlignDetrObjectDetectionOutput(ModelOutput):
+    """
+    Outputs of [`AlignDetrForObjectDetection`]; shapes as in [`AlignDetrModelOutput`], C = num_labels.
+
+    Args:
+        loss (`()`, with `labels`): sum of `loss_dict`.
+        loss_dict (`dict[str, Tensor]`, with `labels`): the Align-DETR loss terms, named as mmdetection names them.
+        logits (`(B, Q, C)`), pred_boxes (`(B, Q, 4)`): last decoder layer, matching queries only. Boxes are
+            sigmoid cxcywh relative to the unpadded image; use the image processor's
+            `post_process_object_detection`.
+        intermediate_logits (`(L, B, Q, C)`), intermediate_pred_boxes (`(L, B, Q, 4)`): every decoder layer.
+        enc_topk_logits, enc_topk_boxes, enc_topk_indices: the selected encoder proposals.
+        dn_logits (`(L, B, D, C)`), dn_pred_boxes (`(L, B, D, 4)`): denoising queries (training with labels).
+        denoising_meta (`dict`): see [`AlignDetrModelOutput`].
+        last_hidden_state (`(B, Q, d_model)`), encoder_last_hidden_state (`(B, S, d_model)`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_dict: dict | None = None
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    intermediate_logits: torch.FloatTensor | None = None
+    intermediate_pred_boxes: torch.FloatTensor | None = None
+    enc_topk_logits: torch.FloatTensor | None = None
+    enc_topk_boxes: torch.FloatTensor | None = None
+    enc_topk_indices: torch.LongTensor | None = None
+    dn_logits: torch.FloatTensor | None = None
+    dn_pred_boxes: torch.FloatTensor | None = None
+    denoising_meta: dict | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class AlignDetrDenoisingQueries:
+    """Contrastive denoising queries for one batch (training only).
+
+    Args:
+        label_query (`(B, D, d_model)`): content queries, the label embedding of noisy labels (zeros = padding).
+        box_query_unact (`(B, D, 4)`): inverse-sigmoid noisy cxcywh boxes (zeros = padding, i.e. a centred box).
+        attn_mask (`(D + Q, D + Q)` bool): True where a query may not attend (matching -> denoising, across groups).
+        num_groups (`int`): G. Group g holds queries [2Mg, 2M(g+1)): M positives, then M negatives.
+        max_gt (`int`): M, the most ground-truth boxes of one image in the batch.
+    """
+
+    label_query: torch.Tensor
+    box_query_unact: torch.Tensor
+    attn_mask: torch.Tensor
+    num_groups: int
+    max_gt: int
+
+    @property
+    def num_queries(self) -> int:
+        return self.label_query.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AlignDetrFrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters, all buffers (never trained, never updated)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # present in BatchNorm checkpoints, meaningless here
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def _freeze_batch_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, AlignDetrFrozenBatchNorm2d(child.num_features, child.eps))
+        else:
+            _freeze_batch_norms(child)
+
+
+class AlignDetrConvEncoder(nn.Module):
+    """Any `AutoBackbone` with frozen BatchNorms, its stem frozen, and `freeze_backbone_stages` stages frozen.
+
+    The freezing policy is explicit: parameters of `embedder` (the stem) and of the first
+    `config.freeze_backbone_stages` entries of `encoder.stages` get `requires_grad=False`.
+    """
+
+    def __init__(self, config: AlignDetrConfig):
+        super().__init__()
+        self.model = AutoBackbone.from_config(config.backbone_config)
+        _freeze_batch_norms(self.model)
+        frozen = [getattr(self.model, "embedder", None)]
+        stages = getattr(getattr(self.model, "encoder", None), "stages", [])
+        frozen += list(stages)[: config.freeze_backbone_stages]
+        for module in frozen:
+            if module is not None:
+                module.requires_grad_(False)
+        self.channels = [
+            self.model.num_features[self.model.stage_names.index(name)] for name in config.backbone_config.out_features
+        ]
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(pixel_values).feature_maps)
+
+
+class AlignDetrMLP(nn.Module):
+    """Linear layers with ReLU between them (box heads, reference-point head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def sine_position_embedding(
+    padding_mask: torch.Tensor, num_feats: int, temperature: float, offset: float, eps: float = 1e-6
+) -> torch.Tensor:
+    """Normalised 2-D sine encoding of a feature map: (B, H, W) bool (True = padding) -> (B, H*W, 2*num_feats).
+
+    Coordinates are 1-based cumulative counts of valid cells, shifted by `offset` and normalised by the valid
+    extent; y channels come before x channels, sin/cos interleaved (mmdetection's `SinePositionalEncoding`).
+    """
+    not_mask = (~padding_mask).to(torch.float32)
+    y_embed = not_mask.cumsum(1)
+    x_embed = not_mask.cumsum(2)
+    y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * (2 * math.pi)
+    x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * (2 * math.pi)
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=padding_mask.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    pos_x = x_embed[..., None] / dim_t
+    pos_y = y_embed[..., None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).flatten(1, 2)
+
+
+def box_sine_embedding(boxes: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine encoding of (..., 4) cxcywh boxes -> (..., 4*num_feats), in (y, x, w, h) order, sin/cos interleaved."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    embeds = []
+    for coordinate in (1, 0, 2, 3):
+        pos = boxes[..., coordinate, None] * (2 * math.pi) / dim_t
+        embeds.append(torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2))
+    return torch.cat(embeds, dim=-1)
+
+
+class AlignDetrMultiscaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention (Deformable DETR), as mmcv's `MultiScaleDeformableAttention`.
+
+    Each query samples `n_points` locations per head and level around its reference point (2-d: a point, offsets
+    in units of the level's cells; 4-d: a box, offsets relative to half its size) and returns their weighted sum.
+    The residual is added by the caller.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_levels: int, n_points: int):
+        super().__init__()
+        self.n_heads, self.n_levels, self.n_points = n_heads, n_levels, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        value: torch.Tensor,
+        value_padding_mask: torch.Tensor | None,
+        reference_points: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """query (B, Nq, d) with position added; value (B, Nv, d); value_padding_mask (B, Nv) True = padding;
+        reference_points (B, Nq, n_levels, 2 or 4) normalised; returns (B, Nq, d)."""
+        batch, num_queries, _ = query.shape
+        value = self.value_proj(value)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.view(batch, value.shape[1], self.n_heads, -1)
+        offsets = self.sampling_offsets(query).view(
+            batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2
+        )
+        weights = self.attention_weights(query).view(batch, num_queries, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            # (W, H) per level: offsets are in cells of that level
+            normalizer = torch.tensor(
+                [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
+            )
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        else:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
+        return self.output_proj(output)
+
+
+class AlignDetrSelfAttention(nn.Module):
+    """Multi-head self-attention of the decoder queries (torch.nn.MultiheadAttention's maths, split q/k/v)."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.o_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, query_key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """attn_mask: (N, N) bool, True = may not attend."""
+        batch, length, d_model = value.shape
+
+        def heads(x):
+            return x.view(batch, length, self.n_heads, d_model // self.n_heads).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(query_key)), heads(self.k_proj(query_key)), heads(self.v_proj(value))
+        allowed = None if attn_mask is None else ~attn_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class AlignDetrEncoderLayer(nn.Module):
+    """Post-norm: x = LN(x + MSDA(x + pos)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: AlignDetrConfig):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = AlignDetrMultiscaleDeformableAttention(
+            d, config.encoder_attention_heads, config.num_feature_levels, config.encoder_n_points
+        )
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, position_embeddings, padding_mask, reference_points, spatial_shapes):
+        attended = self.self_attn(
+            hidden_states + position_embeddings, hidden_states, padding_mask, reference_points, spatial_shapes
+        )
+        hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
+        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
+        return self.final_layer_norm(hidden_states + self.dropout(ffn))
+
+
+class AlignDetrDecoderLayer(nn.Module):
+    """Post-norm: self-attention (pos added to q and k), deformable cross-attention (pos added to the query), FFN."""
+
+    def __init__(self, config: AlignDetrConfig):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = AlignDetrSelfAttention(d, config.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = AlignDetrMultiscaleDeformableAttention(
+            d, config.decoder_attention_heads, config.num_feature_levels, config.decoder_n_points
+        )
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, hidden_states, query_pos, self_attn_mask, memory, memory_padding_mask, reference_points, spatial_shapes
+    ):
+        attended = self.self_attn(hidden_states + query_pos, hidden_states, self_attn_mask)
+        hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
+        attended = self.encoder_attn(
+            hidden_states + query_pos, memory, memory_padding_mask, reference_points, spatial_shapes
+        )
+        hidden_states = self.encoder_attn_layer_norm(hidden_states + self.dropout(attended))
+        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
+        return self.final_layer_norm(hidden_states + self.dropout(ffn))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contrastive denoising
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_denoising_queries(
+    targets: list[dict],
+    label_embedding: nn.Embedding,
+    num_labels: int,
+    num_matching_queries: int,
+    num_denoising_queries: int,
+    label_noise_ratio: float,
+    box_noise_scale: float,
+) -> AlignDetrDenoisingQueries:
+    """DINO's contrastive denoising groups, drawn as mmdetection's `CdnQueryGenerator` draws them.
+
+    With M = the most GT boxes of an image in the batch, there are G = max(1, num_denoising_queries // M) groups of
+    2M queries: a positive copy of every GT (corners jittered by less than half the box size) then a negative one
+    (jittered by 1 to 2 halves). Labels are re-drawn uniformly with probability label_noise_ratio / 2. The random
+    draws happen in mmdetection's order, so the same seed gives the same queries.
+    """
+    device = label_embedding.weight.device
+    batch = len(targets)
+    num_gt = [len(t["class_labels"]) for t in targets]
+    max_gt = max(num_gt, default=0)
+    num_groups = max(1, num_denoising_queries // max_gt) if max_gt > 0 else 1
+    total = 2 * max_gt * num_groups
+    d_model = label_embedding.embedding_dim
+    label_query = torch.zeros(batch, total, d_model, device=device, dtype=label_embedding.weight.dtype)
+    box_query = torch.zeros(batch, total, 4, device=device)
+    if max_gt > 0:
+        labels = torch.cat([t["class_labels"] for t in targets]).to(device)
+        boxes = box_cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).to(device).float())
+        num_boxes = len(labels)
+
+        labels = labels.repeat(2 * num_groups)
+        if label_noise_ratio > 0:
+            redraw = torch.nonzero(torch.rand_like(labels.float()) < label_noise_ratio * 0.5).view(-1)
+            labels = labels.scatter(0, redraw, torch.randint_like(redraw, 0, num_labels))
+
+        boxes = boxes.repeat(2 * num_groups, 1)
+        if box_noise_scale > 0:
+            positive = torch.arange(num_boxes, device=device)[None] + 2 * num_boxes * torch.arange(
+                num_groups, device=device
+            )[:, None]
+            negative = (positive + num_boxes).flatten()
+            sign = torch.randint_like(boxes, 0, 2, dtype=torch.float32) * 2.0 - 1.0
+            magnitude = torch.rand_like(boxes)
+            magnitude[negative] += 1.0
+            half_wh = box_xyxy_to_cxcywh(boxes)[:, 2:].repeat(1, 2)
+            boxes = (boxes + magnitude * sign * half_wh * box_noise_scale / 2).clamp(0.0, 1.0)
+        boxes_unact = inverse_sigmoid(box_xyxy_to_cxcywh(boxes), eps=1e-3)
+
+        # scatter into (B, 2MG): block r (positive/negative half of a group) starts at r * M, GT j at offset j
+        image_index = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(num_gt)])
+        slot = torch.cat([torch.arange(n, device=device) for n in num_gt])
+        slot = torch.cat([slot + max_gt * block for block in range(2 * num_groups)])
+        image_index = image_index.repeat(2 * num_groups)
+        label_query[image_index, slot] = label_embedding(labels)
+        box_query[image_index, slot] = boxes_unact
+
+    attn_mask = torch.zeros(total + num_matching_queries, total + num_matching_queries, dtype=torch.bool, device=device)
+    attn_mask[total:, :total] = True  # matching queries must not see the answers
+    for group in range(num_groups):
+        start, end = 2 * max_gt * group, 2 * max_gt * (group + 1)
+        attn_mask[start:end, :start] = True
+        attn_mask[start:end, end:total] = True
+    return AlignDetrDenoisingQueries(label_query, box_query, attn_mask, num_groups, max_gt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-trained model base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AlignDetrPreTrainedModel(PreTrainedModel):
+    config: AlignDetrConfig
+    config_class = AlignDetrConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["AlignDetrConvEncoder", "AlignDetrEncoderLayer", "AlignDetrDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """mmdetection's initialisation (DINO.init_weights, DeformableDETRHead.init_weights, ChannelMapper)."""
+        if isinstance(module, AlignDetrMultiscaleDeformableAttention):
+            init.zeros_(module.sampling_offsets.weight)
+            # head h samples along direction (cos, sin)(2*pi*h/H), scaled so the larger component is 1,
+            # point p at distance p + 1
+            thetas = torch.arange(module.n_heads, dtype=torch.float32) * (2.0 * math.pi / module.n_heads)
+            grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+            grid = grid / grid.abs().max(-1, keepdim=True)[0]
+            grid = grid.view(module.n_heads, 1, 1, 2).repeat(1, module.n_levels, module.n_points, 1)
+            grid = grid * torch.arange(1, module.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+            init.copy_(module.sampling_offsets.bias, grid.flatten())
+            init.zeros_(module.attention_weights.weight)
+            init.zeros_(module.attention_weights.bias)
+            for linear in (module.value_proj, module.output_proj):
+                init.xavier_uniform_(linear.weight)
+                init.zeros_(linear.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight)
+        elif isinstance(module, AlignDetrConvEncoder):
+            # the backbone's own init does not know frozen BatchNorms
+            for norm in module.modules():
+                if isinstance(norm, AlignDetrFrozenBatchNorm2d):
+                    init.ones_(norm.weight)
+                    init.zeros_(norm.bias)
+                    init.zeros_(norm.running_mean)
+                    init.ones_(norm.running_var)
+        elif isinstance(module, AlignDetrModel):
+            init.normal_(module.level_embed)
+            init.xavier_uniform_(module.query_embedding.weight)
+            self._init_class_head(module.enc_score_head)
+            self._init_box_head(module.enc_bbox_head)
+        elif isinstance(module, AlignDetrDecoder):
+            for head in module.bbox_embed:
+                self._init_box_head(head)
+        elif isinstance(module, AlignDetrForObjectDetection):
+            for head in module.class_embed:
+                self._init_class_head(head)
+
+    def _init_class_head(self, head: nn.Linear) -> None:
+        prior = self.config.init_prior_prob
+        init.constant_(head.bias, -math.log((1 - prior) / prior))
+
+    @staticmethod
+    def _init_box_head(head: AlignDetrMLP) -> None:
+        init.zeros_(head.layers[-1].weight)
+        init.zeros_(head.layers[-1].bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AlignDetrEncoder(nn.Module):
+    def __init__(self, config: AlignDetrConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(AlignDetrEncoderLayer(config) for _ in range(config.encoder_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
+        """Cell centres of every level, normalised by the valid extent -> (B, S, num_levels, 2)."""
+        points = []
+        for level, (height, width) in enumerate(spatial_shapes):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
+                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
+                indexing="ij",
+            )
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
+            points.append(torch.stack((ref_x, ref_y), -1))
+        return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, features, position_embeddings, padding_mask, spatial_shapes, valid_ratios):
+        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            features = layer(features, position_embeddings, padding_mask, reference_points, spatial_shapes)
+        return features
+
+
+class AlignDetrDecoder(nn.Module):
+    """DINO decoder: query position from the sine-encoded reference box, refinement after every layer.
+
+    Look forward twice: the reference passed to the next layer is detached, but the one returned for layer l's
+    box prediction is not, so layer l's loss also trains layer l-1's box head.
+    """
+
+    def __init__(self, config: AlignDetrConfig):
+        super().__init__()
+        d = config.d_model
+        self.layers = nn.ModuleList(AlignDetrDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.reference_points_head = AlignDetrMLP(2 * d, d, d, 2)
+        self.layer_norm = nn.LayerNorm(d)
+        self.bbox_embed = nn.ModuleList(AlignDetrMLP(d, d, 4, 3) for _ in range(config.decoder_layers))
+
+    def forward(self, queries, reference_points, memory, memory_padding_mask, spatial_shapes, valid_ratios, attn_mask):
+        """queries (B, N, d); reference_points (B, N, 4) sigmoid cxcywh, detached; returns normed hidden states
+        (L, B, N, d), references (L + 1, B, N, 4) and predicted boxes (L, B, N, 4)."""
+        num_feats = queries.shape[-1] // 2
+        box_ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, levels, 4)
+        hidden_states, references, pred_boxes = [], [reference_points], []
+        for layer, bbox_head in zip(self.layers, self.bbox_embed):
+            reference_input = reference_points[:, :, None] * box_ratios
+            query_pos = self.reference_points_head(box_sine_embedding(reference_input[:, :, 0], num_feats))
+            queries = layer(
+                queries, query_pos, attn_mask, memory, memory_padding_mask, reference_input, spatial_shapes
+            )
+            new_reference = (bbox_head(queries) + inverse_sigmoid(reference_points, eps=1e-3)).sigmoid()
+            normed = self.layer_norm(queries)
+            # the prediction uses the normed output and the previous (undetached) reference, eps 1e-5
+            pred_boxes.append((bbox_head(normed) + inverse_sigmoid(references[-1], eps=1e-5)).sigmoid())
+            hidden_states.append(normed)
+            references.append(new_reference)
+            reference_points = new_reference.detach()
+        return torch.stack(hidden_states), torch.stack(references), torch.stack(pred_boxes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AlignDetrModel(AlignDetrPreTrainedModel):
+    """Backbone, neck, deformable encoder, two-stage query selection and DINO decoder (no class heads)."""
+
+    def __init__(self, config: AlignDetrConfig):
+        super().__init__(config)
+        d = config.d_model
+        self.backbone = AlignDetrConvEncoder(config)
+        in_channels = self.backbone.channels
+        # 1x1 conv + GN per backbone level; extra levels: 3x3 stride-2 conv on the last backbone map, then on
+        # the previous extra level (mmdetection's ChannelMapper)
+        projections = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in in_channels]
+        for extra in range(config.num_feature_levels - len(in_channels)):
+            source = in_channels[-1] if extra == 0 else d
+            projections.append(nn.Sequential(nn.Conv2d(source, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)))
+        self.input_proj = nn.ModuleList(projections)
+        self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d))
+        self.encoder = AlignDetrEncoder(config)
+        self.enc_output = nn.Linear(d, d)
+        self.enc_output_norm = nn.LayerNorm(d)
+        self.enc_score_head = nn.Linear(d, config.num_labels)
+        self.enc_bbox_head = AlignDetrMLP(d, d, 4, 3)
+        self.query_embedding = nn.Embedding(config.num_queries, d)
+        self.denoising_class_embed = nn.Embedding(config.num_labels, d)
+        self.decoder = AlignDetrDecoder(config)
+        self.post_init()
+
+    def _multi_level_features(self, pixel_values, pixel_mask):
+        """Backbone + neck -> flattened features, position embeddings, padding masks and level geometry."""
+        feature_maps = self.backbone(pixel_values)
+        levels = [proj(fm) for proj, fm in zip(self.input_proj, feature_maps)]
+        for proj in self.input_proj[len(feature_maps) :]:
+            levels.append(proj(feature_maps[-1] if len(levels) == len(feature_maps) else levels[-1]))
+        padding = ~pixel_mask.bool()
+        features, positions, masks, spatial_shapes, valid_ratios = [], [], [], [], []
+        num_feats = self.config.d_model // 2
+        for level, feature in enumerate(levels):
+            height, width = feature.shape[-2:]
+            mask = F.interpolate(padding[None].float(), size=(height, width))[0].bool()
+            position = sine_position_embedding(
+                mask, num_feats, self.config.position_embedding_temperature, self.config.position_embedding_offset
+            )
+            features.append(feature.flatten(2).transpose(1, 2))
+            positions.append(position.to(feature.dtype) + self.level_embed[level])
+            masks.append(mask.flatten(1))
+            spatial_shapes.append((height, width))
+            valid = ~mask
+            valid_ratios.append(
+                torch.stack([valid[:, 0, :].sum(1) / width, valid[:, :, 0].sum(1) / height], -1).float()
+            )
+        return (
+            torch.cat(features, 1),
+            torch.cat(positions, 1),
+            torch.cat(masks, 1),
+            spatial_shapes,
+            torch.stack(valid_ratios, 1),
+        )
+
+    @staticmethod
+    def _encoder_proposals(memory, padding_mask, spatial_shapes):
+        """One proposal box per encoder position (cell centre, size 0.05 * 2^level), in logit space; positions
+        that are padding or whose box is not inside (0.01, 0.99) get +inf and zero memory."""
+        batch = memory.shape[0]
+        proposals, start = [], 0
+        for level, (height, width) in enumerate(spatial_shapes):
+            valid = ~padding_mask[:, start : start + height * width].view(batch, height, width)
+            scale = torch.stack([valid[:, 0, :].sum(1), valid[:, :, 0].sum(1)], -1).view(batch, 1, 1, 2)
+            grid_y, grid_x = torch.meshgrid(
+                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
+                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+                indexing="ij",
+            )
+            grid = (torch.stack([grid_x, grid_y], -1)[None].expand(batch, -1, -1, -1) + 0.5) / scale
+            wh = torch.full_like(grid, 0.05 * (2.0**level))
+            proposals.append(torch.cat((grid, wh), -1).view(batch, -1, 4))
+            start += height * width
+        proposals = torch.cat(proposals, 1)
+        invalid = padding_mask[..., None] | ~((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals)).masked_fill(invalid, float("inf"))
+        return memory.masked_fill(invalid, 0.0), proposals
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        pixel_mask: torch.LongTensor | None = None,
+        labels: list[dict] | None = None,
+        denoising_queries: AlignDetrDenoisingQueries | None = None,
+        **kwargs,
+    ) -> AlignDetrModelOutput:
+        r"""
+        pixel_values (`(B, 3, H, W)`): normalised images, zero-padded bottom/right to a common size.
+        pixel_mask (`(B, H, W)`, *optional*): 1 for real pixels, 0 for padding. Defaults to all ones.
+        labels (`list[dict]`, *optional*): per image `class_labels` (n,) and `boxes` (n, 4) normalised cxcywh.
+            In training mode they are used to draw contrastive denoising queries.
+        denoising_queries (`AlignDetrDenoisingQueries`, *optional*): use these instead of drawing new ones.
+        """
+        pixel_values, pixel_mask = _check_inputs(pixel_values, pixel_mask)
+        features, positions, padding_mask, spatial_shapes, valid_ratios = self._multi_level_features(
+            pixel_values, pixel_mask
+        )
+        memory = self.encoder(features, positions, padding_mask, spatial_shapes, valid_ratios)
+
+        # two-stage query selection: top-k positions by max class logit of the encoder head
+        output_memory, proposals = self._encoder_proposals(memory, padding_mask, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        enc_logits = self.enc_score_head(output_memory)
+        enc_coords_unact = self.enc_bbox_head(output_memory) + proposals
+        num_queries = min(self.config.num_queries, enc_logits.shape[1])
+        topk_indices = enc_logits.max(-1)[0].topk(num_queries, dim=1)[1]
+        topk_logits = enc_logits.gather(1, topk_indices[..., None].expand(-1, -1, enc_logits.shape[-1]))
+        topk_coords_unact = enc_coords_unact.gather(1, topk_indices[..., None].expand(-1, -1, 4))
+
+        batch = pixel_values.shape[0]
+        queries = self.query_embedding.weight[:num_queries][None].expand(batch, -1, -1)
+        reference_unact = topk_coords_unact.detach()
+        attn_mask, denoising_meta = None, None
+        if denoising_queries is None and self.training and labels is not None and self.config.num_denoising_queries > 0:
+            denoising_queries = build_denoising_queries(
+                labels,
+                self.denoising_class_embed,
+                self.config.num_labels,
+                num_queries,
+                self.config.num_denoising_queries,
+                self.config.label_noise_ratio,
+                self.config.box_noise_scale,
+            )
+        if denoising_queries is not None:
+            queries = torch.cat([denoising_queries.label_query.to(queries.dtype), queries], 1)
+            reference_unact = torch.cat([denoising_queries.box_query_unact.to(reference_unact.dtype), reference_unact], 1)
+            attn_mask = denoising_queries.attn_mask if denoising_queries.num_queries > 0 else None
+            denoising_meta = {
+                "num_denoising_queries": denoising_queries.num_queries,
+                "num_groups": denoising_queries.num_groups,
+                "max_gt": denoising_queries.max_gt,
+            }
+        hidden_states, references, pred_boxes = self.decoder(
+            queries, reference_unact.sigmoid(), memory, padding_mask, spatial_shapes, valid_ratios, attn_mask
+        )
+        return AlignDetrModelOutput(
+            last_hidden_state=hidden_states[-1, :, -num_queries:],
+            intermediate_hidden_states=hidden_states,
+            intermediate_reference_points=references,
+            intermediate_pred_boxes=pred_boxes,
+            encoder_last_hidden_state=memory,
+            enc_topk_logits=topk_logits,
+            enc_topk_boxes=topk_coords_unact.sigmoid(),
+            enc_topk_indices=topk_indices,
+            denoising_meta=denoising_meta,
+        )
+
+
+def _check_inputs(pixel_values, pixel_mask):
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+    batch, _, height, width = pixel_values.shape
+    if pixel_mask is None:
+        pixel_mask = torch.ones(batch, height, width, dtype=torch.long, device=pixel_values.device)
+    elif tuple(pixel_mask.shape) != (batch, height, width):
+        raise ValueError(
+            f"pixel_mask must be (batch, height, width) = {(batch, height, width)} to match pixel_values, "
+            f"got {tuple(pixel_mask.shape)}."
+        )
+    return pixel_values, pixel_mask
+
+
+class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
+    """[`AlignDetrModel`] with a class head per decoder layer; computes the Align-DETR loss when given `labels`."""
+
+    def __init__(self, config: AlignDetrConfig):
+        super().__init__(config)
+        self.model = AlignDetrModel(config)
+        self.class_embed = nn.ModuleList(
+            nn.Linear(config.d_model, config.num_labels) for _ in range(config.decoder_layers)
+        )
+        self.post_init()
+
+    @property
+    def loss_function(self):
+        # transformers would otherwise dispatch "ForObjectDetection" to DETR's softmax cross-entropy loss
+        return AlignDetrLoss(self.config)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        pixel_mask: torch.LongTensor | None = None,
+        labels: list[dict] | None = None,
+        denoising_queries: AlignDetrDenoisingQueries | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AlignDetrObjectDetectionOutput | tuple:
+        r"""
+        labels (`list[dict]`, *optional*): per image `class_labels` (n,) int64 and `boxes` (n, 4) float, cxcywh
+            normalised to the unpadded image. With labels, `loss` and `loss_dict` are returned; in training mode
+            they include the denoising terms.
+        """
+        outputs = self.model(pixel_values, pixel_mask, labels=labels, denoising_queries=denoising_queries)
+        logits = torch.stack([head(h) for head, h in zip(self.class_embed, outputs.intermediate_hidden_states)])
+        num_dn = outputs.denoising_meta["num_denoising_queries"] if outputs.denoising_meta else 0
+        dn_logits = dn_boxes = None
+        if outputs.denoising_meta is not None:
+            dn_logits, dn_boxes = logits[:, :, :num_dn], outputs.intermediate_pred_boxes[:, :, :num_dn]
+        logits, boxes = logits[:, :, num_dn:], outputs.intermediate_pred_boxes[:, :, num_dn:]
+
+        loss = loss_dict = None
+        if labels is not None:
+            loss, loss_dict = self.loss_function(
+                {
+                    "intermediate_logits": logits,
+                    "intermediate_pred_boxes": boxes,
+                    "enc_topk_logits": outputs.enc_topk_logits,
+                    "enc_topk_boxes": outputs.enc_topk_boxes,
+                    "dn_logits": dn_logits,
+                    "dn_pred_boxes": dn_boxes,
+                    "denoising_meta": outputs.denoising_meta,
+                },
+                labels,
+            )
+        output = AlignDetrObjectDetectionOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits[-1],
+            pred_boxes=boxes[-1],
+            intermediate_logits=logits,
+            intermediate_pred_boxes=boxes,
+            enc_topk_logits=outputs.enc_topk_logits,
+            enc_topk_boxes=outputs.enc_topk_boxes,
+            enc_topk_indices=outputs.enc_topk_indices,
+            dn_logits=dn_logits,
+            dn_pred_boxes=dn_boxes,
+            denoising_meta=outputs.denoising_meta,
+            last_hidden_state=outputs.last_hidden_state,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
