@@ -434,6 +434,12 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["AlignDetrConvEncoder", "AlignDetrEncoderLayer", "AlignDetrDecoderLayer"]
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips modules without parameters of their own for code outside its tree, which would skip
+        # the deformable-attention grid and the head inits below. Every init here goes through
+        # `transformers.initialization`, which leaves loaded tensors alone, so the in-tree behaviour is safe.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """mmdetection's initialisation (DINO.init_weights, DeformableDETRHead.init_weights, ChannelMapper)."""

@@ -1,0 +1,92 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SMALL = FIXTURES / "small"
+sys.path.insert(0, str(FIXTURES))
+
+import weights as fixture_weights  # noqa: E402
+
+
+def tiny_config(**overrides):
+    """A few-hundred-kilobyte Align-DETR: ResNet-style basic blocks, d_model 64, 2+2 layers, 12 queries."""
+    from align_detr_hf import AlignDetrConfig
+
+    kwargs = dict(
+        backbone_config={
+            "model_type": "resnet",
+            "embedding_size": 8,
+            "hidden_sizes": [8, 16, 16, 32],
+            "depths": [1, 1, 1, 1],
+            "layer_type": "basic",
+            "out_features": ["stage2", "stage3", "stage4"],
+        },
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        num_queries=12,
+        num_denoising_queries=6,
+        id2label={0: "circle", 1: "square", 2: "triangle"},
+    )
+    kwargs.update(overrides)
+    return AlignDetrConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def small_state_dict():
+    """mmdetection-named weights of the small reference model, regenerated bit-exactly."""
+    sd = fixture_weights.generate_state_dict(
+        fixture_weights.read_manifest(SMALL / "manifest.tsv"), seed=0, num_heads=8, num_points=4
+    )
+    meta = json.loads((SMALL / "meta.json").read_text())
+    assert fixture_weights.state_dict_sha256(sd) == meta["weights"]["state_dict_sha256"]
+    return sd
+
+
+@pytest.fixture(scope="session")
+def small_model(small_state_dict):
+    from align_detr_hf.convert_align_detr import config_from_state_dict, load_converted
+
+    config = config_from_state_dict(small_state_dict, num_denoising_queries=20, num_gt_repeat=[2, 1, 2])
+    return load_converted(small_state_dict, config)
+
+
+@pytest.fixture(scope="session")
+def small_inputs():
+    return torch.load(SMALL / "inputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def small_outputs():
+    return torch.load(SMALL / "outputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def small_losses():
+    return torch.load(SMALL / "losses.pt", weights_only=True)
+
+
+def fixture_targets(losses):
+    """The fixture's ground truth as transformers-style labels (cxcywh normalised by the unpadded image)."""
+    from align_detr_hf.box_ops import box_xyxy_to_cxcywh
+
+    targets = []
+    for gt, meta in zip(losses["gt"], losses["metainfo"]):
+        height, width = meta["img_shape"]
+        boxes = gt["bboxes"] / torch.tensor([width, height, width, height], dtype=torch.float32)
+        targets.append({"class_labels": gt["labels"], "boxes": box_xyxy_to_cxcywh(boxes)})
+    return targets

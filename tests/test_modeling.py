@@ -1,0 +1,300 @@
+"""The network: parity with mmdetection's own outputs, Hugging Face integration, init, freezing, batching."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import fixture_targets, tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
+
+from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor, AlignDetrModel
+from align_detr_hf.modeling_align_detr import (
+    AlignDetrDenoisingQueries,
+    AlignDetrFrozenBatchNorm2d,
+    build_denoising_queries,
+)
+
+# tolerances from tests/fixtures/small/README.md (a separate implementation, CPU float32)
+LOGITS_ATOL, BOXES_ATOL, SCORES_ATOL, PIXELS_ATOL = 1e-4, 1e-5, 1e-5, 1e-2
+
+
+@pytest.fixture(scope="module")
+def small_eval_outputs(small_model, small_inputs):
+    with torch.no_grad():
+        return small_model(small_inputs["pixel_values"], small_inputs["pixel_mask"].long())
+
+
+def test_encoder_topk_matches_mmdet(small_eval_outputs, small_outputs):
+    ours, ref = small_eval_outputs.enc_topk_indices, small_outputs["enc_topk_indices"]
+    for b in range(ours.shape[0]):
+        assert set(ours[b].tolist()) == set(ref[b].tolist())
+    # the order is well separated in this fixture (gaps >= 1.8e-4), so it must match too
+    assert torch.equal(ours, ref)
+    torch.testing.assert_close(small_eval_outputs.enc_topk_logits, small_outputs["enc_topk_logits"], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(small_eval_outputs.enc_topk_boxes, small_outputs["enc_topk_boxes"], atol=BOXES_ATOL, rtol=0)
+
+
+def test_every_decoder_layer_matches_mmdet(small_eval_outputs, small_outputs):
+    out = small_eval_outputs
+    assert out.intermediate_logits.shape == small_outputs["all_dec_logits"].shape == (2, 2, 100, 80)
+    torch.testing.assert_close(out.intermediate_logits, small_outputs["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, small_outputs["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    torch.testing.assert_close(out.logits, small_outputs["dec_logits"], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.pred_boxes, small_outputs["dec_boxes"], atol=BOXES_ATOL, rtol=0)
+
+
+def test_post_processed_detections_match_mmdet(small_eval_outputs, small_outputs, small_inputs):
+    processor = AlignDetrImageProcessor()
+    original_sizes = [meta["ori_shape"] for meta in small_inputs["metainfo"]]
+    results = processor.post_process_object_detection(
+        small_eval_outputs, threshold=0.0, target_sizes=original_sizes, top_k=300
+    )
+    for ours, ref in zip(results, small_outputs["results"]):
+        assert len(ours["scores"]) == len(ref["scores"]) == 300
+        # neighbouring scores differ by ~1e-6, so the order may differ: pair entries one to one by label, score
+        # and box, and require every entry to find its partner
+        unpaired = list(zip(ref["labels"].tolist(), ref["scores"], ref["bboxes"]))
+        for label, score, box in zip(ours["labels"].tolist(), ours["scores"], ours["boxes"]):
+            partner = next(
+                i for i, (l, s, b) in enumerate(unpaired)
+                if l == label and abs(s - score) < SCORES_ATOL and (b - box).abs().max() < PIXELS_ATOL
+            )  # fmt: skip
+            unpaired.pop(partner)
+        assert unpaired == []
+
+
+def test_denoising_queries_reproduce_mmdet_draws(small_model, small_losses):
+    """Same seed, same draws in the same order: the generated queries equal mmdetection's."""
+    dn = small_losses["dn"]
+    torch.manual_seed(small_losses["dn_seed"])
+    queries = build_denoising_queries(
+        fixture_targets(small_losses), small_model.model.denoising_class_embed, 80, 100, 20, 0.5, 1.0
+    )
+    assert (queries.num_groups, queries.max_gt, queries.num_queries) == (6, 3, 36)
+    torch.testing.assert_close(queries.label_query, dn["label_query"], atol=0, rtol=0)
+    torch.testing.assert_close(queries.box_query_unact, dn["bbox_query_unact"], atol=1e-5, rtol=0)
+    assert torch.equal(queries.attn_mask, dn["attn_mask"])
+
+
+def test_train_forward_matches_mmdet_head_outputs_and_loss(small_model, small_inputs, small_losses):
+    dn, head = small_losses["dn"], small_losses["head"]
+    injected = AlignDetrDenoisingQueries(
+        dn["label_query"], dn["bbox_query_unact"], dn["attn_mask"], dn["num_denoising_groups"], dn["max_num_target"]
+    )
+    small_model.train()
+    try:
+        out = small_model(
+            small_inputs["pixel_values"],
+            small_inputs["pixel_mask"].long(),
+            labels=fixture_targets(small_losses),
+            denoising_queries=injected,
+        )
+    finally:
+        small_model.eval()
+    num_dn = dn["num_denoising_queries"]
+    assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
+    torch.testing.assert_close(out.dn_logits, head["all_layers_cls_scores"][:, :, :num_dn], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_logits, head["all_layers_cls_scores"][:, :, num_dn:], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.dn_pred_boxes, head["all_layers_bbox_preds"][:, :, :num_dn], atol=BOXES_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, head["all_layers_bbox_preds"][:, :, num_dn:], atol=BOXES_ATOL, rtol=0)
+    assert set(out.loss_dict) == set(small_losses["losses"])
+    for name, value in small_losses["losses"].items():
+        assert out.loss_dict[name].item() == pytest.approx(value, rel=1e-4), name
+    assert out.loss.item() == pytest.approx(small_losses["total_loss"], rel=1e-5)
+
+
+def test_full_r50_checkpoint_keys_convert_into_default_model():
+    """All 578 keys of the released checkpoint map onto a default-config model, nothing missing or unexpected."""
+    from conftest import FIXTURES
+
+    from align_detr_hf.convert_align_detr import config_from_state_dict, load_converted
+
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {}
+    for line in (FIXTURES / "mmdet_checkpoint_keys.tsv").read_text().splitlines()[1:]:
+        key, shape, _kind = line.split("\t")
+        shape = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
+        state_dict[key] = torch.randn(shape, generator=generator) * 0.01
+        if key.endswith("running_var"):
+            state_dict[key] = state_dict[key].abs() + 1
+    assert len(state_dict) == 578
+    config = config_from_state_dict(state_dict)
+    assert config.to_diff_dict().get("backbone_config") is not None
+    default = AlignDetrConfig()
+    for name in ("d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "num_queries", "num_labels"):
+        assert getattr(config, name) == getattr(default, name), name
+    assert config.backbone_config.depths == [3, 4, 6, 3] and config.backbone_config.layer_type == "bottleneck"
+    model = load_converted(state_dict, AlignDetrConfig())  # strict: raises on any missing/unexpected key
+    assert model.model.decoder.layers[5].self_attn.v_proj.weight.shape == (256, 256)
+    torch.testing.assert_close(
+        model.model.decoder.layers[3].self_attn.k_proj.bias,
+        state_dict["decoder.layers.3.self_attn.attn.in_proj_bias"][256:512],
+    )
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 320))  # 1700 encoder positions >= 900 queries
+    assert out.logits.shape == (1, 900, 80) and torch.isfinite(out.logits).all()
+
+
+def test_save_and_load_give_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before = model(pixel_values)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
+    assert type(loaded) is AlignDetrForObjectDetection
+    with torch.no_grad():
+        after = loaded(pixel_values)
+    assert torch.equal(before.logits, after.logits) and torch.equal(before.pred_boxes, after.pred_boxes)
+    base = AutoModel.from_pretrained(tmp_path)  # the base model loads from the head checkpoint
+    assert type(base) is AlignDetrModel
+    torch.testing.assert_close(base.level_embed, model.model.level_embed)
+    assert type(AutoConfig.for_model("align_detr")) is AlignDetrConfig
+
+
+def test_trust_remote_code_loads_in_a_process_without_the_package(tmp_path):
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config()).eval()
+    AlignDetrConfig.register_for_auto_class()
+    AlignDetrForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        AlignDetrConfig._auto_class = None
+        AlignDetrForObjectDetection._auto_class = None
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    torch.save({"pixel_values": pixel_values, "logits": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.meta_path.insert(0, type("Block", (), {{"find_spec": staticmethod(
+            lambda name, *a: (_ for _ in ()).throw(ImportError("blocked")) if name.startswith("align_detr_hf") else None)}})())
+        from transformers import AutoModelForObjectDetection
+        model = AutoModelForObjectDetection.from_pretrained(r"{tmp_path}", trust_remote_code=True).eval()
+        io = torch.load(r"{tmp_path / 'io.pt'}", weights_only=True)
+        with torch.no_grad():
+            logits = model(io["pixel_values"]).logits
+        assert "align_detr_hf" not in sys.modules
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        print("max_diff", (logits - io["logits"]).abs().max().item())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split("max_diff")[-1]) < 1e-5  # same weights; thread scheduling only
+
+
+def test_padded_image_keeps_its_geometry_in_a_batch(small_model, small_inputs, small_outputs):
+    """Inside a padded batch an image keeps its own proposals, valid ratios and reference points: the encoder never
+    selects a padded position, and every box stays inside the image's valid region. (Outputs are not bit-equal to
+    running the image alone: as in mmdetection, the CNN and the GroupNorm of the neck see the zero padding.)"""
+    pixel_values, pixel_mask = small_inputs["pixel_values"], small_inputs["pixel_mask"].long()
+    with torch.no_grad():
+        batched = small_model(pixel_values, pixel_mask)
+        alone = small_model(pixel_values[1:, :, :128, :192])
+    # padded image 1: the top-k never picks a padded position (mmdetection's memory mask, True = padding)
+    memory_mask = small_outputs["memory_mask"]
+    assert not memory_mask[1, batched.enc_topk_indices[1]].any()
+    assert memory_mask[1].sum() > 0  # the image is padded
+    # both runs give boxes relative to the unpadded image and the same number of detections
+    assert alone.pred_boxes.shape == batched.pred_boxes[1:].shape
+    assert 0 <= batched.pred_boxes[1].min() and batched.pred_boxes[1].max() <= 1
+
+
+def test_padded_batch_is_exact_for_the_unpadded_member():
+    """Padding one image must not change the other image of the batch at all."""
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config()).eval()
+    big = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        alone = model(big)
+        batch = torch.cat([big, torch.randn(1, 3, 96, 128)])
+        mask = torch.ones(2, 96, 128, dtype=torch.long)
+        mask[1, 64:, :] = 0
+        together = model(batch, mask)
+    torch.testing.assert_close(alone.logits[0], together.logits[0], atol=1e-5, rtol=0)
+
+
+def test_init_follows_mmdetection():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = AlignDetrForObjectDetection(config)
+    prior_bias = -math.log((1 - 0.01) / 0.01)
+    for head in [*model.class_embed, model.model.enc_score_head]:
+        torch.testing.assert_close(head.bias, torch.full_like(head.bias, prior_bias))
+    for head in [*model.model.decoder.bbox_embed, model.model.enc_bbox_head]:
+        assert head.layers[-1].weight.abs().sum() == 0 and head.layers[-1].bias.abs().sum() == 0
+    attn = model.model.encoder.layers[0].self_attn
+    offsets = attn.sampling_offsets.bias.view(attn.n_heads, attn.n_levels, attn.n_points, 2)
+    torch.testing.assert_close(offsets[0, 0], torch.tensor([[1.0, 0.0], [2.0, 0.0]]))  # head 0 looks right
+    torch.testing.assert_close(offsets[1, 2], torch.tensor([[0.0, 1.0], [0.0, 2.0]]))  # head 1 of 4 looks down
+    assert attn.attention_weights.weight.abs().sum() == 0
+    # a model built from an empty state dict gets the same (seeded) initialisation as a fresh one
+    torch.manual_seed(1)
+    fresh = AlignDetrForObjectDetection(config)
+    torch.manual_seed(1)
+    empty = AlignDetrForObjectDetection.from_pretrained(None, config=config, state_dict={})
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), empty.state_dict().items()):
+        assert a.device.type != "meta" and b.device.type != "meta", name
+
+
+def test_backbone_uses_frozen_batchnorm_and_freezes_only_the_stem():
+    model = AlignDetrForObjectDetection(tiny_config())
+    backbone = model.model.backbone.model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    assert any(isinstance(m, AlignDetrFrozenBatchNorm2d) for m in backbone.modules())
+    assert all(not p.requires_grad for p in backbone.embedder.parameters())
+    assert all(p.requires_grad for p in backbone.encoder.parameters())
+    frozen_more = AlignDetrForObjectDetection(tiny_config(freeze_backbone_stages=1)).model.backbone.model
+    assert all(not p.requires_grad for p in frozen_more.encoder.stages[0].parameters())
+    assert all(p.requires_grad for p in frozen_more.encoder.stages[1].parameters())
+
+
+def test_gradients_reach_every_trainable_parameter():
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config()).train()
+    with torch.no_grad():  # zero-initialised layers (last box layers, attention offsets/weights) block gradients
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and param.abs().sum() == 0:
+                param.normal_(std=0.01)
+    labels = [
+        {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+    out = model(torch.randn(2, 3, 64, 96), labels=labels)
+    assert len(out.loss_dict) == 2 * 3 + 3 + 2 * 3  # decoder layers, encoder, denoising (2 decoder layers)
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert no_grad == []
+    assert all(p.grad is None for p in model.model.backbone.model.embedder.parameters())
+
+
+def test_denoising_can_be_switched_off():
+    model = AlignDetrForObjectDetection(tiny_config(num_denoising_queries=0)).train()
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    out = model(torch.randn(1, 3, 64, 64), labels=labels)
+    assert out.dn_logits is None and len(out.loss_dict) == 2 * 3 + 3
+    assert not any("dn" in name for name in out.loss_dict)
+
+
+def test_clear_errors_for_bad_pixel_inputs():
+    model = AlignDetrForObjectDetection(tiny_config()).eval()
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="pixel_mask must be"):
+        model(torch.randn(1, 3, 64, 64), torch.ones(1, 64, 32, dtype=torch.long))
+
+
+def test_return_dict_false_gives_a_tuple_with_logits_first_without_labels():
+    model = AlignDetrForObjectDetection(tiny_config()).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64), return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (1, 12, 3) and out[1].shape == (1, 12, 4)
