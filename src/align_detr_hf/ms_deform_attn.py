@@ -10,10 +10,48 @@ Shapes:
     sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2), (x, y) in [0, 1]
     attention_weights:  (batch, num_queries, num_heads, num_levels, num_points), softmaxed over levels x points
     returns:            (batch, num_queries, num_heads * head_dim)
+
+Implementations, picked per call by `multi_scale_deformable_attention`:
+    "triton":  `ms_deform_attn_triton.py`, fused forward/backward kernels registered as the torch custom op
+               `torch.ops.align_detr_hf.ms_deform_attn` (no graph break under torch.compile). Used for CUDA
+               tensors of dtype float32/bfloat16/float16 when triton is importable.
+    "pytorch": `multi_scale_deformable_attention_pytorch`, everywhere else (CPU, triton missing).
+The environment variable `ALIGN_DETR_MSDA_IMPL` (read at import) forces one: "pytorch" never uses the kernel,
+"triton" also imports triton without CUDA (with `TRITON_INTERPRET=1` the kernels then run on CPU tensors, slowly:
+tests only). `TRITON_INTERPRET=1` alone makes triton importable on CPU too but the CPU default stays "pytorch".
 """
+
+import importlib.util
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_FORCED_IMPL = os.environ.get("ALIGN_DETR_MSDA_IMPL", "").strip().lower() or None
+if _FORCED_IMPL not in (None, "pytorch", "triton"):
+    raise ValueError(f"ALIGN_DETR_MSDA_IMPL must be 'pytorch' or 'triton', got {_FORCED_IMPL!r}")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _load_triton_impl():
+    """The Triton implementation, or None. Only imported where it can run (CUDA, or the interpreter)."""
+    if _FORCED_IMPL == "pytorch" or importlib.util.find_spec("triton") is None:
+        return None
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not (torch.cuda.is_available() or interpret or _FORCED_IMPL == "triton"):
+        return None
+    try:
+        from . import ms_deform_attn_triton
+    except Exception as error:  # a broken triton install must not break the model
+        logger.warning("Triton deformable attention unavailable, using the PyTorch path: %s", error)
+        return None
+    return ms_deform_attn_triton.multi_scale_deformable_attention_triton
+
+
+_triton_impl = _load_triton_impl()
 
 
 def multi_scale_deformable_attention_pytorch(
@@ -45,5 +83,25 @@ def multi_scale_deformable_attention(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Dispatch: a fused kernel where one is available for these inputs, else the pure-PyTorch path."""
+    """Dispatch: the Triton kernel where it can run these inputs, else the pure-PyTorch path."""
+    if _use_triton(value, sampling_locations, attention_weights):
+        return _triton_impl(value, spatial_shapes, sampling_locations, attention_weights)
     return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _use_triton(value, sampling_locations, attention_weights) -> bool:
+    if _triton_impl is None:
+        return False
+    if _FORCED_IMPL == "triton":
+        return True
+    return (
+        value.is_cuda
+        and value.dtype in _KERNEL_DTYPES
+        and sampling_locations.dtype in _KERNEL_DTYPES
+        and attention_weights.dtype in _KERNEL_DTYPES
+    )
+
+
+def implementation_for(value: torch.Tensor) -> str:
+    """Which implementation `multi_scale_deformable_attention` uses for `value` (same-dtype inputs)."""
+    return "triton" if _use_triton(value, value, value) else "pytorch"
