@@ -223,27 +223,33 @@ def test_padded_batch_is_exact_for_the_unpadded_member():
     torch.testing.assert_close(alone.logits[0], together.logits[0], atol=1e-5, rtol=0)
 
 
-def test_init_follows_mmdetection():
+@pytest.mark.parametrize("build", ["constructor", "from_pretrained_without_weights"])
+def test_init_follows_mmdetection(build):
+    """mmdetection's non-default inits, also when transformers initialises missing weights in from_pretrained."""
     torch.manual_seed(0)
     config = tiny_config()
-    model = AlignDetrForObjectDetection(config)
+    if build == "constructor":
+        model = AlignDetrForObjectDetection(config)
+    else:
+        model = AlignDetrForObjectDetection.from_pretrained(None, config=config, state_dict={})
+    assert all(t.device.type != "meta" for t in model.state_dict().values())
     prior_bias = -math.log((1 - 0.01) / 0.01)
     for head in [*model.class_embed, model.model.enc_score_head]:
         torch.testing.assert_close(head.bias, torch.full_like(head.bias, prior_bias))
     for head in [*model.model.decoder.bbox_embed, model.model.enc_bbox_head]:
         assert head.layers[-1].weight.abs().sum() == 0 and head.layers[-1].bias.abs().sum() == 0
+        assert head.layers[0].weight.abs().max() <= 1 / math.sqrt(config.d_model)  # torch's default Linear init
     attn = model.model.encoder.layers[0].self_attn
     offsets = attn.sampling_offsets.bias.view(attn.n_heads, attn.n_levels, attn.n_points, 2)
     torch.testing.assert_close(offsets[0, 0], torch.tensor([[1.0, 0.0], [2.0, 0.0]]))  # head 0 looks right
     torch.testing.assert_close(offsets[1, 2], torch.tensor([[0.0, 1.0], [0.0, 2.0]]))  # head 1 of 4 looks down
-    assert attn.attention_weights.weight.abs().sum() == 0
-    # a model built from an empty state dict gets the same (seeded) initialisation as a fresh one
-    torch.manual_seed(1)
-    fresh = AlignDetrForObjectDetection(config)
-    torch.manual_seed(1)
-    empty = AlignDetrForObjectDetection.from_pretrained(None, config=config, state_dict={})
-    for (name, a), (_, b) in zip(fresh.state_dict().items(), empty.state_dict().items()):
-        assert a.device.type != "meta" and b.device.type != "meta", name
+    assert attn.attention_weights.weight.abs().sum() == 0 and attn.sampling_offsets.weight.abs().sum() == 0
+    norms = [m for m in model.modules() if isinstance(m, AlignDetrFrozenBatchNorm2d)]
+    assert norms and all(torch.equal(n.running_var, torch.ones_like(n.running_var)) for n in norms)
+    for name in ("decoder.layers.0.fc1.weight", "encoder.layers.1.self_attn.value_proj.weight", "enc_output.weight"):
+        weight = model.model.get_parameter(name)
+        bound = math.sqrt(6 / sum(weight.shape))  # xavier-uniform
+        assert weight.abs().max() <= bound and weight.abs().max() > 0.5 * bound, name
 
 
 def test_backbone_uses_frozen_batchnorm_and_freezes_only_the_stem():
@@ -298,3 +304,18 @@ def test_return_dict_false_gives_a_tuple_with_logits_first_without_labels():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64), return_dict=False)
     assert isinstance(out, tuple) and out[0].shape == (1, 12, 3) and out[1].shape == (1, 12, 4)
+
+
+def test_fine_tuning_start_with_new_classes_reinitialises_only_the_class_layers(tmp_path):
+    torch.manual_seed(0)
+    AlignDetrForObjectDetection(tiny_config()).save_pretrained(tmp_path)
+    model = AlignDetrForObjectDetection.from_pretrained(
+        tmp_path, id2label={0: "a", 1: "b", 2: "c", 3: "d", 4: "e"}, ignore_mismatched_sizes=True
+    )
+    prior_bias = -math.log((1 - 0.01) / 0.01)
+    for head in [*model.class_embed, model.model.enc_score_head]:
+        assert head.weight.shape == (5, 64)
+        torch.testing.assert_close(head.bias, torch.full((5,), prior_bias))
+    assert model.model.denoising_class_embed.weight.shape == (5, 64)
+    original = AlignDetrForObjectDetection.from_pretrained(tmp_path)
+    torch.testing.assert_close(model.model.level_embed, original.model.level_embed)

@@ -488,13 +488,24 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
                 self._init_class_head(head)
 
     def _init_class_head(self, head: nn.Linear) -> None:
+        _torch_default_init(head)
         prior = self.config.init_prior_prob
         init.constant_(head.bias, -math.log((1 - prior) / prior))
 
     @staticmethod
     def _init_box_head(head: AlignDetrMLP) -> None:
+        # mmdetection's heads keep torch's default Linear init; the last box layer starts at zero
+        for layer in head.layers[:-1]:
+            _torch_default_init(layer)
         init.zeros_(head.layers[-1].weight)
         init.zeros_(head.layers[-1].bias)
+
+
+def _torch_default_init(linear: nn.Linear) -> None:
+    """`nn.Linear.reset_parameters`, through transformers' init functions (which leave loaded tensors alone)."""
+    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+    bound = 1 / math.sqrt(linear.weight.shape[1])
+    init.uniform_(linear.bias, -bound, bound)
 
 
 # ----------------------------------------------------------------------------------------------------------------
