@@ -319,3 +319,15 @@ def test_fine_tuning_start_with_new_classes_reinitialises_only_the_class_layers(
     assert model.model.denoising_class_embed.weight.shape == (5, 64)
     original = AlignDetrForObjectDetection.from_pretrained(tmp_path)
     torch.testing.assert_close(model.model.level_embed, original.model.level_embed)
+
+
+def test_loss_is_align_detr_and_comes_first():
+    from align_detr_hf import AlignDetrLoss
+
+    model = AlignDetrForObjectDetection(tiny_config()).train()
+    assert isinstance(model.loss_function, AlignDetrLoss)  # not transformers' "ForObjectDetection" DETR loss
+    labels = [{"class_labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.2]])}]
+    out = model(torch.randn(1, 3, 64, 64), labels=labels)
+    assert list(out.keys())[:2] == ["loss", "loss_dict"]
+    assert out.loss.item() == pytest.approx(sum(v.item() for v in out.loss_dict.values()), rel=1e-6)
+    assert out.to_tuple()[0] is out.loss
