@@ -776,6 +776,14 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
             normalised to the unpadded image. With labels, `loss` and `loss_dict` are returned; in training mode
             they include the denoising terms.
         """
+        if labels is not None:
+            # a NaN image would silently poison the weights through the loss; one reduction, one sync per step
+            bad_images = (~torch.isfinite(pixel_values)).flatten(1).any(1)
+            if bad_images.any():
+                raise ValueError(
+                    f"non-finite values in pixel_values of image {', '.join(map(str, bad_images.nonzero()[:, 0].tolist()))}"
+                    " of the batch (NaN/inf in the input data)."
+                )
         outputs = self.model(pixel_values, pixel_mask, labels=labels, denoising_queries=denoising_queries)
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, outputs.intermediate_hidden_states)])
         num_dn = outputs.denoising_meta["num_denoising_queries"] if outputs.denoising_meta else 0
