@@ -1,7 +1,10 @@
 """The `align-detr` command: `convert` (mmdetection checkpoint -> Hugging Face folder), `predict`, `demo`."""
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -26,6 +29,219 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"Wrote {args.output_dir}" + (" (verified)" if args.verify else ""))
 
 
+# ------------------------------------------------------------------------------------------------------ predict
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is `name` or `owner/name`; anything else (absolute, ./, ~, backslashes, several slashes) is a path."""
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or os.path.isabs(name)
+        or name.endswith("/")
+    )
+
+
+def _load_model(model: str, device: str):
+    """Load (image processor, model) from a local folder or a Hub id, with errors that say what was looked for."""
+    from transformers import AutoModelForObjectDetection
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    from .image_processing_align_detr import AlignDetrImageProcessor
+
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {local.resolve()} has no config.json; expected a folder written by "
+                "`save_pretrained` or `align-detr convert` (config.json + model.safetensors)."
+            )
+        source = str(local)
+    elif local.exists():
+        raise ValueError(f"--model {model}: {local.resolve()} is a file; pass the folder that holds config.json.")
+    elif _looks_like_path(model):
+        raise FileNotFoundError(f"model folder not found: {local.resolve()} (from --model {model}).")
+    else:
+        source = model
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    try:
+        detector = AutoModelForObjectDetection.from_pretrained(source)
+    except OSError as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        if local.is_dir():
+            raise ValueError(f"could not load the model in folder {local.resolve()}: {first_line}") from error
+        if offline:
+            hint = (
+                "HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched and it has no copy; "
+                "unset HF_HUB_OFFLINE (with network access) to download it, or pass a local folder"
+            )
+        else:
+            hint = "check the spelling, the network, and for private models `hf auth login`"
+        raise FileNotFoundError(
+            f"could not load model '{model}': there is no folder {local.resolve()}, and as a Hugging Face Hub id "
+            f"it could not be loaded ({hint}). Cause: {first_line}"
+        ) from error
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        print(
+            f"align-detr predict: note: no image processor config in '{model}'; using AlignDetrImageProcessor() "
+            "defaults (mmdetection's test pipeline).",
+            file=sys.stderr,
+        )
+        processor = AlignDetrImageProcessor()
+    return processor, detector.to(device).eval()
+
+
+def _open_image(path: Path):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # boxes refer to the image as displayed, like the pipeline
+            return image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise ValueError(f"cannot read image {path}: not an image format Pillow can open.") from error
+    except OSError as error:  # truncated / corrupt files
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def _check_image_header(path: Path) -> None:
+    """Cheap check (header only) that Pillow can open the file, so a bad file fails before the model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except UnidentifiedImageError as error:
+        raise ValueError(f"cannot read image {path}: not an image format Pillow can open.") from error
+    except OSError as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """`<stem>_detections.png` per image, made unique when two inputs share a stem."""
+    names, used = [], set()
+    for path in paths:
+        name, n = f"{path.stem}_detections.png", 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}_{n}_detections.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def predict(
+    images: list[str],
+    model: str,
+    threshold: float = 0.3,
+    output: str = "predictions",
+    device: str | None = None,
+    top_k: int = 100,
+    draw: bool = True,
+) -> dict:
+    """Run the detector on image files; write `<output>/detections.json` and one `<stem>_detections.png` each.
+
+    Returns the JSON content: `{"model", "threshold", "top_k", "images": [{"file", "width", "height",
+    "detections": [{"label", "score", "box": [xmin, ymin, xmax, ymax]}], "drawing"}]}` (boxes in pixels of the
+    original image, detections sorted by descending score).
+    """
+    import torch
+
+    from .visualize import draw_detections
+
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold must be between 0 and 1, got {threshold}.")
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}.")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device}: not a valid torch device (use cpu or cuda[:N]).") from error
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False).")
+
+    paths = [Path(p) for p in images]
+    for path in paths:  # fail before the (slow) model load
+        if not path.exists():
+            raise FileNotFoundError(f"image not found: {path}")
+        if not path.is_file():
+            raise ValueError(f"not a file: {path}")
+        _check_image_header(path)
+    processor, detector = _load_model(model, device)
+    id2label = detector.config.id2label
+    label2id = {str(name): int(i) for i, name in id2label.items()}
+
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path, png_name in zip(paths, _output_names(paths)):
+        image = _open_image(path)
+        inputs = processor(images=image, return_tensors="pt").to(device)
+        with torch.no_grad():
+            outputs = detector(**inputs)
+        detected = processor.post_process_object_detection(
+            outputs, threshold=threshold, target_sizes=[(image.height, image.width)], top_k=top_k
+        )[0]
+        detections = [
+            {
+                "label": str(id2label.get(int(label), id2label.get(str(int(label)), int(label)))),
+                "score": round(float(score), 5),
+                "box": [round(float(v), 2) for v in box],
+            }
+            for score, label, box in zip(detected["scores"], detected["labels"], detected["boxes"].cpu())
+        ]
+        entry = {"file": str(path), "width": image.width, "height": image.height, "detections": detections}
+        if draw:
+            draw_detections(image, detections, label2id=label2id).save(out_dir / png_name)
+            entry["drawing"] = str(out_dir / png_name)
+        results.append(entry)
+        print(f"{path}: {len(detections)} detection(s)" + (f" -> {out_dir / png_name}" if draw else ""))
+
+    report = {"model": model, "threshold": threshold, "top_k": top_k, "images": results}
+    json_path = out_dir / "detections.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"Wrote {json_path}")
+    return report
+
+
+def _predict(args: argparse.Namespace) -> None:
+    predict(
+        args.images,
+        args.model,
+        threshold=args.threshold,
+        output=args.output,
+        device=args.device,
+        top_k=args.top_k,
+        draw=not args.no_draw,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- demo
+
+
+def _demo(argv: list[str]) -> None:
+    """Forward everything after `demo` to `align_detr_hf.demo.main` (imported only now: it may need extras)."""
+    import importlib
+
+    try:
+        demo = importlib.import_module(".demo", __package__)
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.demo":
+            raise SystemExit(
+                f"align-detr demo: error: the demo needs a package that is not installed: {error.name}"
+            ) from error
+        raise SystemExit("align-detr demo: error: this installation has no align_detr_hf.demo module.") from error
+    result = demo.main(argv)
+    if isinstance(result, int) and result != 0:
+        raise SystemExit(result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-detr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,10 +258,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--num-denoising-queries", type=int, default=None, help="training-only setting to record")
     convert.set_defaults(func=_convert)
+
+    predict_parser = commands.add_parser(
+        "predict",
+        help="detect objects in images; write detections.json and a drawing per image",
+        description="Detect objects in image files. Writes OUTPUT/detections.json (per image: file, width, height, "
+        "detections [{label, score, box: [xmin, ymin, xmax, ymax]}] in original-image pixels) and "
+        "OUTPUT/<name>_detections.png with labelled boxes.",
+    )
+    predict_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    predict_parser.add_argument("--model", required=True, help="model folder (save_pretrained / convert) or Hub id")
+    predict_parser.add_argument("--threshold", type=float, default=0.3, help="minimum score (default 0.3)")
+    predict_parser.add_argument("--output", default="predictions", help="output folder (default ./predictions)")
+    predict_parser.add_argument(
+        "--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)"
+    )
+    predict_parser.add_argument("--top-k", type=int, default=100, help="detections per image before thresholding")
+    predict_parser.add_argument("--no-draw", action="store_true", help="write only the JSON, no PNG drawings")
+    predict_parser.set_defaults(func=_predict)
+
+    # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help
+    commands.add_parser("demo", help="run the demo (arguments are passed on: `align-detr demo --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -75,7 +75,7 @@ def draw_detections(
     width, height = canvas.size
     short = min(width, height)
     line_width = line_width or max(2, round(short / 240))
-    font = _font(font_size or max(11, round(short / 36)))
+    font = _font(font_size or max(12, round(short / 30)))
     draw = ImageDraw.Draw(canvas)
 
     detections = list(detections)

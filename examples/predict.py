@@ -1,0 +1,44 @@
+"""Detect objects in one image with Align-DETR (a copy-and-edit starting point).
+
+    python examples/predict.py IMAGE MODEL_DIR_OR_HUB_ID [THRESHOLD]
+
+MODEL is a folder written by `align-detr convert` / `save_pretrained`, or a Hub id. Without arguments it runs on the
+packaged example image and needs MODEL_DIR set in the environment.
+"""
+
+import os
+import sys
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+# Importing the package registers Align-DETR with the Auto classes. (On transformers 5.17 only, the top-level
+# AutoImageProcessor wrongly asks for torchvision: import it from transformers.models.auto.image_processing_auto.)
+import align_detr_hf  # noqa: F401
+from align_detr_hf.visualize import draw_detections, example_image_path
+
+image_path = sys.argv[1] if len(sys.argv) > 1 else str(example_image_path())
+model_id = sys.argv[2] if len(sys.argv) > 2 else os.environ["MODEL_DIR"]
+threshold = float(sys.argv[3]) if len(sys.argv) > 3 else 0.3
+
+processor = AutoImageProcessor.from_pretrained(model_id)
+model = AutoModelForObjectDetection.from_pretrained(model_id).eval()
+
+image = Image.open(image_path).convert("RGB")
+inputs = processor(images=image, return_tensors="pt")
+with torch.no_grad():
+    outputs = model(**inputs)
+
+# boxes come back as [xmin, ymin, xmax, ymax] in pixels of the original image
+result = processor.post_process_object_detection(
+    outputs, threshold=threshold, target_sizes=[(image.height, image.width)], top_k=100
+)[0]
+detections = []
+for score, label, box in zip(result["scores"], result["labels"], result["boxes"]):
+    name = model.config.id2label[label.item()]
+    detections.append({"label": name, "score": score.item(), "box": box.tolist()})
+    print(f"{name:>12s} {score:.3f} [{', '.join(f'{v:.1f}' for v in box.tolist())}]")
+
+draw_detections(image, detections, label2id=model.config.label2id).save("detections.png")
+print(f"{len(detections)} detection(s); drawing written to detections.png")

@@ -1,0 +1,144 @@
+"""`transformers.pipeline("object-detection", model=DIR)` with a saved Align-DETR folder.
+
+Two tiny models: a random one, whose pipeline output must equal our own processor + model + post-processing run on
+the same image, and one with hand-set final heads whose output is known exactly (labels and boxes), so the test
+can check the label names and the scaling of boxes to the original image size without a trained model.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor
+from align_detr_hf.visualize import example_image_path
+
+pipeline = pytest.importorskip("transformers").pipeline
+
+# A small processing size keeps the CPU forward pass fast; the boxes are still mapped back to the original size.
+SIZE = {"shortest_edge": 128, "longest_edge": 224}
+CLASS_BIAS = [-5.0, 2.0, -1.0]  # circle, square, triangle -> scores sigmoid(bias) for every query
+
+
+def known_output_model(config):
+    """Every query predicts scores sigmoid(CLASS_BIAS) and the box covering the top-right quadrant.
+
+    The last decoder layer's class head and last box-MLP layer get zero weights, so they output their bias. The box
+    is sigmoid(bias + inverse_sigmoid(reference)) with inverse_sigmoid clamped to about +-11.5, so a bias of +-50
+    saturates the sigmoid to exactly 1 or 0 (in float32): cx = 1, cy = 0, w = h = 1, i.e. xyxy (0.5, -0.5, 1.5, 0.5)
+    -> clamped to the image: [W/2, 0, W, H/2].
+    """
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(config).eval()
+    with torch.no_grad():
+        head = model.class_embed[-1]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor(CLASS_BIAS))
+        box_layer = model.model.decoder.bbox_embed[-1].layers[-1]
+        box_layer.weight.zero_()
+        box_layer.bias.copy_(torch.tensor([50.0, -50.0, 50.0, 50.0]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("random_tiny")
+    torch.manual_seed(0)
+    AlignDetrForObjectDetection(tiny_config()).eval().save_pretrained(path)
+    AlignDetrImageProcessor(size=SIZE).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def known_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("known_tiny")
+    known_output_model(tiny_config()).save_pretrained(path)
+    AlignDetrImageProcessor(size=SIZE).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_pipe(random_dir):
+    return pipeline("object-detection", model=str(random_dir))
+
+
+@pytest.fixture(scope="module")
+def known_pipe(known_dir):
+    return pipeline("object-detection", model=str(known_dir))
+
+
+@pytest.fixture(scope="module")
+def image():
+    with Image.open(example_image_path()) as img:
+        return img.convert("RGB")
+
+
+def test_example_image_is_packaged():
+    path = example_image_path()
+    assert path.is_file() and path.stat().st_size < 100_000
+    with Image.open(path) as img:
+        assert img.size == (640, 480)
+
+
+def test_pipeline_loads_our_classes(random_pipe):
+    detector = random_pipe
+    assert isinstance(detector.model, AlignDetrForObjectDetection)
+    assert isinstance(detector.image_processor, AlignDetrImageProcessor)
+
+
+def test_pipeline_matches_processor_model_post_process(random_pipe, random_dir, image):
+    got = random_pipe(image, threshold=0.0)
+
+    processor = AlignDetrImageProcessor.from_pretrained(random_dir)
+    model = AlignDetrForObjectDetection.from_pretrained(random_dir).eval()
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    sizes = [(image.height, image.width)]
+    expected = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)[0]
+
+    assert len(got) == len(expected["scores"]) == 36  # 12 queries x 3 classes (top_k 300 keeps all)
+    id2label = model.config.id2label
+    for det, score, label, box in zip(got, expected["scores"], expected["labels"], expected["boxes"]):
+        assert det["score"] == pytest.approx(score.item(), abs=1e-6)
+        assert det["label"] == id2label[label.item()]
+        # the pipeline truncates to int pixels of the original image
+        assert [det["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] == box.int().tolist()
+    for det in got:
+        b = det["box"]
+        assert 0 <= b["xmin"] <= b["xmax"] <= image.width
+        assert 0 <= b["ymin"] <= b["ymax"] <= image.height
+        assert det["label"] in {"circle", "square", "triangle"}
+
+
+def test_pipeline_known_labels_and_boxes(known_pipe, image):
+    detector = known_pipe
+    w, h = image.size  # 640 x 480: a swapped width/height would give a different box
+    top_right = {"xmin": w // 2, "ymin": 0, "xmax": w, "ymax": h // 2}
+    sig = [1 / (1 + math.exp(-b)) for b in CLASS_BIAS]  # 0.0067, 0.881, 0.269
+
+    default = detector(image)  # pipeline default threshold 0.5: only "square"
+    assert len(default) == 12
+    for det in default:
+        assert det["label"] == "square"
+        assert det["score"] == pytest.approx(sig[1], abs=1e-5)
+        assert det["box"] == top_right
+
+    lower = detector(str(example_image_path()), threshold=0.2)  # a path works too; adds the triangles
+    assert sorted(d["label"] for d in lower) == ["square"] * 12 + ["triangle"] * 12
+    assert all(d["box"] == top_right for d in lower)
+    assert [d["score"] for d in lower] == sorted((d["score"] for d in lower), reverse=True)
+
+    everything = detector(image, threshold=0.001)
+    assert {d["label"] for d in everything} == {"circle", "square", "triangle"} and len(everything) == 36
+
+
+def test_pipeline_batch_and_other_image_size(known_pipe, image):
+    detector = known_pipe
+    small = image.resize((300, 200))
+    results = detector([image, small], threshold=0.5)
+    assert len(results) == 2
+    assert results[0][0]["box"] == {"xmin": 320, "ymin": 0, "xmax": 640, "ymax": 240}
+    assert results[1][0]["box"] == {"xmin": 150, "ymin": 0, "xmax": 300, "ymax": 100}
+    assert all(d["label"] == "square" for r in results for d in r)
