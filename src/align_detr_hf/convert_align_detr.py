@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import urllib.parse
+import zipfile
 from pathlib import Path
 
 import torch
@@ -180,6 +181,22 @@ def expected_sha256_prefix(path_or_url: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _check_zip_integrity(path: str) -> None:
+    """torch.save files are zip archives with a CRC-32 per entry, which torch.load does not check: flipped bytes in
+    the tensor data would load silently. Verify every entry's CRC (one read of the file, like the sha256 check)."""
+    if not zipfile.is_zipfile(path):
+        return  # legacy (pre-1.6) format, or too broken to be a zip: torch.load reports it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_entry = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise ConversionError(f"{path} is a corrupted checkpoint archive ({type(error).__name__}: {error}).") from error
+    if bad_entry is not None:
+        raise ConversionError(
+            f"{path} is corrupted: the entry {bad_entry} fails its CRC-32 check (damaged download or disk?)."
+        )
+
+
 def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read an mmdetection checkpoint (`{'meta', 'state_dict'}` or a bare state dict) from a path or URL, after
     checking the sha256 prefix of its file name when it has one."""
@@ -204,6 +221,7 @@ def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, t
                 f"{path}: sha256 {digest.hexdigest()[:8]}... does not match the prefix {prefix} in its name "
                 "(truncated or corrupted download?)."
             )
+    _check_zip_integrity(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a pickle needing arbitrary classes, or a broken file

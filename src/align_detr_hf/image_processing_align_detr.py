@@ -135,7 +135,9 @@ class AlignDetrImageProcessor(BaseImageProcessor):
     Annotations (COCO detection format, one dict per image: `{"image_id": int, "annotations": [{"bbox": [x, y, w,
     h], "category_id": int, "iscrowd": 0/1, "area": float}, ...]}`) become `labels`: crowd boxes are dropped,
     boxes are clipped to the image and degenerate ones (zero width or height after clipping) removed;
-    `category_id` is used as the class id as given.
+    `category_id` is used as the class id as given. Malformed objects raise a `ValueError` naming the image_id and
+    object index: a missing `bbox`/`category_id`, a bbox that is not 4 finite numbers, a negative width or height,
+    an object whose `image_id` is another image's, duplicate annotation `id`s.
 
     **Box normalisation differs from transformers' DeformableDetr/DETR processors.** `labels[i]["boxes"]` are
     `cxcywh` normalised by the *resized, unpadded* image size (`labels[i]["size"]`), as mmdet/DINO train, and
@@ -392,6 +394,38 @@ class AlignDetrImageProcessor(BaseImageProcessor):
         return (image - mean_t) / std_t
 
     @staticmethod
+    def _check_objects(image_id: Any, objects: Sequence[Any]) -> None:
+        """Clear errors for malformed COCO objects (naming the image and the object index) instead of a KeyError
+        or a silently dropped box: missing keys, a bbox that is not 4 finite numbers, a negative width/height,
+        an object of another image, duplicate annotation ids. Zero-size boxes stay legal (they are dropped)."""
+        seen_ids: dict[Any, int] = {}
+        for j, obj in enumerate(objects):
+            where = f"image_id {image_id}, object {j}"
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: each object must be a dict with 'bbox' and 'category_id', got "
+                                 f"{type(obj).__name__}.")
+            for key in ("bbox", "category_id"):
+                if key not in obj:
+                    raise ValueError(f"{where}: missing the key '{key}' (COCO detection format).")
+            try:
+                bbox = [float(v) for v in obj["bbox"]]
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {obj['bbox']!r}.") from None
+            if len(bbox) != 4:
+                raise ValueError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {obj['bbox']!r}.")
+            if not all(math.isfinite(v) for v in bbox):
+                raise ValueError(f"{where}: 'bbox' holds NaN/inf: {bbox}.")
+            if bbox[2] < 0 or bbox[3] < 0:
+                raise ValueError(f"{where}: negative width or height in bbox [x, y, w, h] = {bbox}.")
+            if image_id is not None and "image_id" in obj and obj["image_id"] != image_id:
+                raise ValueError(f"{where}: the object belongs to image_id {obj['image_id']}, not to this image.")
+            if "id" in obj:
+                if obj["id"] in seen_ids:
+                    raise ValueError(f"{where}: duplicate annotation id {obj['id']} (also object "
+                                     f"{seen_ids[obj['id']]}).")
+                seen_ids[obj["id"]] = j
+
+    @staticmethod
     def _convert_annotation(
         annotation: dict[str, Any],
         orig_size: tuple[int, int],
@@ -408,6 +442,7 @@ class AlignDetrImageProcessor(BaseImageProcessor):
             raise ValueError("annotation['annotations'] must be a list of object dicts.")
         orig_h, orig_w = orig_size
         new_h, new_w = new_size
+        AlignDetrImageProcessor._check_objects(annotation.get("image_id"), objects)
 
         objects = [obj for obj in objects if not obj.get("iscrowd", 0)]  # crowd regions are not targets
         boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float64).reshape(-1, 4)

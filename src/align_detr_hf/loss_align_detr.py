@@ -31,7 +31,11 @@ Edge cases:
 * `k` is reduced per image to `max(1, min(k, Q // G))` (mmdet's rule). With more GTs than queries (G > Q), k = 1 and
   the rectangular assignment matches every query to a distinct GT, i.e. Q of the G GTs get one query each and the
   other GTs stay unmatched (they still count in the normaliser);
-* non-finite costs (NaN / inf predictions) are replaced by a large finite cost before solving.
+* non-finite costs (NaN / inf predictions) are replaced by a large finite cost before solving;
+* bad targets raise a `ValueError` naming the image (and the first bad box): class ids outside [0, num_labels),
+  NaN/inf boxes, negative width/height, values outside [0, 1] (pixel boxes). Zero-area boxes and boxes whose
+  corners stick out of the image are accepted (the loss stays finite). `validate_labels` runs the same checks
+  (plus NaN/inf pixels) up front, before the model uses the labels for denoising queries.
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ from .configuration_align_detr import AlignDetrConfig
 _AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
 # Cost that replaces NaN/inf entries before the Hungarian solver (real costs are O(10)).
 _LARGE_COST = 1e8
-# Target statistics appended to the flat cost tensor, per image: min label, max label, #non-finite box values.
-_NUM_TARGET_STATS = 3
+# Target statistics appended to the flat cost tensor, per image: min label, max label, #non-finite box values,
+# #boxes with negative w/h, #boxes with a value outside [0, 1] (see `_target_statistics`).
+_NUM_TARGET_STATS = 5
+# Normalised box values may exceed [0, 1] by this much (float rounding) before they are reported as pixel boxes.
+_BOX_RANGE_TOLERANCE = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -242,16 +249,78 @@ def _validate_targets(targets: list[dict], batch_size: int) -> None:
             raise ValueError(f"targets[{i}] has {labels.shape[0]} class_labels but {boxes.shape[0]} boxes.")
 
 
-def _check_target_statistics(stats: torch.Tensor, num_gts: list[int], num_labels: int) -> None:
-    """Raise for bad label ids / non-finite boxes, from the (B, 3) statistics that came back with the costs."""
-    for i, ((label_min, label_max, num_nonfinite), num_gt) in enumerate(zip(stats.tolist(), num_gts)):
+def _target_statistics(labels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(_NUM_TARGET_STATS,) float32 device tensor: min label, max label, #non-finite box values, #boxes with a
+    negative width/height, #boxes with a coordinate outside [0, 1] (cxcywh, normalised)."""
+    if labels.numel() == 0:
+        return boxes.new_zeros(_NUM_TARGET_STATS, dtype=torch.float32)
+    finite = torch.isfinite(boxes)
+    return torch.stack([
+        labels.min().float(), labels.max().float(), (~finite).sum().float(),
+        (boxes[:, 2:] < 0).any(-1).sum().float(),
+        ((boxes < -_BOX_RANGE_TOLERANCE) | (boxes > 1 + _BOX_RANGE_TOLERANCE)).any(-1).sum().float(),
+    ])
+
+
+def _first_index(mask: torch.Tensor) -> int:
+    return int(torch.nonzero(mask.reshape(mask.shape[0], -1).any(-1))[0, 0])
+
+
+def _check_target_statistics(
+    stats: torch.Tensor, num_gts: list[int], num_labels: int, gt_boxes: list[torch.Tensor] | None = None
+) -> None:
+    """Raise for bad label ids / bad boxes, from the (B, _NUM_TARGET_STATS) statistics that came back with the
+    costs. `gt_boxes` is read (an extra device read, on the error path only) to name the first bad box."""
+    for i, (row, num_gt) in enumerate(zip(stats.tolist(), num_gts)):
         if num_gt == 0:
             continue
+        label_min, label_max, num_nonfinite, num_negative, num_outside = row
         if label_min < 0 or label_max >= num_labels:
             raise ValueError(f"targets[{i}]['class_labels'] must lie in [0, {num_labels}) (num_labels), got values "
                              f"in [{int(label_min)}, {int(label_max)}].")
+        where = ""
         if num_nonfinite > 0:
-            raise ValueError(f"targets[{i}]['boxes'] holds {int(num_nonfinite)} NaN/inf values.")
+            if gt_boxes is not None:
+                where = f" (first at box {_first_index(~torch.isfinite(gt_boxes[i]))})"
+            raise ValueError(f"targets[{i}]['boxes'] holds {int(num_nonfinite)} NaN/inf values{where}.")
+        if num_negative > 0:
+            if gt_boxes is not None:
+                j = _first_index(gt_boxes[i][:, 2:] < 0)
+                where = f"; box {j} is {[round(v, 4) for v in gt_boxes[i][j].tolist()]}"
+            raise ValueError(f"targets[{i}]['boxes'] has {int(num_negative)} box(es) with a negative width or "
+                             f"height (boxes are cxcywh){where}.")
+        if num_outside > 0:
+            if gt_boxes is not None:
+                j = _first_index((gt_boxes[i] < -_BOX_RANGE_TOLERANCE) | (gt_boxes[i] > 1 + _BOX_RANGE_TOLERANCE))
+                where = f"; box {j} is {[round(v, 4) for v in gt_boxes[i][j].tolist()]}"
+            raise ValueError(f"targets[{i}]['boxes'] has {int(num_outside)} box(es) with values outside [0, 1]: "
+                             f"boxes must be cxcywh normalised by the image size, not pixels{where}.")
+
+
+def validate_labels(labels: list[dict], num_labels: int, pixel_values: torch.Tensor | None = None) -> None:
+    """Check model `labels` (and optionally `pixel_values`) before they are used, with one device read.
+
+    Raises a `ValueError` naming the image (and box) for: a wrong number of label dicts, missing keys, wrong
+    shapes/dtypes, class ids outside [0, num_labels), NaN/inf boxes, negative box width/height, boxes with values
+    outside [0, 1] (pixel boxes), and -- when `pixel_values` is given -- NaN/inf pixels. Zero-area boxes and boxes
+    that stick out of the image (cxcywh inside [0, 1], corners outside) are accepted: the loss stays finite.
+    """
+    batch_size = len(labels) if pixel_values is None else pixel_values.shape[0]
+    _validate_targets(labels, batch_size)
+    pieces = [_target_statistics(t["class_labels"], t["boxes"]) for t in labels]
+    device = pixel_values.device if pixel_values is not None else None
+    if pixel_values is not None:
+        nonfinite = (~torch.isfinite(pixel_values)).reshape(batch_size, -1).any(-1).float()
+        pieces = [p.to(device) for p in pieces] + [nonfinite]
+    flat = torch.cat(pieces).cpu() if pieces else torch.zeros(0)  # the one device -> host read
+    if pixel_values is not None:
+        bad = torch.nonzero(flat[-batch_size:]).flatten().tolist()
+        if bad:
+            raise ValueError(f"Found non-finite values in pixel_values of image {bad[0]} "
+                             f"(images with NaN/inf: {bad}).")
+        flat = flat[:-batch_size]
+    _check_target_statistics(flat.view(-1, _NUM_TARGET_STATS), [len(t["class_labels"]) for t in labels], num_labels,
+                             [t["boxes"] for t in labels])
 
 
 def _reduce_mean(values: list[float], device: torch.device) -> list[float] | torch.Tensor:
@@ -403,16 +472,10 @@ class AlignDetrLoss(nn.Module):
                 problems.append((lg.shape[1], num_gts[b], self.num_gt_repeat[layer_index]))
 
         # Target checks that read device values travel with the costs (no extra synchronisation).
-        stats = []
-        for labels, boxes in zip(gt_labels, gt_boxes):
-            if labels.numel() == 0:
-                stats.append(boxes.new_zeros(_NUM_TARGET_STATS))
-            else:
-                stats.append(torch.stack([labels.min().float(), labels.max().float(),
-                                          (~torch.isfinite(boxes)).sum().float()]))
+        stats = [_target_statistics(labels, boxes) for labels, boxes in zip(gt_labels, gt_boxes)]
         flat = torch.cat(pieces + stats).cpu()  # the single device -> host transfer of the step
         _check_target_statistics(flat[-_NUM_TARGET_STATS * len(num_gts):].view(-1, _NUM_TARGET_STATS),
-                                 num_gts, num_classes)
+                                 num_gts, num_classes, gt_boxes)
         solutions = solve_one_to_k_assignments(flat, problems)
         host_arrays = _positive_index_arrays(solutions, num_gts, len(layers))
 

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from .configuration_align_detr import AlignDetrConfig
-from .loss_align_detr import AlignDetrLoss
+from .loss_align_detr import AlignDetrLoss, validate_labels
 from .ms_deform_attn import multi_scale_deformable_attention
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,6 +434,18 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["AlignDetrConvEncoder", "AlignDetrEncoderLayer", "AlignDetrDecoderLayer"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(
+                f"Could not read the weights in {pretrained_model_name_or_path}: a safetensors file is truncated or "
+                f"corrupted ({error}). Re-download or re-convert it."
+            ) from error
+
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips modules without parameters of their own for code outside its tree, which would skip
         # the deformable-attention grid and the head inits below. Every init here goes through
@@ -777,13 +789,9 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
             they include the denoising terms.
         """
         if labels is not None:
-            # a NaN image would silently poison the weights through the loss; one reduction, one sync per step
-            bad_images = (~torch.isfinite(pixel_values)).flatten(1).any(1)
-            if bad_images.any():
-                raise ValueError(
-                    f"non-finite values in pixel_values of image {', '.join(map(str, bad_images.nonzero()[:, 0].tolist()))}"
-                    " of the batch (NaN/inf in the input data)."
-                )
+            # checked before anything reads them (denoising uses the labels; a NaN image would poison the weights);
+            # one device read
+            validate_labels(labels, self.config.num_labels, pixel_values)
         outputs = self.model(pixel_values, pixel_mask, labels=labels, denoising_queries=denoising_queries)
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, outputs.intermediate_hidden_states)])
         num_dn = outputs.denoising_meta["num_denoising_queries"] if outputs.denoising_meta else 0
