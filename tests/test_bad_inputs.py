@@ -329,10 +329,6 @@ def test_coco_folder_loads(coco_folder):
     assert len(dataset) == 1 and dataset[0]["labels"]["class_labels"].tolist() == [0]
 
 
-PROPOSED_DATA_CHECK = pytest.mark.xfail(strict=True, reason="load_coco_folder lacks this check (proposed to the lead)")
-
-
-@PROPOSED_DATA_CHECK
 def test_coco_folder_annotation_of_unknown_image(coco_folder):
     from align_detr_hf.data import load_coco_folder
 
@@ -341,7 +337,6 @@ def test_coco_folder_annotation_of_unknown_image(coco_folder):
         load_coco_folder(path)
 
 
-@PROPOSED_DATA_CHECK
 def test_coco_folder_duplicate_annotation_ids(coco_folder):
     from align_detr_hf.data import load_coco_folder
 
@@ -350,7 +345,6 @@ def test_coco_folder_duplicate_annotation_ids(coco_folder):
         load_coco_folder(path)
 
 
-@PROPOSED_DATA_CHECK
 def test_coco_folder_missing_image_file_is_reported_at_load_time(coco_folder):
     from align_detr_hf.data import load_coco_folder
 
@@ -358,22 +352,6 @@ def test_coco_folder_missing_image_file_is_reported_at_load_time(coco_folder):
     with pytest.raises(FileNotFoundError, match=r"1 image file\(s\) listed in .*annotations.json do not exist.*"
                                                 r"missing.png"):
         load_coco_folder(path)
-
-
-def test_coco_folder_missing_image_file_fails_when_read(coco_folder):
-    """Today's behaviour: the dataset loads and PIL's FileNotFoundError (naming the path) comes when the item is
-    read, i.e. in the middle of an epoch."""
-    from align_detr_hf.data import load_coco_folder
-
-    path = coco_folder(images=[{"id": 2, "file_name": "missing.png", "width": 16, "height": 16}])
-    try:
-        dataset = load_coco_folder(path)
-    except FileNotFoundError as error:  # the proposed up-front check
-        assert "missing.png" in str(error)
-        return
-    dataset[0]
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        dataset[1]
 
 
 # ---------------------------------------------------------------------------------------------- broken weights

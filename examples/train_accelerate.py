@@ -1,0 +1,414 @@
+#!/usr/bin/env python
+"""Fine-tune (or train from scratch) Align-DETR with Hugging Face Accelerate.
+
+Single process:
+    python examples/train_accelerate.py --synthetic_shapes 200 --output_dir out --num_train_epochs 2
+Several processes / machines (DDP; DeepSpeed or FSDP through `accelerate config`), mixed precision:
+    accelerate launch --num_processes 8 --mixed_precision bf16 examples/train_accelerate.py \\
+        --model_name_or_path path/to/align-detr-r50 --ignore_mismatched_sizes \\
+        --train_annotation coco/annotations/instances_train2017.json --train_images coco/train2017 \\
+        --val_annotation coco/annotations/instances_val2017.json --val_images coco/val2017 \\
+        --per_device_train_batch_size 2 --num_train_epochs 12 --lr_drop_epochs 11 --output_dir out
+Several CPU processes (gloo): `accelerate launch --cpu` starts only one process in accelerate 1.x; use
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py ...
+Resume after an interruption (exactly: same data order, optimizer/scheduler state and weights):
+    ... --resume_from_checkpoint latest     (or a path out/checkpoints/step_000500)
+
+The optimisation is the reference recipe (see `align_detr_hf.optim`): AdamW lr 1e-4, wd 1e-4, backbone lr x0.1,
+no weight decay on norm layers, grad-norm clip 0.1, linear warm-up then x0.1 at `--lr_drop_epochs`. The reference
+batch is 16 images (8 GPUs x 2); scale `--learning_rate` if yours differs.
+
+Determinism: the shuffling order is a function of (seed, epoch) and every sample's augmentation of (seed, epoch,
+index); the global torch RNG (used by the denoising queries) is re-seeded from (seed, micro-batch, rank) before each
+micro-batch. A resumed run therefore replays exactly what the uninterrupted run would have done. Checkpoints are
+written to a temporary folder and renamed into place, so a kill during a write leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
+from tqdm.auto import tqdm
+
+import align_detr_hf  # noqa: F401  (registers the Auto classes)
+from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor
+from align_detr_hf import loss_align_detr
+from align_detr_hf.data import (
+    EpochShuffleSampler,
+    build_eval_transforms,
+    build_train_transforms,
+    check_finite_batch,
+    collate_fn,
+    load_train_val_datasets,
+)
+from align_detr_hf.evaluation import coco_summary
+from align_detr_hf.optim import build_optimizer, build_scheduler
+
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train_annotation", help="COCO json of the training set")
+    d.add_argument("--train_images", help="image folder of the training set")
+    d.add_argument("--val_annotation")
+    d.add_argument("--val_images")
+    d.add_argument("--dataset_name", help="datasets name or save_to_disk folder with the `objects` schema")
+    d.add_argument("--train_split", default="train")
+    d.add_argument("--val_split", default="validation")
+    d.add_argument("--train_val_split", type=float, default=0.15)
+    d.add_argument("--synthetic_shapes", type=int, default=0, help="generate N synthetic shapes images instead")
+    d.add_argument("--synthetic_image_size", type=int, default=128)
+    d.add_argument("--image_scale", type=float, default=1.0,
+                   help="multiply every resize/crop size of the reference pipeline (e.g. 0.16 for 128px images)")
+    d.add_argument("--augment", choices=["reference", "none"], default="reference")
+    d.add_argument("--filter_empty_gt", action="store_true", help="drop training images without objects")
+    d.add_argument("--num_workers", type=int, default=0)
+    m = p.add_argument_group("model")
+    m.add_argument("--model_name_or_path", help="pretrained Align-DETR (folder or Hub id)")
+    m.add_argument("--ignore_mismatched_sizes", action="store_true", help="re-initialise class heads for new classes")
+    m.add_argument("--config_name", help="AlignDetrConfig json for training from scratch")
+    m.add_argument("--demo_model", action="store_true", help="from scratch: the small demo architecture")
+    m.add_argument("--d_model", type=int, default=64, help="with --demo_model")
+    m.add_argument("--num_queries", type=int, default=30, help="with --demo_model")
+    t = p.add_argument_group("training")
+    t.add_argument("--output_dir", required=True)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--per_device_train_batch_size", type=int, default=2)
+    t.add_argument("--per_device_eval_batch_size", type=int, default=4)
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--num_train_epochs", type=int, default=12)
+    t.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides the epochs")
+    t.add_argument("--learning_rate", type=float, default=1e-4)
+    t.add_argument("--weight_decay", type=float, default=1e-4)
+    t.add_argument("--backbone_lr_mult", type=float, default=0.1)
+    t.add_argument("--max_grad_norm", type=float, default=0.1)
+    t.add_argument("--warmup_steps", type=int, default=2000)
+    t.add_argument("--lr_drop_epochs", type=int, nargs="*", default=[11], help="epochs after which lr x0.1")
+    t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="overrides `accelerate launch --mixed_precision`")
+    t.add_argument("--checkpointing_steps", default="epoch", help="an integer (every N optimizer steps) or 'epoch'")
+    t.add_argument("--checkpoints_total_limit", type=int, default=2)
+    t.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
+    t.add_argument("--stop_after_steps", type=int, default=None,
+                   help="end the run (after checkpointing) at this optimizer step, as if interrupted")
+    t.add_argument("--no_eval", action="store_true", help="skip the per-epoch COCO evaluation")
+    t.add_argument("--with_tracking", action="store_true", help="log to --report_to (tensorboard)")
+    t.add_argument("--report_to", default="tensorboard")
+    t.add_argument("--logging_steps", type=int, default=10)
+    t.add_argument("--debug_log_normaliser", action="store_true",
+                   help="record the loss normaliser (GT count all-reduced across processes) per rank to json")
+    t.add_argument("--push_to_hub", action="store_true")
+    t.add_argument("--hub_model_id")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def build_model(args, id2label):
+    label2id = {v: k for k, v in id2label.items()}
+    if args.model_name_or_path:
+        return AlignDetrForObjectDetection.from_pretrained(
+            args.model_name_or_path, id2label=id2label, label2id=label2id,
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+        )
+    if args.config_name:
+        config = AlignDetrConfig.from_pretrained(args.config_name, id2label=id2label, label2id=label2id)
+    elif args.demo_model:
+        from align_detr_hf.demo import demo_config
+
+        config = demo_config(id2label, d_model=args.d_model, num_queries=args.num_queries)
+    else:
+        config = AlignDetrConfig(id2label=id2label, label2id=label2id)
+    return AlignDetrForObjectDetection(config)
+
+
+def list_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with training_state.json; temp folders are ignored), oldest first."""
+    found = []
+    if checkpoint_root.is_dir():
+        for child in checkpoint_root.iterdir():
+            match = CHECKPOINT_RE.match(child.name)
+            if match and (child / "training_state.json").is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, checkpoint_root: Path, state: dict, total_limit: int) -> Path:
+    """`save_state` into a temp folder, then rename it into place (atomic on one filesystem)."""
+    final = checkpoint_root / f"step_{state['completed_steps']:07d}"
+    tmp = checkpoint_root / f".tmp-step_{state['completed_steps']:07d}"
+    if accelerator.is_main_process:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "training_state.json").write_text(json.dumps(state))
+        if final.exists():  # the same step saved twice (e.g. step and epoch end coincide): replace it
+            old = checkpoint_root / f".old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        for _, path in list_checkpoints(checkpoint_root)[:-total_limit] if total_limit > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class NormaliserRecorder:
+    """Wraps the loss's cross-process GT-count reduction to record its input and result on this rank."""
+
+    def __init__(self):
+        self.records = []
+        self._original = loss_align_detr._reduce_mean
+
+    def __enter__(self):
+        original = self._original
+
+        def recording_reduce_mean(values, device):
+            result = original(values, device)
+            reduced = result.tolist() if torch.is_tensor(result) else list(result)
+            self.records.append({"local": list(values), "reduced": reduced})
+            return result
+
+        loss_align_detr._reduce_mean = recording_reduce_mean
+        return self
+
+    def __exit__(self, *exc):
+        loss_align_detr._reduce_mean = self._original
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, coco_gt, top_k=100):
+    from align_detr_hf.evaluation import _post_process
+
+    model.eval()
+    per_image = []
+    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
+        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        sizes = [tuple(int(v) for v in t["orig_size"].tolist()) for t in batch["labels"]]
+        detections = _post_process(outputs.logits.float().cpu(), outputs.pred_boxes.float().cpu(), sizes, 0.0, top_k)
+        for target, det in zip(batch["labels"], detections):
+            image_id = int(target["image_id"].item())
+            per_image.append(
+                (image_id, [
+                    {"image_id": image_id, "category_id": int(label), "score": float(score),
+                     "bbox": [x0, y0, x1 - x0, y1 - y0]}
+                    for score, label, (x0, y0, x1, y1) in zip(
+                        det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist())
+                ])
+            )
+    gathered = gather_object(per_image) if accelerator.num_processes > 1 else per_image
+    model.train()
+    if not accelerator.is_main_process:
+        return None
+    seen, results = set(), []
+    for image_id, dets in gathered:  # even_batches may repeat a few images: keep each once
+        if image_id not in seen:
+            seen.add(image_id)
+            results.extend(dets)
+    return coco_summary(coco_gt, results)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
+    accelerator_kwargs = dict(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # the denoising branch is unused on batches without ground truth
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if args.mixed_precision is not None:
+        accelerator_kwargs["mixed_precision"] = args.mixed_precision
+    if args.with_tracking:
+        accelerator_kwargs["log_with"] = args.report_to
+    accelerator = Accelerator(**accelerator_kwargs)
+    log = accelerator.print
+
+    # ---- data (generation/reading on the main process first)
+    with accelerator.main_process_first():
+        train_set, val_set = load_train_val_datasets(
+            args.train_annotation, args.train_images, args.val_annotation, args.val_images, args.dataset_name,
+            args.train_split, args.val_split, args.train_val_split, args.synthetic_shapes, output_dir / "data",
+            args.synthetic_image_size, seed=args.seed,
+        )
+    if args.filter_empty_gt:
+        train_set = train_set.filter(filter_empty_gt=True)
+    train_set = train_set.with_transforms(
+        build_train_transforms(scale=args.image_scale) if args.augment == "reference"
+        else build_eval_transforms(scale=args.image_scale)
+    )
+    val_set = val_set.with_transforms(build_eval_transforms(scale=args.image_scale))
+    coco_gt = val_set.coco_ground_truth()
+    sampler = EpochShuffleSampler(len(train_set), seed=args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn,
+        num_workers=args.num_workers, drop_last=False,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn, num_workers=args.num_workers
+    )
+
+    # ---- model, optimizer, schedule
+    torch.manual_seed(args.seed)  # the same random init on every process
+    model = build_model(args, train_set.id2label)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.backbone_lr_mult)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    # the scheduler steps once per optimizer step; it is not passed to prepare() (which would step it once per
+    # process) but registered so that save_state/load_state include it
+    scheduler = build_scheduler(optimizer, args.warmup_steps, [e * steps_per_epoch for e in args.lr_drop_epochs])
+    accelerator.register_for_checkpointing(scheduler)
+
+    if args.with_tracking:
+        accelerator.init_trackers("align_detr", config={k: v for k, v in vars(args).items()
+                                                        if isinstance(v, (int, float, str, bool))})
+
+    # ---- resume
+    completed_steps, start_epoch, skip_batches, micro_step = 0, 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            found = list_checkpoints(checkpoint_root)
+            path = str(found[-1][1]) if found else None
+        if path:
+            accelerator.load_state(path)
+            state = json.loads((Path(path) / "training_state.json").read_text())
+            completed_steps, start_epoch = state["completed_steps"], state["epoch"]
+            skip_batches, micro_step = state["batches_in_epoch"], state["micro_step"]
+            log(f"Resumed from {path}: step {completed_steps}, epoch {start_epoch}, batch {skip_batches}")
+        else:
+            log("No checkpoint found; starting from scratch")
+
+    log(f"{len(train_set)} train / {len(val_set)} val images, {accelerator.num_processes} process(es), "
+        f"{steps_per_epoch} steps/epoch, {max_steps} steps")
+    progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
+                    desc="train")
+    checkpoint_every = None if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps)
+    recorder = NormaliserRecorder() if args.debug_log_normaliser else None
+    if recorder:
+        recorder.__enter__()
+    model.train()
+    stop = False
+    metrics = None
+    for epoch in range(start_epoch, num_epochs):
+        # accelerate's prepared loader re-sets its sampler's epoch from its own iteration counter when iterated,
+        # so the epoch is given to the loader (not only to our sampler), also for the resumed partial epoch
+        train_loader.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        loader = train_loader
+        batches_in_epoch = 0
+        if epoch == start_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(train_loader, skip_batches)
+            loader.set_epoch(epoch)
+            batches_in_epoch = skip_batches
+        assert sampler.epoch == epoch
+        for batch in loader:
+            check_finite_batch(batch, micro_step)
+            # the denoising noise depends only on (seed, micro-batch, rank): identical after a resume
+            torch.manual_seed(args.seed * 1_000_003 + micro_step * 1009 + accelerator.process_index)
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss = outputs.loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"Non-finite loss {loss.item()} at batch {micro_step}; weights untouched.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            batches_in_epoch += 1
+            if recorder:
+                recorder.records[-1].update(micro_step=micro_step - 1, loss=loss.item())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.logging_steps == 0 or completed_steps == 1:
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+                if args.with_tracking:
+                    accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[-1],
+                                     **{f"train/{k}": v.item() for k, v in outputs.loss_dict.items()}},
+                                    step=completed_steps)
+            state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                     "micro_step": micro_step}
+            stop = completed_steps >= max_steps or (args.stop_after_steps and completed_steps >= args.stop_after_steps)
+            if stop or (checkpoint_every and completed_steps % checkpoint_every == 0):
+                save_checkpoint(accelerator, checkpoint_root, state, args.checkpoints_total_limit)
+            if stop:
+                break
+        if stop and batches_in_epoch < len(train_loader):
+            break
+        # ---- end of epoch: evaluation and checkpoint
+        if not args.no_eval:
+            metrics = evaluate(accelerator, model, val_loader, coco_gt)
+            if accelerator.is_main_process:
+                log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if args.with_tracking:
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
+        if args.checkpointing_steps == "epoch":
+            state = {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0,
+                     "micro_step": micro_step}
+            save_checkpoint(accelerator, checkpoint_root, state, args.checkpoints_total_limit)
+        if stop:
+            break
+    progress.close()
+    if recorder:
+        recorder.__exit__()
+        debug_dir = output_dir / "debug"
+        debug_dir.mkdir(parents=True, exist_ok=True)
+        (debug_dir / f"normaliser_rank{accelerator.process_index}.json").write_text(
+            json.dumps({"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+                        "records": recorder.records})
+        )
+
+    # ---- final model
+    accelerator.wait_for_everyone()
+    final_dir = output_dir / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        scale = args.image_scale
+        AlignDetrImageProcessor(size={"shortest_edge": round(800 * scale), "longest_edge": round(1333 * scale)}
+                                ).save_pretrained(final_dir)
+        summary = {"completed_steps": completed_steps, "metrics": metrics}
+        (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2))
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or final_dir.resolve().parent.name
+            unwrapped.push_to_hub(repo_id)
+            AlignDetrImageProcessor.from_pretrained(final_dir).push_to_hub(repo_id)
+    if args.with_tracking:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return completed_steps
+
+
+if __name__ == "__main__":
+    main()

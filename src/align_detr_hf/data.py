@@ -1,0 +1,616 @@
+"""Detection datasets, the reference train-time augmentation and a padding collator for Align-DETR.
+
+Sources:
+- a local COCO-format folder (annotation json + image directory): [`load_coco_folder`];
+- a `datasets.Dataset` with the common `objects` schema (`objects = {"bbox": [[x, y, w, h], ...], "category":
+  [...]}`, as in cppe-5): [`load_hf_dataset`].
+
+Both give a [`DetectionDataset`] whose categories are mapped to contiguous ids `0..K-1` (`id2label`), whose items are
+`{"pixel_values": (3, h, w) float32 normalised, "labels": {"class_labels", "boxes" (cxcywh normalised to the
+item's own unpadded size), "image_id", "orig_size", "size"}}`, and which can export its ground truth as a COCO dict
+for [`align_detr_hf.evaluation`].
+
+Augmentation ([`build_train_transforms`]) follows mmdetection's Align-DETR train pipeline (spec section 2.11):
+horizontal flip (p=0.5), then either a multi-scale keep-ratio resize (shorter side 480..800 step 32, longer side
+at most 1333) or resize (400/500/600, max 4200) -> random crop (384..600, absolute range, boxes clipped, empty boxes
+dropped, crops without boxes allowed) -> the multi-scale resize. All sizes are multiplied by `scale`, so a CPU demo
+can train on small images with the same recipe. It is written with torch only (no albumentations/torchvision);
+resizes are bilinear without antialiasing, rounded to uint8 like cv2.
+
+Randomness is drawn from a `torch.Generator` seeded from `(seed, epoch, index)` of each item, so augmentation does
+not depend on worker processes or on global RNG state, and a resumed run sees exactly the same augmented samples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .image_processing_align_detr import (
+    ALIGN_DETR_MEAN,
+    ALIGN_DETR_STD,
+    get_resize_output_size,
+    pad_and_create_pixel_mask,
+)
+
+__all__ = [
+    "Compose",
+    "DetectionDataset",
+    "EpochShuffleSampler",
+    "RandomChoice",
+    "RandomChoiceResize",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "Resize",
+    "build_eval_transforms",
+    "build_train_transforms",
+    "check_finite_batch",
+    "collate_fn",
+    "load_coco_folder",
+    "load_hf_dataset",
+]
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+# A transform is `t(image, target, generator) -> (image, target)`: image a (3, H, W) float32 tensor on the 0-255
+# scale, target {"boxes": (n, 4) float32 absolute xyxy, "class_labels": (n,) int64}.
+
+
+def _randint(low: int, high: int, generator: torch.Generator) -> int:
+    """Uniform integer in [low, high] (inclusive)."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator).item())
+
+
+class Compose:
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, target, generator):
+        for transform in self.transforms:
+            image, target = transform(image, target, generator)
+        return image, target
+
+    def __repr__(self):
+        return f"Compose({self.transforms})"
+
+
+class RandomChoice:
+    """Apply one of several transforms (or lists of transforms), chosen uniformly (mmcv `RandomChoice`)."""
+
+    def __init__(self, choices: Sequence[Callable | Sequence[Callable]]):
+        self.choices = [c if callable(c) else Compose(c) for c in choices]
+
+    def __call__(self, image, target, generator):
+        return self.choices[_randint(0, len(self.choices) - 1, generator)](image, target, generator)
+
+    def __repr__(self):
+        return f"RandomChoice({self.choices})"
+
+
+class RandomHorizontalFlip:
+    """Flip left-right with probability `p`; a box [x0, y0, x1, y1] becomes [W - x1, y0, W - x0, y1]."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image, target, generator):
+        if torch.rand((), generator=generator).item() >= self.p:
+            return image, target
+        width = image.shape[-1]
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+        return image.flip(-1), {**target, "boxes": boxes}
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+def resize_image_and_boxes(image: torch.Tensor, target: dict, new_height: int, new_width: int):
+    height, width = image.shape[-2:]
+    if (new_height, new_width) != (height, width):
+        image = F.interpolate(image[None], size=(new_height, new_width), mode="bilinear", align_corners=False)[0]
+        image = image.round_().clamp_(0, 255)  # cv2 works in uint8
+    scale = torch.tensor([new_width / width, new_height / height] * 2, dtype=torch.float32)
+    return image, {**target, "boxes": target["boxes"] * scale}
+
+
+class Resize:
+    """Keep-ratio resize (mmcv `imrescale` rounding): shorter side to `shortest_edge`, longer side capped."""
+
+    def __init__(self, shortest_edge: int, longest_edge: int | None = None):
+        self.shortest_edge, self.longest_edge = shortest_edge, longest_edge
+
+    def __call__(self, image, target, generator=None):
+        new_h, new_w = get_resize_output_size(*image.shape[-2:], self.shortest_edge, self.longest_edge)
+        return resize_image_and_boxes(image, target, new_h, new_w)
+
+    def __repr__(self):
+        return f"Resize({self.shortest_edge}, {self.longest_edge})"
+
+
+class RandomChoiceResize:
+    """Keep-ratio resize to one of `scales` = [(shortest_edge, longest_edge), ...], chosen uniformly."""
+
+    def __init__(self, scales: Sequence[tuple[int, int | None]]):
+        self.scales = [tuple(s) for s in scales]
+
+    def __call__(self, image, target, generator):
+        short, long = self.scales[_randint(0, len(self.scales) - 1, generator)]
+        return Resize(short, long)(image, target)
+
+    def __repr__(self):
+        return f"RandomChoiceResize({self.scales})"
+
+
+class RandomCrop:
+    """mmdet `RandomCrop(crop_type="absolute_range", crop_size=(min, max), allow_negative_crop=True)`.
+
+    Crop height and width are each uniform integers in [min(side, min_size), min(side, max_size)]; the offset is
+    uniform over the remaining margin. Boxes are shifted, clipped to the crop, and those left with zero width or
+    height are dropped (with their labels). A crop without any box is kept (`allow_negative_crop=True`).
+    """
+
+    def __init__(self, min_size: int, max_size: int):
+        if min_size > max_size:
+            raise ValueError(f"RandomCrop needs min_size <= max_size, got {min_size} > {max_size}.")
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image, target, generator):
+        height, width = image.shape[-2:]
+        crop_h = _randint(min(height, self.min_size), min(height, self.max_size), generator)
+        crop_w = _randint(min(width, self.min_size), min(width, self.max_size), generator)
+        top = _randint(0, height - crop_h, generator)
+        left = _randint(0, width - crop_w, generator)
+        return crop_image_and_boxes(image, target, top, left, crop_h, crop_w)
+
+    def __repr__(self):
+        return f"RandomCrop({self.min_size}, {self.max_size})"
+
+
+def crop_image_and_boxes(image: torch.Tensor, target: dict, top: int, left: int, height: int, width: int):
+    """Crop `image[..., top:top+height, left:left+width]`; clip boxes to it and drop the empty ones."""
+    image = image[..., top : top + height, left : left + width]
+    boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return image, {**target, "boxes": boxes[keep], "class_labels": target["class_labels"][keep]}
+
+
+def _scaled(value: float, scale: float) -> int:
+    return max(1, int(round(value * scale)))
+
+
+def build_train_transforms(
+    scale: float = 1.0,
+    scales: Sequence[int] | None = None,
+    max_size: int = 1333,
+    crop_resize_scales: Sequence[int] = (400, 500, 600),
+    crop_resize_max_size: int = 4200,
+    crop_size: tuple[int, int] = (384, 600),
+    flip_prob: float = 0.5,
+) -> Compose:
+    """The reference Align-DETR train augmentation; every size (the defaults or the ones given) is multiplied by
+    `scale` (e.g. `scale=0.2` gives shorter sides 96..160 with max 267 for a CPU demo on ~128 px images).
+
+    `scales` defaults to the shorter sides 480, 512, ..., 800 (step 32)."""
+    if scales is None:
+        scales = list(range(480, 801, 32))
+    multi_scale = [(_scaled(s, scale), _scaled(max_size, scale)) for s in scales]
+    crop_resize = [(_scaled(s, scale), _scaled(crop_resize_max_size, scale)) for s in crop_resize_scales]
+    return Compose(
+        [
+            RandomHorizontalFlip(flip_prob),
+            RandomChoice(
+                [
+                    RandomChoiceResize(multi_scale),
+                    [
+                        RandomChoiceResize(crop_resize),
+                        RandomCrop(_scaled(crop_size[0], scale), _scaled(crop_size[1], scale)),
+                        RandomChoiceResize(multi_scale),
+                    ],
+                ]
+            ),
+        ]
+    )
+
+
+def build_eval_transforms(scale: float = 1.0, shortest_edge: int = 800, longest_edge: int = 1333) -> Compose:
+    """The reference test-time resize (shorter side 800, longer at most 1333), multiplied by `scale`."""
+    return Compose([Resize(_scaled(shortest_edge, scale), _scaled(longest_edge, scale))])
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Detection records plus transforms; see the module docstring for the item format.
+
+    Args:
+        records: one dict per image: `image_id` (int), `width`, `height`, `annotations` (list of `{"bbox": [x, y, w,
+            h] absolute, "category_id": contiguous id, "area": float, "iscrowd": 0/1}`), and either `file_name`
+            (path) or `hf_index` (row of `hf_dataset`).
+        id2label: contiguous id -> class name.
+        transforms: a train/eval transform (see [`build_train_transforms`]); `None` keeps the original size.
+        hf_dataset: the `datasets.Dataset` the records point into, if any.
+        seed: base seed of the per-item augmentation generators.
+        original_category_ids: contiguous id -> the source's category id (informational).
+    """
+
+    def __init__(
+        self,
+        records: list[dict],
+        id2label: dict[int, str],
+        transforms: Callable | None = None,
+        hf_dataset: Any = None,
+        seed: int = 0,
+        original_category_ids: list | None = None,
+        image_column: str = "image",
+    ):
+        self.records = records
+        self.id2label = {int(k): v for k, v in id2label.items()}
+        self.label2id = {v: k for k, v in self.id2label.items()}
+        self.transforms = transforms
+        self.hf_dataset = hf_dataset
+        self.seed = seed
+        self.epoch = 0
+        self.original_category_ids = original_category_ids or list(self.id2label)
+        self.image_column = image_column
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draws (call before each epoch, in the main process; workers are re-created)."""
+        self.epoch = int(epoch)
+
+    def with_transforms(self, transforms: Callable | None) -> DetectionDataset:
+        return self.subset(range(len(self)), transforms)
+
+    def subset(self, indices: Sequence[int], transforms: Callable | None = None) -> DetectionDataset:
+        return DetectionDataset(
+            [self.records[i] for i in indices], self.id2label, transforms, self.hf_dataset, self.seed,
+            self.original_category_ids, self.image_column,
+        )
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
+        """Random train/val split (records only; set transforms with `with_transforms`)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        num_val = max(1, int(round(len(self) * val_fraction)))
+        return self.subset(sorted(order[num_val:]), self.transforms), self.subset(sorted(order[:num_val]))
+
+    def filter(self, filter_empty_gt: bool = True, min_size: int = 0) -> DetectionDataset:
+        """mmdet's `filter_cfg`: drop images without (non-crowd) objects and images smaller than `min_size`."""
+        keep = [
+            i
+            for i, r in enumerate(self.records)
+            if min(r["width"], r["height"]) >= min_size
+            and (not filter_empty_gt or any(not a.get("iscrowd", 0) for a in r["annotations"]))
+        ]
+        return self.subset(keep, self.transforms)
+
+    def load_image(self, index: int):
+        """The PIL RGB image of item `index`."""
+        from PIL import Image
+
+        record = self.records[index]
+        if "file_name" in record:
+            with Image.open(record["file_name"]) as image:
+                return image.convert("RGB")
+        return self.hf_dataset[record["hf_index"]][self.image_column].convert("RGB")
+
+    def raw_target(self, index: int) -> dict[str, torch.Tensor]:
+        """Non-crowd boxes (absolute xyxy float32) and contiguous labels of item `index`, before any transform."""
+        objects = [a for a in self.records[index]["annotations"] if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        labels = torch.tensor([int(a["category_id"]) for a in objects], dtype=torch.int64)
+        return {"boxes": boxes, "class_labels": labels}
+
+    def generator_for(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        pil = self.load_image(index)
+        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+        target = self.raw_target(index)
+        # clip to the image and drop degenerate boxes (as the image processor does)
+        height, width = image.shape[-2:]
+        target = crop_image_and_boxes(image, target, 0, 0, height, width)[1]
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, self.generator_for(index))
+        return {"pixel_values": normalize(image), "labels": make_labels(target, image.shape[-2:], record)}
+
+    def coco_ground_truth(self) -> dict[str, Any]:
+        """The ground truth as a COCO dict (original image sizes, contiguous category ids, annotation ids >= 1)."""
+        images, annotations = [], []
+        for record in self.records:
+            images.append({"id": record["image_id"], "width": record["width"], "height": record["height"]})
+            for a in record["annotations"]:
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": record["image_id"],
+                        "category_id": int(a["category_id"]),
+                        "bbox": [float(v) for v in a["bbox"]],
+                        "area": float(a.get("area", a["bbox"][2] * a["bbox"][3])),
+                        "iscrowd": int(a.get("iscrowd", 0)),
+                    }
+                )
+        categories = [{"id": i, "name": name} for i, name in sorted(self.id2label.items())]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(ALIGN_DETR_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(ALIGN_DETR_STD, dtype=torch.float32)[:, None, None]
+    return (image - mean) / std
+
+
+def make_labels(target: dict, size: tuple[int, int], record: dict) -> dict[str, torch.Tensor]:
+    """Absolute xyxy -> cxcywh normalised by `size` = (h, w) of this (unpadded) image."""
+    height, width = int(size[0]), int(size[1])
+    b = target["boxes"]
+    cxcywh = torch.stack(
+        [(b[:, 0] + b[:, 2]) / 2 / width, (b[:, 1] + b[:, 3]) / 2 / height, (b[:, 2] - b[:, 0]) / width,
+         (b[:, 3] - b[:, 1]) / height],
+        dim=-1,
+    ).reshape(-1, 4)
+    return {
+        "class_labels": target["class_labels"].to(torch.int64),
+        "boxes": cxcywh.to(torch.float32),
+        "image_id": torch.tensor([int(record["image_id"])], dtype=torch.int64),
+        "orig_size": torch.tensor([int(record["height"]), int(record["width"])], dtype=torch.int64),
+        "size": torch.tensor([height, width], dtype=torch.int64),
+    }
+
+
+def load_coco_folder(
+    annotation_file: str | Path,
+    image_dir: str | Path | None = None,
+    transforms: Callable | None = None,
+    seed: int = 0,
+) -> DetectionDataset:
+    """A COCO-format dataset from disk. `image_dir` defaults to `images/` next to the annotation file if that
+    exists, else the annotation file's folder. Category ids are mapped to contiguous ids in sorted id order;
+    names come from `categories`."""
+    annotation_file = Path(annotation_file)
+    coco = json.loads(annotation_file.read_text())
+    if image_dir is None:
+        image_dir = annotation_file.parent / "images"
+        if not image_dir.is_dir():
+            image_dir = annotation_file.parent
+    image_dir = Path(image_dir)
+    categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
+    if not categories:  # no category table: use the ids seen
+        categories = [{"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in coco["annotations"]})]
+    cat_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
+    id2label = {i: c.get("name", str(c["id"])) for i, c in enumerate(categories)}
+    by_image: dict[int, list] = {img["id"]: [] for img in coco["images"]}
+    seen_ids: set = set()
+    for a in coco.get("annotations", []):
+        if a["category_id"] not in cat_to_contiguous:
+            raise ValueError(f"Annotation {a.get('id')} has category_id {a['category_id']} not in 'categories'.")
+        if a["image_id"] not in by_image:
+            raise ValueError(
+                f"Annotation {a.get('id')} refers to image_id {a['image_id']}, which is not in 'images' of "
+                f"{annotation_file}."
+            )
+        if "id" in a:
+            if a["id"] in seen_ids:
+                raise ValueError(f"Duplicate annotation id {a['id']} in {annotation_file}.")
+            seen_ids.add(a["id"])
+        by_image[a["image_id"]].append(
+            {
+                "bbox": [float(v) for v in a["bbox"]],
+                "category_id": cat_to_contiguous[a["category_id"]],
+                "area": float(a.get("area", a["bbox"][2] * a["bbox"][3])),
+                "iscrowd": int(a.get("iscrowd", 0)),
+            }
+        )
+    records = [
+        {
+            "image_id": int(img["id"]),
+            "file_name": str(image_dir / img["file_name"]),
+            "width": int(img["width"]),
+            "height": int(img["height"]),
+            "annotations": by_image[img["id"]],
+        }
+        for img in coco["images"]
+    ]
+    missing = [r["file_name"] for r in records if not Path(r["file_name"]).is_file()]
+    if missing:  # fail now, not in the middle of an epoch
+        raise FileNotFoundError(
+            f"{len(missing)} image file(s) listed in {annotation_file} do not exist under {image_dir}: "
+            + ", ".join(missing[:5])
+            + (" ..." if len(missing) > 5 else "")
+        )
+    return DetectionDataset(records, id2label, transforms, seed=seed, original_category_ids=[c["id"] for c in categories])
+
+
+def _category_names(features: Any) -> list[str] | None:
+    """ClassLabel names of `objects.category`, for the dict and the legacy Sequence(dict) feature layouts."""
+    try:
+        objects = features["objects"]
+        category = objects["category"] if isinstance(objects, dict) else objects.feature["category"]
+        category = getattr(category, "feature", category)
+        return list(category.names)
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+def load_hf_dataset(
+    dataset: Any,
+    transforms: Callable | None = None,
+    seed: int = 0,
+    id2label: dict[int, str] | None = None,
+    image_column: str = "image",
+) -> DetectionDataset:
+    """A `datasets.Dataset` with `image` and `objects = {"bbox": [[x, y, w, h]], "category": [...], ("area",
+    "iscrowd")}` columns (optional `image_id`, `width`, `height`).
+
+    Categories: if `objects.category` is a `ClassLabel`, its names give `id2label` and the ids are used as they are;
+    otherwise the distinct values are sorted and mapped to 0..K-1 (names from `id2label` if given, else the values).
+    """
+    columns = set(dataset.column_names)
+    if "objects" not in columns:
+        raise ValueError(f"Expected an 'objects' column (bbox/category), got columns {sorted(columns)}.")
+    objects_column = dataset["objects"]
+    objects_list = [objects_column[i] for i in range(len(dataset))]
+    names = _category_names(dataset.features)
+    if names is not None:
+        mapping = {i: i for i in range(len(names))}
+        id2label = {i: n for i, n in enumerate(names)}
+    else:
+        values = sorted({c for o in objects_list for c in o["category"]})
+        mapping = {v: i for i, v in enumerate(values)}
+        if id2label is None:
+            id2label = {i: str(v) for i, v in enumerate(values)}
+        else:
+            id2label = {mapping[k]: v for k, v in id2label.items() if k in mapping}
+    image_ids = dataset["image_id"] if "image_id" in columns else None
+    widths = dataset["width"] if "width" in columns else None
+    heights = dataset["height"] if "height" in columns else None
+    records = []
+    for i, objects in enumerate(objects_list):
+        if widths is not None and heights is not None:
+            width, height = int(widths[i]), int(heights[i])
+        else:
+            width, height = dataset[i][image_column].size
+        n = len(objects["bbox"])
+        records.append(
+            {
+                "image_id": int(image_ids[i]) if image_ids is not None else i + 1,
+                "hf_index": i,
+                "width": width,
+                "height": height,
+                "annotations": [
+                    {
+                        "bbox": [float(v) for v in objects["bbox"][j]],
+                        "category_id": mapping[objects["category"][j]],
+                        "area": float(objects["area"][j]) if "area" in objects else
+                        float(objects["bbox"][j][2] * objects["bbox"][j][3]),
+                        "iscrowd": int(objects["iscrowd"][j]) if "iscrowd" in objects else 0,
+                    }
+                    for j in range(n)
+                ],
+            }
+        )
+    if len({r["image_id"] for r in records}) != len(records):
+        for i, r in enumerate(records):  # duplicate image ids would break COCO evaluation
+            r["image_id"] = i + 1
+    return DetectionDataset(records, id2label, transforms, hf_dataset=dataset, seed=seed,
+                            original_category_ids=list(mapping), image_column=image_column)
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation seeded by `(seed, epoch)`: identical on every process and reproducible on resume."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def collate_fn(batch: list[dict]) -> dict[str, Any]:
+    """Zero-pad `pixel_values` to the batch maximum and build `pixel_mask` (1 = real pixel). Boxes are left as they
+    are: normalised to each image's own unpadded size, which is what the model expects."""
+    pixel_values, pixel_mask = pad_and_create_pixel_mask([item["pixel_values"] for item in batch])
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": [item["labels"] for item in batch]}
+
+
+def check_finite_batch(batch: dict, batch_index: int) -> None:
+    """Raise `ValueError` naming `batch_index` if the inputs or label boxes hold NaN/inf."""
+    problems = []
+    if not torch.isfinite(batch["pixel_values"]).all():
+        problems.append("pixel_values")
+    for i, target in enumerate(batch.get("labels") or []):
+        if not torch.isfinite(target["boxes"]).all():
+            problems.append(f"labels[{i}]['boxes']")
+    if problems:
+        raise ValueError(f"Non-finite values (NaN/inf) in batch {batch_index}: {', '.join(problems)}.")
+
+
+def reference_scale_for(image_size: int) -> float:
+    """The `scale` that maps the reference shorter side 800 to `image_size`."""
+    return image_size / 800.0
+
+
+
+def load_train_val_datasets(
+    train_annotation: str | None = None,
+    train_images: str | None = None,
+    val_annotation: str | None = None,
+    val_images: str | None = None,
+    dataset_name: str | None = None,
+    train_split: str = "train",
+    val_split: str | None = "validation",
+    train_val_split: float = 0.15,
+    synthetic_shapes: int = 0,
+    synthetic_dir: str | Path | None = None,
+    synthetic_image_size: int = 128,
+    seed: int = 0,
+) -> tuple[DetectionDataset, DetectionDataset]:
+    """(train, val) datasets, without transforms, from one of three sources (used by the example scripts):
+
+    - `train_annotation` (+ `train_images`, optional `val_annotation`/`val_images`): COCO folders;
+    - `dataset_name`: a `datasets` dataset with the `objects` schema, either a `save_to_disk` folder or a name for
+      `datasets.load_dataset` (Hub or local); `val_split` if present, else `train_val_split` of train is held out;
+    - `synthetic_shapes=N`: N generated shapes images (plus N // 4 for validation) written under `synthetic_dir`.
+    """
+    if synthetic_shapes:
+        from .synthetic import generate_shapes_dataset
+
+        root = Path(synthetic_dir or "shapes_data")
+        train_annotation = str(generate_shapes_dataset(root / "train", synthetic_shapes, synthetic_image_size, seed))
+        val_annotation = str(
+            generate_shapes_dataset(root / "val", max(2, synthetic_shapes // 4), synthetic_image_size, seed + 10_000)
+        )
+        train_images = val_images = None
+    if train_annotation:
+        train = load_coco_folder(train_annotation, train_images, seed=seed)
+        if val_annotation:
+            val = load_coco_folder(val_annotation, val_images, seed=seed)
+            if val.id2label != train.id2label:
+                raise ValueError(f"Train and val categories differ: {train.id2label} vs {val.id2label}.")
+        else:
+            train, val = train.split(train_val_split, seed)
+        return train, val
+    if dataset_name:
+        import datasets
+
+        if Path(dataset_name).is_dir() and any(
+            (Path(dataset_name) / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")
+        ):
+            loaded = datasets.load_from_disk(dataset_name)
+        else:
+            loaded = datasets.load_dataset(dataset_name)
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({train_split: loaded})
+        train = load_hf_dataset(loaded[train_split], seed=seed)
+        if val_split and val_split in loaded:
+            val = load_hf_dataset(loaded[val_split], seed=seed)
+        else:
+            train, val = train.split(train_val_split, seed)
+        return train, val
+    raise ValueError("Give --train_annotation, --dataset_name or --synthetic_shapes.")

@@ -1,0 +1,164 @@
+"""End-to-end training scripts on a tiny synthetic dataset: DDP normaliser agreement, exact resume, Trainer + mAP."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+# ~0.1 M-parameter model on 48-64 px images: a few seconds per run
+TINY = ["--synthetic_shapes", "12", "--synthetic_image_size", "64", "--demo_model", "--d_model", "32",
+        "--num_queries", "10", "--image_scale", "0.08", "--warmup_steps", "2", "--seed", "3"]
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and friendly to a 2-core runner
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_accelerate_ddp_two_processes_agree_on_normaliser(tmp_path):
+    # In accelerate 1.x `accelerate launch --cpu --num_processes 2` starts a *single* process (its simple launcher);
+    # two CPU processes need torchrun (`--multi_gpu`) plus ACCELERATE_USE_CPU=true, which makes each process use
+    # the gloo backend (DistributedType.MULTI_CPU).
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(EXAMPLES / "train_accelerate.py"), *TINY, "--output_dir", str(tmp_path), "--max_train_steps", "3",
+           "--per_device_train_batch_size", "2", "--checkpointing_steps", "100",
+           "--debug_log_normaliser"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "debug" / f"normaliser_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    rec0, rec1 = ranks[0]["records"], ranks[1]["records"]
+    assert len(rec0) == len(rec1) == 3
+    differing = 0
+    for a, b in zip(rec0, rec1):
+        assert a["reduced"] == pytest.approx(b["reduced"])  # both ranks use the same normaliser
+        # ... which is the mean of the two ranks' own GT counts (matching and denoising)
+        assert a["reduced"] == pytest.approx([(x + y) / 2 for x, y in zip(a["local"], b["local"])])
+        differing += a["local"][0] != b["local"][0]
+    assert differing > 0, "the ranks saw the same GT counts; the test would not detect a missing all_reduce"
+    # the distributed run also evaluated (results gathered from both ranks) and wrote one checkpoint with both
+    # ranks' RNG states
+    assert "map" in json.loads((tmp_path / "train_results.json").read_text())["metrics"]
+    assert (tmp_path / "checkpoints" / "step_0000003" / "random_states_1.pkl").exists()
+
+
+def _final_weights(output_dir):
+    return load_file(str(Path(output_dir) / "final" / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    script = _load_example("train_accelerate")
+    # 12 images, batch 2, accumulation 2 -> 3 optimizer steps per epoch; the stop at step 4 is in the middle of the
+    # second epoch (so the skipped batches must come from that epoch's shuffle) and the resumed part crosses an epoch
+    # boundary (with its COCO evaluation); the reference augmentation is on
+    common = [*TINY, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+              "--max_train_steps", "7", "--checkpointing_steps", "2"]
+    script.main([*common, "--output_dir", str(tmp_path / "full")])
+    script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "4"])
+    interrupted = _final_weights(tmp_path / "resumed")
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step_0000004" / "training_state.json").read_text())
+    assert state == {"completed_steps": 4, "epoch": 1, "batches_in_epoch": 2, "micro_step": 8}
+    script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+
+    full, resumed = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    assert any(not torch.equal(interrupted[k], full[k]) for k in full)  # training did continue
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    results = json.loads((tmp_path / "resumed" / "train_results.json").read_text())
+    assert results["completed_steps"] == 7 and "map" in results["metrics"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    script = _load_example("train_accelerate")
+
+    class Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "model.safetensors").write_bytes(b"x" * 10)
+            if self.fail:
+                raise KeyboardInterrupt("killed during the write")
+
+    acc = Acc()
+    acc.fail = False
+    first = script.save_checkpoint(acc, tmp_path, {"completed_steps": 1, "epoch": 0}, total_limit=2)
+    acc.fail = True
+    with pytest.raises(KeyboardInterrupt):
+        script.save_checkpoint(acc, tmp_path, {"completed_steps": 2, "epoch": 0}, total_limit=2)
+    # the half-written one stays in a temp folder and is never picked for resuming
+    assert [p for _, p in script.list_checkpoints(tmp_path)] == [first]
+    assert (tmp_path / ".tmp-step_0000002").is_dir() and not (tmp_path / "step_0000002").exists()
+    assert json.loads((first / "training_state.json").read_text())["completed_steps"] == 1
+
+
+def test_trainer_steps_with_coco_eval(tmp_path):
+    script = _load_example("train_trainer")
+    metrics = script.main([*TINY, "--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
+                           "4", "--eval_strategy", "steps", "--eval_steps", "3", "--save_strategy", "no",
+                           "--logging_steps", "1"])
+    for key in ("eval_map", "eval_map_50", "eval_map_75", "eval_mar_100", "eval_loss"):
+        assert key in metrics
+    assert 0.0 <= metrics["eval_map"] <= 1.0
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert (tmp_path / "final" / "preprocessor_config.json").exists()
+
+
+def test_reference_optimizer_groups():
+    from align_detr_hf import AlignDetrForObjectDetection
+    from align_detr_hf.demo import demo_config
+    from align_detr_hf.optim import build_optimizer, build_scheduler, lr_factor
+
+    model = AlignDetrForObjectDetection(demo_config({0: "a"}, d_model=32, num_queries=5))
+    optimizer = build_optimizer(model)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-5) and groups["transformer"]["lr"] == pytest.approx(1e-4)
+    assert groups["transformer_norm"]["weight_decay"] == 0.0 and groups["transformer"]["weight_decay"] == 1e-4
+    names = {id(p): n for n, p in model.named_parameters()}
+    norm_names = [names[id(p)] for p in groups["transformer_norm"]["params"]]
+    assert any("layer_norm" in n for n in norm_names) and any("input_proj" in n for n in norm_names)
+    assert not any(n.endswith("level_embed") for n in norm_names)
+    assert lr_factor(0) == pytest.approx(1e-4) and lr_factor(2000) == 1.0
+    assert lr_factor(5000, milestones=[4000]) == pytest.approx(0.1)
+    scheduler = build_scheduler(optimizer, warmup_steps=10, milestones=[20])
+    for _ in range(25):
+        optimizer.step()
+        scheduler.step()
+    assert groups["transformer"]["lr"] == pytest.approx(1e-5)  # base lr x 0.1 after the milestone
+    assert groups["backbone"]["lr"] == pytest.approx(1e-6)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from align_detr_hf.demo import main
+
+    # a smoke test of the demo pipeline (data generation, training, COCO eval, PNG, save); ~20 s
+    result = main(["--output_dir", str(tmp_path), "--num_train_images", "40", "--num_val_images", "8",
+                   "--steps", "10", "--quiet"])
+    assert (tmp_path / "detections.png").exists() and "map" in result["metrics"]
