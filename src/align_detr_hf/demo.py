@@ -40,7 +40,7 @@ __all__ = ["build_parser", "demo_config", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align-detr demo", description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", default="align_detr_demo")
+    p.add_argument("--output_dir", "--output-dir", default="align_detr_demo")
     p.add_argument("--num_train_images", type=int, default=600)
     p.add_argument("--num_val_images", type=int, default=100)
     p.add_argument("--image_size", type=int, default=128)

@@ -245,9 +245,11 @@ class AlignDetrMultiscaleDeformableAttention(nn.Module):
         value_padding_mask: torch.Tensor | None,
         reference_points: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
+        offset_normalizer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query (B, Nq, d) with position added; value (B, Nv, d); value_padding_mask (B, Nv) True = padding;
-        reference_points (B, Nq, n_levels, 2 or 4) normalised; returns (B, Nq, d)."""
+        reference_points (B, Nq, n_levels, 2 or 4) normalised; offset_normalizer (n_levels, 2) = (W, H) of each
+        level, needed with 2-d reference points; returns (B, Nq, d)."""
         batch, num_queries, _ = query.shape
         value = self.value_proj(value)
         if value_padding_mask is not None:
@@ -258,12 +260,8 @@ class AlignDetrMultiscaleDeformableAttention(nn.Module):
         )
         weights = self.attention_weights(query).view(batch, num_queries, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
-        if reference_points.shape[-1] == 2:
-            # (W, H) per level: offsets are in cells of that level
-            normalizer = torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
-            )
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        if reference_points.shape[-1] == 2:  # offsets are in cells of each level
+            locations = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
         else:
             locations = (
                 reference_points[:, :, None, :, None, :2]
@@ -312,12 +310,12 @@ class AlignDetrEncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, position_embeddings, padding_mask, reference_points, spatial_shapes):
+    def forward(self, hidden_states, position_embeddings, padding_mask, reference_points, spatial_shapes, normalizer):
         attended = self.self_attn(
-            hidden_states + position_embeddings, hidden_states, padding_mask, reference_points, spatial_shapes
+            hidden_states + position_embeddings, hidden_states, padding_mask, reference_points, spatial_shapes, normalizer
         )
         hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
-        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
+        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states), inplace=True)))
         return self.final_layer_norm(hidden_states + self.dropout(ffn))
 
 
@@ -347,7 +345,7 @@ class AlignDetrDecoderLayer(nn.Module):
             hidden_states + query_pos, memory, memory_padding_mask, reference_points, spatial_shapes
         )
         hidden_states = self.encoder_attn_layer_norm(hidden_states + self.dropout(attended))
-        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
+        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states), inplace=True)))
         return self.final_layer_norm(hidden_states + self.dropout(ffn))
 
 
@@ -547,8 +545,12 @@ class AlignDetrEncoder(nn.Module):
 
     def forward(self, features, position_embeddings, padding_mask, spatial_shapes, valid_ratios):
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        # (W, H) per level, filled on the device (a host tensor would cost a host-to-device sync per forward)
+        normalizer = features.new_empty(len(spatial_shapes), 2, dtype=torch.float32)
+        for level, (height, width) in enumerate(spatial_shapes):
+            normalizer[level, 0], normalizer[level, 1] = width, height
         for layer in self.layers:
-            features = layer(features, position_embeddings, padding_mask, reference_points, spatial_shapes)
+            features = layer(features, position_embeddings, padding_mask, reference_points, spatial_shapes, normalizer)
         return features
 
 
@@ -699,11 +701,14 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         output_memory, proposals = self._encoder_proposals(memory, padding_mask, spatial_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_logits = self.enc_score_head(output_memory)
-        enc_coords_unact = self.enc_bbox_head(output_memory) + proposals
         num_queries = min(self.config.num_queries, enc_logits.shape[1])
         topk_indices = enc_logits.max(-1)[0].topk(num_queries, dim=1)[1]
         topk_logits = enc_logits.gather(1, topk_indices[..., None].expand(-1, -1, enc_logits.shape[-1]))
-        topk_coords_unact = enc_coords_unact.gather(1, topk_indices[..., None].expand(-1, -1, 4))
+        # the box head is per position: run it on the selected positions only
+        topk_memory = output_memory.gather(1, topk_indices[..., None].expand(-1, -1, output_memory.shape[-1]))
+        topk_coords_unact = self.enc_bbox_head(topk_memory) + proposals.gather(
+            1, topk_indices[..., None].expand(-1, -1, 4)
+        )
 
         batch = pixel_values.shape[0]
         queries = self.query_embedding.weight[:num_queries][None].expand(batch, -1, -1)
@@ -772,7 +777,7 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
     @property
     def loss_function(self):
         # transformers would otherwise dispatch "ForObjectDetection" to DETR's softmax cross-entropy loss
-        return AlignDetrLoss(self.config)
+        return AlignDetrLoss(self.config)  # holds no tensors: building it is free
 
     def forward(
         self,

@@ -64,16 +64,18 @@ def multi_scale_deformable_attention_pytorch(
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     value_per_level = value.split([height * width for height, width in spatial_shapes], dim=1)
     sampling_grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
-    sampled = []
+    # (batch * heads, 1, queries, levels, points)
+    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels, num_points)
+    output = None
     for level, (height, width) in enumerate(spatial_shapes):
         # (batch * heads, head_dim, H, W)
         value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dim, height, width)
         # (batch * heads, queries, points, 2)
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # (batch * heads, 1, queries, levels * points)
-    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+        # (batch * heads, head_dim, queries, points), weighted and summed per level: no stacked copy of all levels
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        contribution = (sampled * weights[:, :, :, level]).sum(-1)
+        output = contribution if output is None else output + contribution
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 

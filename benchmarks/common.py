@@ -1,0 +1,210 @@
+"""Shared pieces of the benchmark scripts: the two models, inputs, timing and memory measurement."""
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+NUM_LABELS = 80
+
+
+def resnet50_backbone_config():
+    from transformers import ResNetConfig
+
+    return ResNetConfig(out_features=["stage2", "stage3", "stage4"])  # R-50, strides 8/16/32
+
+
+def build_model(name: str):
+    """'ours': Align-DETR (DINO-4scale); 'theirs': transformers' Deformable DETR as close as it allows."""
+    id2label = {i: f"class_{i}" for i in range(NUM_LABELS)}
+    if name in ("ours", "ours-frozen-backbone"):
+        from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection
+
+        # "ours": mmdetection's DINO recipe, stem + first stage frozen (frozen_stages=1). "ours-frozen-backbone":
+        # the whole backbone frozen, which is what transformers' Deformable DETR does with an HF ResNet (its
+        # freezing test looks for "stage.1" in names spelled "stages.1", so no backbone parameter trains)
+        freeze = 4 if name == "ours-frozen-backbone" else 1
+        config = AlignDetrConfig(
+            backbone_config=resnet50_backbone_config(), id2label=id2label, freeze_backbone_stages=freeze
+        )
+        return AlignDetrForObjectDetection(config)
+    if name == "theirs":
+        from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+        config = DeformableDetrConfig(
+            backbone_config=resnet50_backbone_config(),
+            id2label=id2label,
+            d_model=256,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_ffn_dim=2048,
+            decoder_ffn_dim=2048,
+            encoder_attention_heads=8,
+            decoder_attention_heads=8,
+            num_feature_levels=4,
+            encoder_n_points=4,
+            decoder_n_points=4,
+            num_queries=900,
+            two_stage=True,
+            two_stage_num_proposals=900,
+            with_box_refine=True,
+            auxiliary_loss=True,  # Align-DETR computes its loss on every decoder layer too
+            dropout=0.0,  # as DINO / Align-DETR
+            disable_custom_kernels=True,  # no compiled CUDA op: both sides use PyTorch or their own kernels
+        )
+        return DeformableDetrForObjectDetection(config)
+    raise ValueError(name)
+
+
+def model_description() -> str:
+    return (
+        "both: HF ResNet-50 backbone (ResNetConfig, out_features stage2-4, random init, no timm), 4 feature levels, "
+        "d_model 256, 6 encoder + 6 decoder layers, FFN 2048, 8 heads, 4 points, 900 queries, 80 classes, "
+        "dropout 0. Ours: Align-DETR (backbone stem + stage 1 frozen as mmdetection's frozen_stages=1) ; DINO-4scale: two-stage, look-forward-twice refinement, 100 contrastive "
+        "denoising queries in training. Theirs: transformers DeformableDetrForObjectDetection with two_stage=True, "
+        "with_box_refine=True, auxiliary_loss=True, disable_custom_kernels=True; with an HF ResNet it trains no backbone parameter at all (transformers "
+        "looks for 'stage.1' in parameter names spelled 'stages.1'), so the training table adds "
+        "'ours-frozen-backbone' (freeze_backbone_stages=4) for a like-for-like step."
+    )
+
+
+def make_batch(batch: int, height: int, width: int, device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, height, width, generator=generator).to(device)
+    mask = torch.ones(batch, height, width, dtype=torch.long, device=device)
+    labels = []
+    for _ in range(batch):
+        n = 6
+        centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        labels.append(
+            {
+                "class_labels": torch.randint(0, NUM_LABELS, (n,), generator=generator).to(device),
+                "boxes": torch.cat([centres, sizes], -1).to(device),
+            }
+        )
+    return pixels, mask, labels
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn, device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class PeakMemory:
+    """Peak memory above the level at entry. CUDA: max_memory_allocated. CPU: resident set size (RSS), polled
+    every millisecond by a thread and checked against getrusage's process peak (exact when the process peak is
+    reached inside the block, which is why every measurement runs in a fresh worker process)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._process = psutil.Process()
+            self._base = self._process.memory_info().rss
+            self._max = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, self._process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            self.peak_bytes = max(self._max, max_rss) - self._base
+        return False
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def machine_info() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpu"] = "none"
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip() + (" (+ uncommitted changes)" if _dirty() else "")
+    except Exception:
+        info["git_commit"] = "unknown"
+    return info
+
+
+def _dirty() -> bool:
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line() -> str:
+    return " ".join([os.path.relpath(sys.executable)] + sys.argv)
