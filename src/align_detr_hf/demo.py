@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_val_images", type=int, default=100)
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--num_classes", type=int, default=3, choices=[1, 2, 3, 4], help="circle, square, triangle, cross")
-    p.add_argument("--steps", type=int, default=400, help="optimisation steps")
+    p.add_argument("--steps", type=int, default=2000, help="optimisation steps")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup_steps", type=int, default=30)
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_queries", type=int, default=30)
     p.add_argument("--augment", choices=["reference", "flip", "none"], default="flip",
                    help="'reference' = the full Align-DETR recipe scaled to image_size (slower to converge)")
-    p.add_argument("--time_budget_s", type=float, default=420.0, help="stop training after this many seconds")
+    p.add_argument("--time_budget_s", type=float, default=480.0, help="stop training after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--score_threshold", type=float, default=0.3, help="for the drawing only")
@@ -88,22 +88,22 @@ def demo_config(id2label: dict[int, str], d_model: int = 64, num_queries: int = 
 
 
 def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict, threshold: float, num: int = 8):
-    from PIL import Image, ImageDraw
+    """A grid of the first `num` validation images (upscaled to 256 px) with their detections above `threshold`."""
+    from PIL import Image
 
-    colours = [(255, 0, 0), (0, 200, 255), (255, 255, 0), (255, 0, 255)]
+    from .visualize import draw_detections as draw
+
     tiles = []
     for index, det in list(enumerate(detections))[:num]:
-        image = dataset.load_image(index).resize((256, 256), Image.NEAREST)
-        sx, sy = 256 / dataset.records[index]["width"], 256 / dataset.records[index]["height"]
-        draw = ImageDraw.Draw(image)
-        for score, label, box in zip(det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist()):
-            if score <= threshold:
-                continue
-            x0, y0, x1, y1 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
-            colour = colours[label % len(colours)]
-            draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-            draw.text((x0 + 2, max(0, y0 - 11)), f"{id2label[label]} {score:.2f}", fill=colour)
-        tiles.append(image)
+        image = dataset.load_image(index)
+        scale = 256 / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+        kept = [
+            {"label": id2label[label], "score": score, "box": [v * scale for v in box]}
+            for score, label, box in zip(det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist())
+            if score > threshold
+        ]
+        tiles.append(draw(image, kept, label2id={name: i for i, name in id2label.items()}))
     cols = 4
     rows = max(1, math.ceil(len(tiles) / cols))
     canvas = Image.new("RGB", (cols * 256, rows * 256), (255, 255, 255))
