@@ -30,10 +30,10 @@ def build_model(name: str):
     if name in ("ours", "ours-frozen-backbone"):
         from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection
 
-        # "ours": mmdetection's DINO recipe, stem + first stage frozen (frozen_stages=1). "ours-frozen-backbone":
+        # "ours": the Align-DETR recipe, only the stem frozen (mmdetection's frozen_stages=0). "ours-frozen-backbone":
         # the whole backbone frozen, which is what transformers' Deformable DETR does with an HF ResNet (its
         # freezing test looks for "stage.1" in names spelled "stages.1", so no backbone parameter trains)
-        freeze = 4 if name == "ours-frozen-backbone" else 1
+        freeze = 4 if name == "ours-frozen-backbone" else 0
         config = AlignDetrConfig(
             backbone_config=resnet50_backbone_config(), id2label=id2label, freeze_backbone_stages=freeze
         )
@@ -70,7 +70,7 @@ def model_description() -> str:
     return (
         "both: HF ResNet-50 backbone (ResNetConfig, out_features stage2-4, random init, no timm), 4 feature levels, "
         "d_model 256, 6 encoder + 6 decoder layers, FFN 2048, 8 heads, 4 points, 900 queries, 80 classes, "
-        "dropout 0. Ours: Align-DETR (backbone stem + stage 1 frozen as mmdetection's frozen_stages=1) ; DINO-4scale: two-stage, look-forward-twice refinement, 100 contrastive "
+        "dropout 0. Ours: Align-DETR (only the backbone stem frozen, as the Align-DETR config's frozen_stages=0); DINO-4scale: two-stage, look-forward-twice refinement, 100 contrastive "
         "denoising queries in training. Theirs: transformers DeformableDetrForObjectDetection with two_stage=True, "
         "with_box_refine=True, auxiliary_loss=True, disable_custom_kernels=True; with an HF ResNet it trains no backbone parameter at all (transformers "
         "looks for 'stage.1' in parameter names spelled 'stages.1'), so the training table adds "

@@ -137,7 +137,7 @@ class AlignDetrFrozenBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])  # one pass over x
 
 
 def _freeze_batch_norms(module: nn.Module) -> None:
@@ -308,14 +308,15 @@ class AlignDetrEncoderLayer(nn.Module):
         self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
         self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(config.dropout)
+        # nn.Dropout(0.0) still clones its input and builds a mask in training on CPU
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, hidden_states, position_embeddings, padding_mask, reference_points, spatial_shapes, normalizer):
         attended = self.self_attn(
             hidden_states + position_embeddings, hidden_states, padding_mask, reference_points, spatial_shapes, normalizer
         )
         hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
-        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states), inplace=True)))
+        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
         return self.final_layer_norm(hidden_states + self.dropout(ffn))
 
 
@@ -334,7 +335,8 @@ class AlignDetrDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
         self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(config.dropout)
+        # nn.Dropout(0.0) still clones its input and builds a mask in training on CPU
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(
         self, hidden_states, query_pos, self_attn_mask, memory, memory_padding_mask, reference_points, spatial_shapes
@@ -345,7 +347,7 @@ class AlignDetrDecoderLayer(nn.Module):
             hidden_states + query_pos, memory, memory_padding_mask, reference_points, spatial_shapes
         )
         hidden_states = self.encoder_attn_layer_norm(hidden_states + self.dropout(attended))
-        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states), inplace=True)))
+        ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
         return self.final_layer_norm(hidden_states + self.dropout(ffn))
 
 
