@@ -275,7 +275,7 @@ def main():
                     rows["infer"].append((device, dtype, batch, pair))
             if "train" not in args.skip:
                 pair = {}
-                for model in ("ours", "ours-frozen-backbone", "theirs"):
+                for model in ("ours", "ours-frozen-backbone", "ours-frozen-backbone-no-dn", "theirs"):
                     case = {**base, "kind": "train", "model": model, "dtype": dtype, "batch": args.train_batch}
                     pair[model] = run_worker(case, args.timeout)
                     print(f"train {device} {dtype} b{args.train_batch} {model}: {ms(pair[model])} ms", flush=True)
@@ -360,7 +360,7 @@ def render(args, devices, rows, total):
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for device, dtype, batch, pair in rows["train"]:
-            for variant in ("ours", "ours-frozen-backbone"):
+            for variant in ("ours", "ours-frozen-backbone", "ours-frozen-backbone-no-dn"):
                 ours, theirs = pair[variant], pair["theirs"]
                 lines.append(
                     f"| {device} | {dtype} | {batch} | {variant}: {ms(ours)} | {ms(theirs)} | {ratio(ours, theirs)} "

@@ -27,15 +27,19 @@ def resnet50_backbone_config():
 def build_model(name: str):
     """'ours': Align-DETR (DINO-4scale); 'theirs': transformers' Deformable DETR as close as it allows."""
     id2label = {i: f"class_{i}" for i in range(NUM_LABELS)}
-    if name in ("ours", "ours-frozen-backbone"):
+    if name in ("ours", "ours-frozen-backbone", "ours-frozen-backbone-no-dn"):
         from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection
 
         # "ours": the Align-DETR recipe, only the stem frozen (mmdetection's frozen_stages=0). "ours-frozen-backbone":
         # the whole backbone frozen, which is what transformers' Deformable DETR does with an HF ResNet (its
         # freezing test looks for "stage.1" in names spelled "stages.1", so no backbone parameter trains)
-        freeze = 4 if name == "ours-frozen-backbone" else 0
+        freeze = 4 if name.startswith("ours-frozen-backbone") else 0
+        # "-no-dn": without the 100 contrastive denoising queries, the work theirs does (Deformable DETR has none)
         config = AlignDetrConfig(
-            backbone_config=resnet50_backbone_config(), id2label=id2label, freeze_backbone_stages=freeze
+            backbone_config=resnet50_backbone_config(),
+            id2label=id2label,
+            freeze_backbone_stages=freeze,
+            num_denoising_queries=0 if name.endswith("-no-dn") else 100,
         )
         return AlignDetrForObjectDetection(config)
     if name == "theirs":
@@ -74,7 +78,7 @@ def model_description() -> str:
         "denoising queries in training. Theirs: transformers DeformableDetrForObjectDetection with two_stage=True, "
         "with_box_refine=True, auxiliary_loss=True, disable_custom_kernels=True; with an HF ResNet it trains no backbone parameter at all (transformers "
         "looks for 'stage.1' in parameter names spelled 'stages.1'), so the training table adds "
-        "'ours-frozen-backbone' (freeze_backbone_stages=4) for a like-for-like step."
+        "'ours-frozen-backbone' (freeze_backbone_stages=4) for a like-for-like step, and 'ours-frozen-backbone-no-dn' without denoising queries (Deformable DETR has none)."
     )
 
 
