@@ -2,7 +2,6 @@
 
 import json
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +13,6 @@ from align_detr_hf.image_processing_align_detr import get_resize_output_size, pa
 
 PIL_Image = pytest.importorskip("PIL.Image")
 
-FIXTURES = Path(__file__).parent / "fixtures" / "small"
-
-
-@pytest.fixture(scope="module")
-def fixture_inputs():
-    return torch.load(FIXTURES / "inputs.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def fixture_outputs():
-    return torch.load(FIXTURES / "outputs.pt", weights_only=True)
 
 
 @pytest.fixture
@@ -95,26 +83,26 @@ def test_auto_image_processor(tmp_path):
 # ---------------------------------------------------------------------------------------------- mmdet parity
 
 
-def test_preprocessing_parity_with_mmdet_fixture(processor, fixture_inputs):
+def test_preprocessing_parity_with_mmdet_fixture(processor, small_inputs):
     """Unresized fixture images must give mmdet's normalised, padded batch and mask exactly (max abs diff 0)."""
-    encoding = processor(fixture_inputs["images"], do_resize=False, return_tensors="pt")
+    encoding = processor(small_inputs["images"], do_resize=False, return_tensors="pt")
     assert encoding["pixel_values"].dtype == torch.float32
-    assert encoding["pixel_values"].shape == fixture_inputs["pixel_values"].shape
-    torch.testing.assert_close(encoding["pixel_values"], fixture_inputs["pixel_values"], atol=0, rtol=0)
+    assert encoding["pixel_values"].shape == small_inputs["pixel_values"].shape
+    torch.testing.assert_close(encoding["pixel_values"], small_inputs["pixel_values"], atol=0, rtol=0)
     assert encoding["pixel_mask"].dtype == torch.int64
-    assert torch.equal(encoding["pixel_mask"].bool(), fixture_inputs["pixel_mask"])
+    assert torch.equal(encoding["pixel_mask"].bool(), small_inputs["pixel_mask"])
 
 
-def test_post_processing_parity_with_mmdet_fixture(processor, fixture_inputs, fixture_outputs):
+def test_post_processing_parity_with_mmdet_fixture(processor, small_inputs, small_outputs):
     """Top-300 detections equal mmdet's as sets keyed by (query, label); scores atol 1e-5, boxes atol 1e-2 px."""
-    outputs = types.SimpleNamespace(logits=fixture_outputs["dec_logits"], pred_boxes=fixture_outputs["dec_boxes"])
-    target_sizes = [meta["ori_shape"] for meta in fixture_inputs["metainfo"]]
+    outputs = types.SimpleNamespace(logits=small_outputs["dec_logits"], pred_boxes=small_outputs["dec_boxes"])
+    target_sizes = [meta["ori_shape"] for meta in small_inputs["metainfo"]]
     results = processor.post_process_object_detection(outputs, 0.0, target_sizes)  # positional, as the pipeline
     assert len(results) == 2
-    for b, (ours, ref) in enumerate(zip(results, fixture_outputs["results"])):
+    for b, (ours, ref) in enumerate(zip(results, small_outputs["results"])):
         assert ours["scores"].shape == (300,) and ours["boxes"].shape == (300, 4)
         assert ours["labels"].dtype == torch.int64
-        probs = fixture_outputs["dec_logits"][b].sigmoid()
+        probs = small_outputs["dec_logits"][b].sigmoid()
         ours_by_key = {}
         for score, label, box in zip(ours["scores"], ours["labels"], ours["boxes"]):
             # recover the query: the score is sigmoid(logit[query, label]) computed from the same tensor
@@ -303,17 +291,17 @@ def test_annotation_conversion(processor):
     torch.testing.assert_close(no_resize["area"], torch.tensor([4000.0, 40 * 80]))
 
 
-def test_fixture_gt_boxes(processor, fixture_inputs):
+def test_fixture_gt_boxes(processor, small_inputs):
     """Annotation conversion reproduces the fixture's normalised GT boxes (normalised by img_shape)."""
     annotations = []
-    for i, (boxes, classes) in enumerate(zip(fixture_inputs["gt_bboxes_xyxy"], fixture_inputs["gt_labels"])):
+    for i, (boxes, classes) in enumerate(zip(small_inputs["gt_bboxes_xyxy"], small_inputs["gt_labels"])):
         objects = [
             {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": int(c), "iscrowd": 0}
             for (x0, y0, x1, y1), c in zip(boxes.tolist(), classes)
         ]
         annotations.append({"image_id": i, "annotations": objects})
-    labels = processor(fixture_inputs["images"], annotations=annotations, do_resize=False)["labels"]
-    for target, boxes, classes in zip(labels, fixture_inputs["gt_bboxes_cxcywh_norm"], fixture_inputs["gt_labels"]):
+    labels = processor(small_inputs["images"], annotations=annotations, do_resize=False)["labels"]
+    for target, boxes, classes in zip(labels, small_inputs["gt_bboxes_cxcywh_norm"], small_inputs["gt_labels"]):
         torch.testing.assert_close(target["boxes"], boxes.float(), atol=1e-6, rtol=0)
         assert torch.equal(target["class_labels"], classes)
 
