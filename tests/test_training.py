@@ -162,3 +162,47 @@ def test_demo_runs_end_to_end(tmp_path):
     result = main(["--output_dir", str(tmp_path), "--num_train_images", "40", "--num_val_images", "8",
                    "--steps", "10", "--quiet"])
     assert (tmp_path / "detections.png").exists() and "map" in result["metrics"]
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(tmp_path):
+    """A real SIGKILL while the step-4 checkpoint is being written: the step-2 checkpoint stays loadable, and
+    resuming from it ends with exactly the weights of an uninterrupted run."""
+    script = _load_example("train_accelerate")
+    common = [*TINY, "--per_device_train_batch_size", "2", "--max_train_steps", "6", "--checkpointing_steps", "2"]
+    script.main([*common, "--output_dir", str(tmp_path / "full")])
+
+    killed_dir = tmp_path / "killed"
+    child = f"""
+import importlib.util, os, signal, sys, torch
+torch.set_num_threads(1)
+spec = importlib.util.spec_from_file_location("train_accelerate", {str(EXAMPLES / "train_accelerate.py")!r})
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+real_save = script.save_checkpoint
+
+def save_then_die(accelerator, root, state, total_limit):
+    if state["completed_steps"] == 4:
+        write = accelerator.save_state
+
+        def partial_write(path):
+            write(path)
+            os.kill(os.getpid(), signal.SIGKILL)  # after the files, before the rename
+
+        accelerator.save_state = partial_write
+    return real_save(accelerator, root, state, total_limit)
+
+script.save_checkpoint = save_then_die
+script.main({[*common, "--output_dir", str(killed_dir)]!r})
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == -9, result.stderr[-2000:]
+    checkpoints = killed_dir / "checkpoints"
+    assert (checkpoints / ".tmp-step_0000004").is_dir() and not (checkpoints / "step_0000004").exists()
+    assert [p.name for _, p in script.list_checkpoints(checkpoints)] == ["step_0000002"]
+
+    script.main([*common, "--output_dir", str(killed_dir), "--resume_from_checkpoint", "latest"])
+    full, resumed = _final_weights(tmp_path / "full"), _final_weights(killed_dir)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
