@@ -158,15 +158,16 @@ def test_save_and_load_give_identical_outputs(tmp_path):
 
 
 def test_trust_remote_code_loads_in_a_process_without_the_package(tmp_path):
+    """Config, model, image processor and pipeline load from a folder saved with our code, in a process where
+    importing align_detr_hf is impossible."""
+    from align_detr_hf.convert_align_detr import saving_remote_code
+
     torch.manual_seed(0)
     model = AlignDetrForObjectDetection(tiny_config()).eval()
-    AlignDetrConfig.register_for_auto_class()
-    AlignDetrForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
-    try:
+    with saving_remote_code():
         model.save_pretrained(tmp_path)
-    finally:
-        AlignDetrConfig._auto_class = None
-        AlignDetrForObjectDetection._auto_class = None
+        AlignDetrImageProcessor().save_pretrained(tmp_path)
+    assert AlignDetrForObjectDetection._auto_class is None  # the registration does not leak
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(pixel_values).logits
@@ -174,15 +175,22 @@ def test_trust_remote_code_loads_in_a_process_without_the_package(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
+        from PIL import Image
         sys.meta_path.insert(0, type("Block", (), {{"find_spec": staticmethod(
             lambda name, *a: (_ for _ in ()).throw(ImportError("blocked")) if name.startswith("align_detr_hf") else None)}})())
-        from transformers import AutoModelForObjectDetection
+        from transformers import AutoModelForObjectDetection, pipeline
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
         model = AutoModelForObjectDetection.from_pretrained(r"{tmp_path}", trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained(r"{tmp_path}", trust_remote_code=True)
         io = torch.load(r"{tmp_path / 'io.pt'}", weights_only=True)
         with torch.no_grad():
             logits = model(io["pixel_values"]).logits
+        detector = pipeline("object-detection", model=r"{tmp_path}", trust_remote_code=True)
+        found = detector(Image.new("RGB", (80, 60), "white"), threshold=0.0)
         assert "align_detr_hf" not in sys.modules
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(processor).__name__ == "AlignDetrImageProcessor", type(processor)
+        assert found and found[0]["label"] in ("circle", "square", "triangle"), found[:1]
         print("max_diff", (logits - io["logits"]).abs().max().item())
         """
     )

@@ -12,6 +12,7 @@ only used when `allow_pickle=True`.
 
 import hashlib
 import os
+from contextlib import contextmanager
 import re
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 from .configuration_align_detr import COCO_CLASSES, AlignDetrConfig
+from .image_processing_align_detr import AlignDetrImageProcessor
+from .modeling_align_detr import AlignDetrForObjectDetection
 
 
 class ConversionError(ValueError):
@@ -239,8 +242,6 @@ def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, t
 
 def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None):
     """Build `AlignDetrForObjectDetection` from an mmdetection state dict; every weight must be used and set."""
-    from .modeling_align_detr import AlignDetrForObjectDetection
-
     config = config or config_from_state_dict(mmdet_state_dict)
     converted = convert_state_dict(mmdet_state_dict, config)
     model = AlignDetrForObjectDetection(config)
@@ -265,17 +266,17 @@ def convert_checkpoint(
     push_to_hub: str | None = None,
     allow_pickle: bool = False,
 ):
-    """Convert `checkpoint` (path or URL) and write safetensors, `config.json` and the preprocessor config to
-    `output_dir`. Nothing is written there unless everything (and `verify`) succeeds."""
+    """Convert `checkpoint` (path or URL) and write safetensors, `config.json`, the preprocessor config and our code
+    (for `trust_remote_code`) to `output_dir`. Nothing is written there unless everything (and `verify`) succeeds."""
     state_dict = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     model = load_converted(state_dict, config)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    processor = AlignDetrImageProcessor()
     try:
-        model.save_pretrained(staging)
-        processor = _image_processor()
-        if processor is not None:
+        with saving_remote_code():
+            model.save_pretrained(staging)
             processor.save_pretrained(staging)
         if verify:
             verify_conversion(state_dict, staging)
@@ -286,26 +287,34 @@ def convert_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
     if push_to_hub:
-        model.push_to_hub(push_to_hub)
-        processor = _image_processor()
-        if processor is not None:
+        with saving_remote_code():
+            model.push_to_hub(push_to_hub)
             processor.push_to_hub(push_to_hub)
     return model
 
 
-def _image_processor():
+@contextmanager
+def saving_remote_code():
+    """Within this block, `save_pretrained` / `push_to_hub` also write `auto_map` and copy our code files, so the
+    folder loads with `trust_remote_code=True` where align_detr_hf is not installed."""
+    auto_classes = {
+        AlignDetrConfig: "AutoConfig",
+        AlignDetrForObjectDetection: "AutoModelForObjectDetection",
+        AlignDetrImageProcessor: "AutoImageProcessor",
+    }
+    previous = {cls: cls._auto_class for cls in auto_classes}
     try:
-        from .image_processing_align_detr import AlignDetrImageProcessor
-    except ImportError:
-        return None
-    return AlignDetrImageProcessor()
+        for cls, auto_class in auto_classes.items():
+            cls.register_for_auto_class(auto_class)
+        yield
+    finally:
+        for cls, value in previous.items():
+            cls._auto_class = value
 
 
 def verify_conversion(mmdet_state_dict: dict, saved_dir, atol: float = 1e-4) -> float:
     """Reload the saved folder and check that every saved weight equals its source and that the model runs to a
     finite output; returns the largest weight difference."""
-    from .modeling_align_detr import AlignDetrForObjectDetection
-
     model = AlignDetrForObjectDetection.from_pretrained(saved_dir).eval()
     reference = convert_state_dict(mmdet_state_dict, model.config)
     state = model.state_dict()
