@@ -339,3 +339,32 @@ def test_loss_is_align_detr_and_comes_first():
     assert list(out.keys())[:2] == ["loss", "loss_dict"]
     assert out.loss.item() == pytest.approx(sum(v.item() for v in out.loss_dict.values()), rel=1e-6)
     assert out.to_tuple()[0] is out.loss
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config()).train()
+    with torch.no_grad():  # make every parameter receive a gradient (see the test above)
+        for param in model.parameters():
+            if param.ndim == 2 and param.abs().sum() == 0:
+                param.normal_(std=0.01)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    labels = [
+        {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(1)  # the same denoising draws
+        model(pixel_values, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    assert model.model.encoder.layers[0].gradient_checkpointing
+    checkpointed = gradients()
+    model.gradient_checkpointing_disable()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)

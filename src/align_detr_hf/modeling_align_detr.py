@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoBackbone, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
@@ -295,7 +296,7 @@ class AlignDetrSelfAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, d_model))
 
 
-class AlignDetrEncoderLayer(nn.Module):
+class AlignDetrEncoderLayer(GradientCheckpointingLayer):
     """Post-norm: x = LN(x + MSDA(x + pos)); x = LN(x + FFN(x))."""
 
     def __init__(self, config: AlignDetrConfig):
@@ -320,7 +321,7 @@ class AlignDetrEncoderLayer(nn.Module):
         return self.final_layer_norm(hidden_states + self.dropout(ffn))
 
 
-class AlignDetrDecoderLayer(nn.Module):
+class AlignDetrDecoderLayer(GradientCheckpointingLayer):
     """Post-norm: self-attention (pos added to q and k), deformable cross-attention (pos added to the query), FFN."""
 
     def __init__(self, config: AlignDetrConfig):
@@ -432,6 +433,7 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True  # encoder and decoder layers; their tensor inputs are positional
     _no_split_modules = ["AlignDetrConvEncoder", "AlignDetrEncoderLayer", "AlignDetrDecoderLayer"]
 
     @classmethod
