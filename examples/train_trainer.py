@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import align_detr_hf  # noqa: F401  (registers the Auto classes)
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor
@@ -100,11 +100,22 @@ class AlignDetrTrainer(Trainer):
             steps_per_epoch = max(1, math.ceil(num_training_steps / max(self.args.num_train_epochs, 1e-9)))
             if self.args.max_steps > 0:
                 dataloader = self.get_train_dataloader()
-                steps_per_epoch = max(1, len(dataloader) // self.args.gradient_accumulation_steps)
+                steps_per_epoch = max(1, math.ceil(len(dataloader) / self.args.gradient_accumulation_steps))
             self.lr_scheduler = build_scheduler(
                 optimizer or self.optimizer, self.warmup_steps, [e * steps_per_epoch for e in self.lr_drop_epochs]
             )
         return self.lr_scheduler
+
+
+class SetDatasetEpoch(TrainerCallback):
+    """Tell the dataset the epoch, so each epoch draws new augmentations (with several processes accelerate's
+    dataloader does not reach the dataset's `set_epoch`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
 
 
 def build_model(args, id2label):
@@ -185,6 +196,7 @@ def main(argv=None):
         backbone_lr_mult=args.backbone_lr_mult,
         warmup_steps=args.warmup_steps,
         lr_drop_epochs=args.lr_drop_epochs,
+        callbacks=[SetDatasetEpoch(train_set)],
     )
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(str(output_dir / "final"))

@@ -307,7 +307,11 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def raw_target(self, index: int) -> dict[str, torch.Tensor]:
         """Non-crowd boxes (absolute xyxy float32) and contiguous labels of item `index`, before any transform."""
-        objects = [a for a in self.records[index]["annotations"] if not a.get("iscrowd", 0)]
+        # as mmdet's CocoDataset: no crowd boxes, none narrower or lower than 1 px, none with area <= 0
+        objects = [
+            a for a in self.records[index]["annotations"]
+            if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a.get("area", 1) > 0
+        ]  # fmt: skip
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor([int(a["category_id"]) for a in objects], dtype=torch.int64)

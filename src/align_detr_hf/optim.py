@@ -59,7 +59,8 @@ def parameter_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = ("backbone" in name, name in norm_names)
+        # mmdet: the backbone's lr multiplier wins over norm_decay_mult, so backbone norms keep weight decay
+        key = ("backbone" in name, name in norm_names and "backbone" not in name)
         groups.setdefault(key, []).append(param)
     result = []
     for (is_backbone, is_norm), params in sorted(groups.items()):
