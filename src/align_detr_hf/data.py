@@ -32,9 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .box_ops import box_xyxy_to_cxcywh
 from .image_processing_align_detr import (
     ALIGN_DETR_MEAN,
     ALIGN_DETR_STD,
+    AlignDetrImageProcessor,
     get_resize_output_size,
     pad_and_create_pixel_mask,
 )
@@ -330,7 +332,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         target = crop_image_and_boxes(image, target, 0, 0, height, width)[1]
         if self.transforms is not None:
             image, target = self.transforms(image, target, self.generator_for(index))
-        return {"pixel_values": normalize(image), "labels": make_labels(target, image.shape[-2:], record)}
+        pixel_values = AlignDetrImageProcessor.normalize(image, ALIGN_DETR_MEAN, ALIGN_DETR_STD)
+        return {"pixel_values": pixel_values, "labels": make_labels(target, image.shape[-2:], record)}
 
     def coco_ground_truth(self) -> dict[str, Any]:
         """The ground truth as a COCO dict (original image sizes, contiguous category ids, annotation ids >= 1)."""
@@ -352,24 +355,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(ALIGN_DETR_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(ALIGN_DETR_STD, dtype=torch.float32)[:, None, None]
-    return (image - mean) / std
-
-
 def make_labels(target: dict, size: tuple[int, int], record: dict) -> dict[str, torch.Tensor]:
     """Absolute xyxy -> cxcywh normalised by `size` = (h, w) of this (unpadded) image."""
     height, width = int(size[0]), int(size[1])
-    b = target["boxes"]
-    cxcywh = torch.stack(
-        [(b[:, 0] + b[:, 2]) / 2 / width, (b[:, 1] + b[:, 3]) / 2 / height, (b[:, 2] - b[:, 0]) / width,
-         (b[:, 3] - b[:, 1]) / height],
-        dim=-1,
-    ).reshape(-1, 4)
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     return {
         "class_labels": target["class_labels"].to(torch.int64),
-        "boxes": cxcywh.to(torch.float32),
+        "boxes": (box_xyxy_to_cxcywh(target["boxes"].float()) / scale).reshape(-1, 4),
         "image_id": torch.tensor([int(record["image_id"])], dtype=torch.int64),
         "orig_size": torch.tensor([int(record["height"]), int(record["width"])], dtype=torch.int64),
         "size": torch.tensor([height, width], dtype=torch.int64),
