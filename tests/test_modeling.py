@@ -201,20 +201,16 @@ def test_trust_remote_code_loads_in_a_process_without_the_package(tmp_path):
 
 
 def test_padded_image_keeps_its_geometry_in_a_batch(small_model, small_inputs, small_outputs):
-    """Inside a padded batch an image keeps its own proposals, valid ratios and reference points: the encoder never
-    selects a padded position, and every box stays inside the image's valid region. (Outputs are not bit-equal to
-    running the image alone: as in mmdetection, the CNN and the GroupNorm of the neck see the zero padding.)"""
+    """Inside a padded batch an image keeps its own proposals and masks: the encoder never selects a padded position
+    (the rest of the padded path is covered by the parity tests, whose image 1 is padded). Outputs are not bit-equal
+    to running the image alone: as in mmdetection, the CNN and the GroupNorm of the neck see the zero padding."""
     pixel_values, pixel_mask = small_inputs["pixel_values"], small_inputs["pixel_mask"].long()
     with torch.no_grad():
         batched = small_model(pixel_values, pixel_mask)
-        alone = small_model(pixel_values[1:, :, :128, :192])
     # padded image 1: the top-k never picks a padded position (mmdetection's memory mask, True = padding)
     memory_mask = small_outputs["memory_mask"]
-    assert not memory_mask[1, batched.enc_topk_indices[1]].any()
     assert memory_mask[1].sum() > 0  # the image is padded
-    # both runs give boxes relative to the unpadded image and the same number of detections
-    assert alone.pred_boxes.shape == batched.pred_boxes[1:].shape
-    assert 0 <= batched.pred_boxes[1].min() and batched.pred_boxes[1].max() <= 1
+    assert not memory_mask[1, batched.enc_topk_indices[1]].any()
 
 
 def test_padded_batch_is_exact_for_the_unpadded_member():

@@ -695,7 +695,7 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
             In training mode they are used to draw contrastive denoising queries.
         denoising_queries (`AlignDetrDenoisingQueries`, *optional*): use these instead of drawing new ones.
         """
-        pixel_values, pixel_mask = _check_inputs(pixel_values, pixel_mask)
+        pixel_mask = _check_inputs(pixel_values, pixel_mask)
         features, positions, padding_mask, spatial_shapes, valid_ratios = self._multi_level_features(
             pixel_values, pixel_mask
         )
@@ -754,6 +754,7 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
 
 
 def _check_inputs(pixel_values, pixel_mask):
+    """Shape checks; returns the pixel mask (all ones when not given)."""
     if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
     batch, _, height, width = pixel_values.shape
@@ -764,7 +765,7 @@ def _check_inputs(pixel_values, pixel_mask):
             f"pixel_mask must be (batch, height, width) = {(batch, height, width)} to match pixel_values, "
             f"got {tuple(pixel_mask.shape)}."
         )
-    return pixel_values, pixel_mask
+    return pixel_mask
 
 
 class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
