@@ -293,7 +293,7 @@ def main():
                         print(f"op {device} {dtype} {direction} {impl}: {ms(results[impl])} ms", flush=True)
                     rows["op"].append((device, dtype, direction, results))
     total = time.perf_counter() - started
-    Path(args.output).write_text(render(args, devices, rows, total))
+    common.write_section("bench", render(args, devices, rows, total), args.output)
     print(f"wrote {args.output} ({total:.0f}s)")
 
 

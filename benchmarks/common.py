@@ -212,3 +212,22 @@ def _cpu_name() -> str:
 
 def command_line() -> str:
     return " ".join([os.path.relpath(sys.executable)] + sys.argv)
+
+
+def write_section(name: str, text: str, path=None) -> None:
+    """Replace (or append) the `<!-- name:start -->` ... `<!-- name:end -->` block of BENCHMARKS.md with `text`, so
+    each benchmark script owns its own section and none overwrites another's figures."""
+    from pathlib import Path
+
+    path = Path(path or Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in current and end in current:
+        before, rest = current.split(start, 1)
+        current = before + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(current)
+    os.replace(tmp, path)
