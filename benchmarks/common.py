@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -16,6 +17,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 NUM_LABELS = 80
+REPO = Path(__file__).resolve().parent.parent
 
 
 def resnet50_backbone_config():
@@ -217,9 +219,7 @@ def command_line() -> str:
 def write_section(name: str, text: str, path=None) -> None:
     """Replace (or append) the `<!-- name:start -->` ... `<!-- name:end -->` block of BENCHMARKS.md with `text`, so
     each benchmark script owns its own section and none overwrites another's figures."""
-    from pathlib import Path
-
-    path = Path(path or Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    path = Path(path or REPO / "BENCHMARKS.md")
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{text.strip()}\n{end}"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
