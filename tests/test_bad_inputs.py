@@ -121,7 +121,7 @@ def test_float_images_in_range_are_accepted(processor):
 def test_extreme_aspect_ratio_gives_at_least_one_pixel_and_a_finite_model_output(model, shape):
     processor = AlignDetrImageProcessor()
     annotations = {"image_id": 1, "annotations": [{"bbox": [0, 0, shape[1], shape[0]], "category_id": 0}]}
-    out = processor(np.full(shape, 128, np.uint8), annotations=annotations)
+    out = processor(np.full(shape, 128, np.uint8), annotations=annotations, input_data_format="channels_last")
     assert tuple(out["pixel_values"].shape[-2:]) == ((1, 1333) if shape[0] == 1 else (1333, 1))
     assert torch.allclose(out["labels"][0]["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
     model.eval()

@@ -31,6 +31,10 @@ ALIGN_DETR_STD = [58.395, 57.12, 57.375]
 # Nearest is torch's legacy "nearest" (floor(dst * in / out)), which is what cv2 INTER_NEAREST (mmcv) does.
 _RESAMPLE_TO_TORCH_MODE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _PIL_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+# Keys transformers itself writes into (or passes with) a saved preprocessor config; accepted and ignored.
+_BOOKKEEPING_KEYS = ("image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map")
+_CHANNELS_FIRST = ("channels_first", "first")
+_CHANNELS_LAST = ("channels_last", "last")
 
 __all__ = ["AlignDetrImageProcessor", "get_resize_output_size", "pad_and_create_pixel_mask"]
 
@@ -114,10 +118,14 @@ class AlignDetrImageProcessor(BaseImageProcessor):
 
     Steps, per image:
     1. Convert to a float32 `(3, H, W)` RGB tensor on the 0-255 scale. Accepted: `PIL.Image.Image` (any mode;
-       grayscale/RGBA/palette are converted to RGB, alpha is dropped), `np.ndarray` (HWC, or CHW when the last axis
-       cannot be channels), `torch.Tensor` (CHW, or HWC when the first axis cannot be channels), 2-d grayscale
-       arrays, 4-d arrays/tensors as a batch. dtypes: uint8 (0-255), uint16 (scaled by 255/65535), floating point
-       in [0, 1] (scaled by 255). Anything else raises a `ValueError`.
+       grayscale/RGBA/palette are converted to RGB, alpha is dropped; 16-bit modes `I;16*` and `I` - the mode older
+       Pillow gives 16-bit PNGs - are read as 16-bit, values outside 0-65535 raise), `np.ndarray`, `torch.Tensor`,
+       2-d grayscale arrays, 4-d arrays/tensors as a batch. dtypes: uint8 (0-255), uint16 (scaled by 255/65535),
+       floating point in [0, 1] (scaled by 255). Anything else raises a `ValueError`.
+       Channel axis (transformers' `input_data_format`): `"channels_first"` (CHW) or `"channels_last"` (HWC) when
+       given. Otherwise the one axis (first or last) of size 1, 3 or 4 is the channel axis; when both could be
+       (e.g. `(3, 5, 3)` or `(4, 6, 3)`) the shape is ambiguous and a `ValueError` asks for `input_data_format`
+       (transformers would guess channels-first and warn; a wrong guess silently swaps height and channels).
     2. Keep-ratio resize with mmcv's rounding, see [`get_resize_output_size`] (480x640 -> 800x1067). Bilinear
        resizing is `F.interpolate(mode="bilinear", align_corners=False, antialias=False)`: the same half-pixel
        sampling and edge clamping as cv2 `INTER_LINEAR`, and, like cv2, no antialiasing when downscaling. For uint8
@@ -194,7 +202,11 @@ class AlignDetrImageProcessor(BaseImageProcessor):
     ) -> None:
         # transformers' legacy DETR keyword; accept it so old configs still load.
         max_size = kwargs.pop("max_size", None)
-        super().__init__(**kwargs)
+        for key in _BOOKKEEPING_KEYS:
+            kwargs.pop(key, None)
+        if kwargs:  # a typo such as do_normalise=False would otherwise be stored and silently ignored
+            raise TypeError(self._unknown_arguments_message(kwargs, "AlignDetrImageProcessor()"))
+        super().__init__()
         if size is None:
             size = {"shortest_edge": 800, "longest_edge": 1333 if max_size is None else max_size}
         self.do_resize = do_resize
@@ -207,6 +219,17 @@ class AlignDetrImageProcessor(BaseImageProcessor):
         self.pad_size = None if pad_size is None else self._check_pad_size(pad_size)
 
     # ------------------------------------------------------------------------------------------ argument checks
+
+    @classmethod
+    def _unknown_arguments_message(cls, unknown, where: str) -> str:
+        import difflib
+
+        accepted = list(cls._override_names)
+        hints = []
+        for key in sorted(unknown):
+            close = difflib.get_close_matches(key, accepted + ["input_data_format"], n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return f"Unexpected keyword argument(s) for {where}: {', '.join(hints)}; accepted: {accepted}."
 
     @staticmethod
     def _check_size(size: Any) -> dict[str, int]:
@@ -266,14 +289,25 @@ class AlignDetrImageProcessor(BaseImageProcessor):
         return [images]
 
     @staticmethod
-    def _to_float_chw(image: Any) -> tuple[torch.Tensor, bool]:
+    def to_float_rgb(image: Any, input_data_format: str | None = None) -> tuple[torch.Tensor, bool]:
         """
         One raw image -> float32 `(3, H, W)` RGB tensor on the 0-255 scale, plus whether the source was uint8.
+        (Step 1 of the class docstring; the data loaders use it too, so every path converts pixels alike.)
         """
         if _PIL_IMAGE_TYPE and isinstance(image, _PIL_IMAGE_TYPE):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"Got a zero-size PIL image ({image.width}x{image.height}).")
-            if image.mode in _PIL_MODES_16BIT or image.mode == "F":
+            input_data_format = "channels_last"
+            if image.mode == "I":  # 32-bit ints; Pillow < 10.? opens 16-bit PNGs in this mode
+                image = np.array(image)
+                low, high = int(image.min()), int(image.max())
+                if low < 0 or high > 65535:
+                    raise ValueError(
+                        f"PIL mode 'I' image with values in [{low}, {high}]: read as 16-bit, values must lie in "
+                        "[0, 65535]; convert it to 8-bit ('L'/'RGB') or 16-bit yourself first."
+                    )
+                image = image.astype(np.uint16)
+            elif image.mode in _PIL_MODES_16BIT or image.mode == "F":
                 image = np.array(image)  # keep 16-bit / float precision, handled below
             else:
                 if image.mode != "RGB":
@@ -293,7 +327,6 @@ class AlignDetrImageProcessor(BaseImageProcessor):
                 raise ValueError(
                     f"Unsupported image dtype {image.dtype}: use uint8 (0-255), uint16 (0-65535) or float in [0, 1]."
                 )
-            channels_last_first = True  # numpy images are HWC by convention
         elif isinstance(image, torch.Tensor):
             tensor = image.detach().cpu()
             source_dtype = tensor.dtype
@@ -303,7 +336,6 @@ class AlignDetrImageProcessor(BaseImageProcessor):
                 raise ValueError(
                     f"Unsupported image dtype {source_dtype}: use uint8 (0-255), uint16 (0-65535) or float in [0, 1]."
                 )
-            channels_last_first = False  # torch images are CHW by convention
         else:
             raise ValueError(
                 f"Unsupported image type {type(image).__name__}: pass a PIL.Image.Image, a numpy array (HWC) or a "
@@ -316,15 +348,30 @@ class AlignDetrImageProcessor(BaseImageProcessor):
         elif tensor.ndim == 3:
             hwc = tensor.shape[-1] in (1, 3, 4)
             chw = tensor.shape[0] in (1, 3, 4)
-            # Use the type's convention when it fits; otherwise the other layout if that one fits.
-            is_hwc = (hwc or not chw) if channels_last_first else (hwc and not chw)
-            if is_hwc and hwc:
+            fmt = None if input_data_format is None else str(getattr(input_data_format, "value", input_data_format))
+            if fmt is None:
+                if hwc and chw:  # e.g. (3, 5, 3): guessing would silently swap height and channels
+                    raise ValueError(
+                        f"Ambiguous image shape {tuple(tensor.shape)}: both the first and the last axis could be "
+                        "the channels. Pass input_data_format='channels_first' (C, H, W) or 'channels_last' (H, W, C)."
+                    )
+                if not (hwc or chw):
+                    raise ValueError(
+                        f"Cannot find the channel axis of an image of shape {tuple(tensor.shape)}: expected 1, 3 or "
+                        "4 channels on the first or the last axis."
+                    )
+                is_hwc = hwc
+            elif fmt in _CHANNELS_FIRST + _CHANNELS_LAST:
+                is_hwc = fmt in _CHANNELS_LAST
+                if not (hwc if is_hwc else chw):
+                    raise ValueError(
+                        f"Image of shape {tuple(tensor.shape)} has no 1, 3 or 4 channels on the "
+                        f"{'last' if is_hwc else 'first'} axis (input_data_format={fmt!r})."
+                    )
+            else:
+                raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {fmt!r}.")
+            if is_hwc:
                 tensor = tensor.permute(2, 0, 1)
-            elif not chw:
-                raise ValueError(
-                    f"Cannot find the channel axis of an image of shape {tuple(tensor.shape)}: expected 1, 3 or 4 "
-                    "channels (HWC for numpy, CHW for torch)."
-                )
         else:
             raise ValueError(
                 f"An image must be 2-d (grayscale) or 3-d (with channels), got shape {tuple(tensor.shape)}."
@@ -503,7 +550,8 @@ class AlignDetrImageProcessor(BaseImageProcessor):
             annotations (`dict` or `list[dict]`, *optional*): one COCO-detection dict per image.
             return_tensors (`str`, defaults to `"pt"`): `"pt"` (or `None`) for torch tensors, `"np"` for numpy.
             **kwargs: per-call overrides of `do_resize`, `size`, `resample`, `do_normalize`, `image_mean`,
-                `image_std`, `do_pad`, `pad_size`.
+                `image_std`, `do_pad`, `pad_size`; and `input_data_format` (`"channels_first"` /
+                `"channels_last"`) for numpy/torch images whose channel axis is ambiguous (see the class docstring).
 
         Returns:
             [`BatchFeature`] with
@@ -513,12 +561,10 @@ class AlignDetrImageProcessor(BaseImageProcessor):
               float32 cxcywh normalised to the resized unpadded image, `image_id` (1,), `orig_size` (2,) and
               `size` (2,) as (h, w) int64, `area` (n,) float32 in resized pixels, `iscrowd` (n,) int64.
         """
+        input_data_format = kwargs.pop("input_data_format", None)
         unknown = set(kwargs) - set(self._override_names)
         if unknown:
-            raise ValueError(
-                f"Unexpected keyword argument(s) {sorted(unknown)}; AlignDetrImageProcessor accepts "
-                f"{list(self._override_names)}."
-            )
+            raise ValueError(self._unknown_arguments_message(unknown, "AlignDetrImageProcessor.preprocess()"))
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         do_resize = kwargs.get("do_resize", self.do_resize)
@@ -541,7 +587,7 @@ class AlignDetrImageProcessor(BaseImageProcessor):
 
         pixel_values_list, labels = [], []
         for index, raw_image in enumerate(images):
-            image, from_uint8 = self._to_float_chw(raw_image)
+            image, from_uint8 = self.to_float_rgb(raw_image, input_data_format)
             orig_size = tuple(image.shape[-2:])
             if do_resize:
                 image = self.resize(image, size, resample, round_to_uint8=from_uint8)
@@ -577,6 +623,29 @@ class AlignDetrImageProcessor(BaseImageProcessor):
         return self.preprocess(images, annotations=annotations, return_tensors=return_tensors, **kwargs)
 
     # ------------------------------------------------------------------------------------------ post-processing
+
+    @staticmethod
+    def _check_target_sizes(target_sizes: Any, batch: int) -> None:
+        """One (height, width) pair of positive numbers per image, else a ValueError saying what was given."""
+        expected = f"pass one (height, width) per image, e.g. a ({batch}, 2) tensor"
+        if isinstance(target_sizes, torch.Tensor):
+            if target_sizes.ndim != 2 or target_sizes.shape[1] != 2:
+                raise ValueError(f"target_sizes must have shape ({batch}, 2), got {tuple(target_sizes.shape)}; "
+                                 f"{expected}.")
+            sizes = target_sizes.tolist()
+        else:
+            sizes = list(target_sizes)
+        if len(sizes) != batch:
+            raise ValueError(
+                f"target_sizes has {len(sizes)} entries but the outputs hold {batch} images; {expected}."
+            )
+        for i, size in enumerate(sizes):
+            try:
+                height, width = (float(v) for v in size)
+            except (TypeError, ValueError):
+                raise ValueError(f"target_sizes[{i}] must be a (height, width) pair, got {size!r}; {expected}.") from None
+            if not (math.isfinite(height) and math.isfinite(width) and height > 0 and width > 0):
+                raise ValueError(f"target_sizes[{i}] must be positive finite (height, width), got {size!r}.")
 
     def post_process_object_detection(
         self,
@@ -614,11 +683,10 @@ class AlignDetrImageProcessor(BaseImageProcessor):
                 f"{tuple(pred_boxes.shape)}."
             )
         batch, num_queries, num_classes = logits.shape
-        if target_sizes is not None and len(target_sizes) != batch:
-            raise ValueError(
-                f"target_sizes has {len(target_sizes)} entries but the outputs hold {batch} images; "
-                "pass one (height, width) per image."
-            )
+        # float32 whatever the model's dtype: bf16 has 8 mantissa bits, 16 px steps at 5000 px
+        logits, pred_boxes = logits.float(), pred_boxes.float()
+        if target_sizes is not None:
+            self._check_target_sizes(target_sizes, batch)
 
         probs = logits.sigmoid().flatten(1)  # (B, Q*C)
         k = min(top_k, num_queries * num_classes)
@@ -629,7 +697,7 @@ class AlignDetrImageProcessor(BaseImageProcessor):
 
         if target_sizes is not None:
             if isinstance(target_sizes, torch.Tensor):
-                sizes = target_sizes.to(device=boxes.device, dtype=boxes.dtype)
+                sizes = target_sizes.reshape(batch, 2).to(device=boxes.device, dtype=boxes.dtype)
             else:
                 sizes = torch.tensor(
                     [[float(h), float(w)] for h, w in target_sizes], device=boxes.device, dtype=boxes.dtype

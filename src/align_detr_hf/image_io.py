@@ -1,0 +1,111 @@
+"""The one way images are read from files and URLs (the `predict` command, the data loaders, the demo).
+
+- EXIF orientation is applied, so pixels and boxes refer to the image *as displayed* (as in image viewers, the
+  transformers pipeline and COCO annotation tools).
+- The pixel depth is kept: 16-bit PNGs (`I;16`, or `I` from older Pillow) reach the image processor as 16-bit and
+  are scaled by 255/65535 there, never clipped to 8 bits. [`to_rgb_tensor`] and [`to_rgb8`] use the processor's
+  conversion, so every caller sees the same pixels.
+- Failures are `ImageReadError` (a `ValueError`) with a one-line message naming the file: not an image, truncated,
+  a decompression bomb (more pixels than `PIL.Image.MAX_IMAGE_PIXELS` allows), an unreachable URL.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .image_processing_align_detr import AlignDetrImageProcessor
+
+__all__ = ["ImageReadError", "displayed_size", "is_url", "open_image", "read_source", "to_rgb8", "to_rgb_tensor"]
+
+_EXIF_ORIENTATION = 0x0112
+URL_TIMEOUT_S = 30.0
+
+
+class ImageReadError(ValueError):
+    """An image file or URL that cannot be read; the message names it and says why."""
+
+
+def is_url(source: str | os.PathLike) -> bool:
+    return bool(re.match(r"https?://", str(source)))
+
+
+def read_source(source: str | os.PathLike, timeout: float = URL_TIMEOUT_S) -> bytes | Path:
+    """A URL's bytes (downloaded now) or the path of an existing file; raises `ImageReadError` / `FileNotFoundError`."""
+    if is_url(source):
+        try:
+            with urllib.request.urlopen(str(source), timeout=timeout) as response:  # noqa: S310 - http(s) only
+                return response.read()
+        except urllib.error.HTTPError as error:
+            raise ImageReadError(f"cannot download image {source}: HTTP {error.code} {error.reason}.") from error
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            raise ImageReadError(f"cannot download image {source}: {reason}.") from error
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if not path.is_file():
+        raise ImageReadError(f"not a file: {path}")
+    return path
+
+
+def _open(source, name) -> Image.Image:
+    """`Image.open` with our one-line errors (the image is opened lazily: only the header is read)."""
+    try:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(
+            f"cannot read image {name}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust."
+        ) from error
+    except UnidentifiedImageError as error:
+        raise ImageReadError(f"cannot read image {name}: not an image format Pillow can open.") from error
+    except OSError as error:
+        raise ImageReadError(f"cannot read image {name}: {error}") from error
+
+
+def displayed_size(source: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as displayed (EXIF rotations by 90 degrees swap them); reads the header only."""
+    name = str(source)
+    with _open(read_source(source), name) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block: Pillow's exif_transpose ignores it too
+            orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """A file path, an http(s) URL or encoded bytes -> a fully loaded PIL image in displayed orientation, in its own
+    mode (8-bit, 16-bit, float, palette, ...; convert with [`to_rgb_tensor`] / [`to_rgb8`])."""
+    name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+    data = source if isinstance(source, bytes) else read_source(source)
+    with _open(data, name) as image:
+        try:
+            image.load()
+            return ImageOps.exif_transpose(image)
+        except Image.DecompressionBombError as error:
+            raise ImageReadError(f"cannot read image {name}: {error}") from error
+        except (OSError, SyntaxError, ValueError) as error:  # truncated / corrupt data
+            raise ImageReadError(f"cannot read image {name}: {error}") from error
+
+
+def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 RGB on the 0-255 scale, converted exactly as `AlignDetrImageProcessor` converts it."""
+    return AlignDetrImageProcessor.to_float_rgb(image)[0]
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy for drawing and display (16-bit images are scaled, not clipped)."""
+    if image.mode in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1"):
+        return image.convert("RGB")
+    pixels = to_rgb_tensor(image).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
