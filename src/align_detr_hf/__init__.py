@@ -9,6 +9,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from .configuration_align_detr import AlignDetrConfig
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .loss_align_detr import AlignDetrLoss
+from .loss_dino import DinoLoss
 from .modeling_align_detr import (
     AlignDetrDenoisingQueries,
     AlignDetrForObjectDetection,
@@ -24,6 +25,7 @@ __all__ = [
     "AlignDetrLoss",
     "AlignDetrModel",
     "AlignDetrPreTrainedModel",
+    "DinoLoss",
 ]
 
 AutoConfig.register("align_detr", AlignDetrConfig, exist_ok=True)

@@ -15,6 +15,10 @@ COCO_CLASSES = (
 )  # fmt: skip
 
 
+# Values of `AlignDetrConfig.loss_type`: the Align-DETR loss, or mmdetection DINO's own loss.
+LOSS_TYPES = ("align_detr", "dino")
+
+
 class AlignDetrConfig(PreTrainedConfig):
     r"""
     Configuration of [`AlignDetrModel`] and [`AlignDetrForObjectDetection`]. The defaults are mmdetection's released
@@ -57,6 +61,13 @@ class AlignDetrConfig(PreTrainedConfig):
             (focal class cost, L1 on normalised cxcywh, negative GIoU).
         matcher_alpha, matcher_gamma (`float`, defaults to 0.25, 2.0): focal cost parameters.
         class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient (`float`, defaults to 1, 5, 2).
+
+    Loss choice:
+        loss_type (`str`, defaults to `"align_detr"`): `"align_detr"` (the loss above) or `"dino"` (mmdetection's
+            `DINOHead`: one-to-one Hungarian matching on every layer -- `num_gt_repeat` and the IA-BCE/rank fields
+            are unused -- sigmoid focal classification loss, the same matcher costs, L1/GIoU coefficients and
+            denoising; the matching-part losses are normalised by the number of matched queries).
+        focal_alpha, focal_gamma (`float`, defaults to 0.25, 2.0): the DINO loss's sigmoid focal loss.
     """
 
     model_type = "align_detr"
@@ -109,6 +120,9 @@ class AlignDetrConfig(PreTrainedConfig):
     class_loss_coefficient: float | int = 1.0
     bbox_loss_coefficient: float | int = 5.0
     giou_loss_coefficient: float | int = 2.0
+    loss_type: str = "align_detr"
+    focal_alpha: float | int = 0.25
+    focal_gamma: float | int = 2.0
 
     is_encoder_decoder: bool = True
     tie_word_embeddings: bool = False
@@ -130,6 +144,8 @@ class AlignDetrConfig(PreTrainedConfig):
         self._check()
 
     def _check(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if len(self.num_gt_repeat) != self.decoder_layers + 1:
             raise ValueError(
                 f"num_gt_repeat has {len(self.num_gt_repeat)} entries; it needs decoder_layers + 1 = "

@@ -420,7 +420,9 @@ class AlignDetrLoss(nn.Module):
         num_gt_total = sum(num_gts)
         dn_logits = outputs.get("dn_logits")
         dn_groups = int(outputs["denoising_meta"]["num_groups"]) if dn_logits is not None else 0
-        counts = _reduce_mean([float(num_gt_total), float(num_gt_total * dn_groups)], device)
+        num_queries = layers[0][0].shape[1]
+        match_count = self._matching_normaliser_count(num_gts, num_queries)
+        counts = _reduce_mean([float(match_count), float(num_gt_total * dn_groups)], device)
         # mmdet: max(reduce_mean(count), 1), then weight_reduce_loss adds float32 eps.
         match_normaliser = max(counts[0], 1) if isinstance(counts, list) else counts[0].clamp(min=1)
         dn_normaliser = max(counts[1], 1) if isinstance(counts, list) else counts[1].clamp(min=1)
@@ -442,6 +444,11 @@ class AlignDetrLoss(nn.Module):
         return loss, loss_dict
 
     # ---------------------------------------------------------------------------------------------------------------
+
+    def _matching_normaliser_count(self, num_gts: list[int], num_queries: int) -> int:
+        """Count that normalises the matching-part losses: Align-DETR divides by the number of GT boxes (not by the
+        ~k * #GT positives)."""
+        return sum(num_gts)
 
     def _match_all_layers(self, layers, gt_labels, gt_boxes, num_gts):
         """One-to-k matching of every prediction layer; one device->host and one host->device transfer in total.
@@ -515,17 +522,19 @@ class AlignDetrLoss(nn.Module):
         divisor = normaliser + _AVG_FACTOR_EPS
 
         loss_cls = ia_bce_classification_loss(logits, (batch, query, labels), quality * weight, config.negative_gamma)
+        return {"loss_cls": config.class_loss_coefficient * loss_cls / divisor,
+                **self._box_losses(boxes[batch, query], all_gt_boxes[gt], weight, divisor)}
 
-        pred = boxes[batch, query]
-        target = all_gt_boxes[gt]
-        l1 = ((pred - target).abs().sum(-1) * weight).sum()
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target), aligned=True)
-        giou_loss = ((1 - giou) * weight).sum()
+    def _box_losses(self, pred, target, weight, divisor):
+        """Weighted L1 (normalised cxcywh) and GIoU losses of the (P, 4) positive boxes; `weight` (P,) or None."""
+        l1 = (pred - target).abs().sum(-1)
+        giou_loss = 1 - generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target), aligned=True)
+        if weight is not None:
+            l1, giou_loss = l1 * weight, giou_loss * weight
         # With no positive the sums are empty (0) but still attached to `boxes` through indexing.
         return {
-            "loss_cls": config.class_loss_coefficient * loss_cls / divisor,
-            "loss_bbox": config.bbox_loss_coefficient * l1 / divisor,
-            "loss_iou": config.giou_loss_coefficient * giou_loss / divisor,
+            "loss_bbox": self.config.bbox_loss_coefficient * l1.sum() / divisor,
+            "loss_iou": self.config.giou_loss_coefficient * giou_loss.sum() / divisor,
         }
 
     def _layer_losses(self, logits, boxes, match, all_gt_labels, all_gt_boxes, normaliser):

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from .configuration_align_detr import AlignDetrConfig
 from .loss_align_detr import AlignDetrLoss, validate_labels
+from .loss_dino import build_loss
 from .ms_deform_attn import multi_scale_deformable_attention
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -782,7 +783,7 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
     @property
     def loss_function(self):
         # transformers would otherwise dispatch "ForObjectDetection" to DETR's softmax cross-entropy loss
-        return AlignDetrLoss(self.config)  # holds no tensors: building it is free
+        return build_loss(self.config)  # the loss of config.loss_type; holds no tensors: building it is free
 
     def forward(
         self,
