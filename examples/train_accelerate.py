@@ -14,9 +14,14 @@ Several CPU processes (gloo): `accelerate launch --cpu` starts only one process 
 Resume after an interruption (exactly: same data order, optimizer/scheduler state and weights):
     ... --resume_from_checkpoint latest     (or a path out/checkpoints/step_000500)
 
-The optimisation is the reference recipe (see `align_detr_hf.optim`): AdamW lr 1e-4, wd 1e-4, backbone lr x0.1,
-no weight decay on norm layers, grad-norm clip 0.1, linear warm-up then x0.1 at `--lr_drop_epochs`. The reference
-batch is 16 images (8 GPUs x 2); scale `--learning_rate` if yours differs.
+Recipe (`align_detr_hf.recipes`, printed at start): `--recipe auto` picks `finetune` (the reference: multi-scale
+resize + crop, backbone lr x0.1, frozen stem, filter_empty_gt + min_size 32, 12 epochs, AdamW lr 1e-4) when
+`--model_name_or_path` loads a pretrained checkpoint, and `from_scratch` (the CPU demo's: flip at native size, full
+lr everywhere, lr 5e-4, 2000 steps, x0.1 at 80%) otherwise. Every recipe field has a flag that overrides it. The
+reference batch is 16 images (8 GPUs x 2); scale `--learning_rate` if yours differs.
+
+Data loading: images are decoded and augmented in `--num_workers` worker processes (default min(4, cores)),
+batched by aspect ratio (mmdet's AspectRatioBatchSampler), pinned when CUDA is available.
 
 Determinism: the shuffling order is a function of (seed, epoch) and every sample's augmentation of (seed, epoch,
 index); the global torch RNG (used by the denoising queries) is re-seeded from (seed, micro-batch, rank) before each
@@ -40,18 +45,30 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 import align_detr_hf  # noqa: F401  (registers the Auto classes)
-from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor
+from align_detr_hf import AlignDetrImageProcessor
 from align_detr_hf import loss_align_detr
+from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import (
-    EpochShuffleSampler,
     build_eval_transforms,
-    build_train_transforms,
+    build_train_loader,
     check_finite_batch,
     collate_fn,
+    default_num_workers,
     load_train_val_datasets,
 )
 from align_detr_hf.evaluation import coco_summary
 from align_detr_hf.optim import build_optimizer, build_scheduler
+from align_detr_hf.recipes import (
+    apply_recipe_to_model,
+    build_model,
+    build_recipe_transforms,
+    describe_recipe,
+    eval_image_processor,
+    image_scale_for,
+    lr_milestones,
+    recipe_for_job,
+    resolve_recipe,
+)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
@@ -69,14 +86,29 @@ def parse_args(argv=None):
     d.add_argument("--train_val_split", type=float, default=0.15)
     d.add_argument("--synthetic_shapes", type=int, default=0, help="generate N synthetic shapes images instead")
     d.add_argument("--synthetic_image_size", type=int, default=128)
-    d.add_argument("--image_scale", type=float, default=1.0,
+    d.add_argument("--synthetic_num_classes", type=int, default=3, help="1-4 (the demo uses 3)")
+    d.add_argument("--num_workers", type=int, default=None, help="data worker processes (default min(4, cores))")
+    d.add_argument("--pin_memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: when CUDA is available")
+    d.add_argument("--persistent_workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: when there are workers")
+    r = p.add_argument_group("recipe (default: the recipe's value; see align_detr_hf.recipes)")
+    r.add_argument("--recipe", choices=["auto", "from_scratch", "finetune"], default="auto",
+                   help="auto: finetune with --model_name_or_path, from_scratch otherwise")
+    r.add_argument("--image_scale", type=float, default=None,
                    help="multiply every resize/crop size of the reference pipeline (e.g. 0.16 for 128px images)")
-    d.add_argument("--augment", choices=["reference", "none"], default="reference")
-    d.add_argument("--filter_empty_gt", action="store_true", help="drop training images without objects")
-    d.add_argument("--num_workers", type=int, default=0)
+    r.add_argument("--augment", choices=["reference", "flip", "none"], default=None)
+    r.add_argument("--filter_empty_gt", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop training images without any annotation (mmdet filter_cfg)")
+    r.add_argument("--filter_min_size", type=int, default=None, help="drop training images smaller than this")
+    r.add_argument("--group_by_aspect_ratio", action=argparse.BooleanOptionalAction, default=None)
+    r.add_argument("--train_stem", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the backbone stem (frozen for pretrained models)")
     m = p.add_argument_group("model")
     m.add_argument("--model_name_or_path", help="pretrained Align-DETR (folder or Hub id)")
     m.add_argument("--ignore_mismatched_sizes", action="store_true", help="re-initialise class heads for new classes")
+    m.add_argument("--loss_type", choices=LOSS_TYPES, default=None,
+                   help="training loss: align_detr or dino (DINO's focal loss); default: the model config's")
     m.add_argument("--config_name", help="AlignDetrConfig json for training from scratch")
     m.add_argument("--demo_model", action="store_true", help="from scratch: the small demo architecture")
     m.add_argument("--d_model", type=int, default=64, help="with --demo_model")
@@ -84,17 +116,19 @@ def parse_args(argv=None):
     t = p.add_argument_group("training")
     t.add_argument("--output_dir", required=True)
     t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--per_device_train_batch_size", type=int, default=2)
+    t.add_argument("--per_device_train_batch_size", type=int, default=None)
     t.add_argument("--per_device_eval_batch_size", type=int, default=4)
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    t.add_argument("--num_train_epochs", type=int, default=12)
+    t.add_argument("--num_train_epochs", type=int, default=None)
     t.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides the epochs")
-    t.add_argument("--learning_rate", type=float, default=1e-4)
-    t.add_argument("--weight_decay", type=float, default=1e-4)
-    t.add_argument("--backbone_lr_mult", type=float, default=0.1)
-    t.add_argument("--max_grad_norm", type=float, default=0.1)
-    t.add_argument("--warmup_steps", type=int, default=2000)
-    t.add_argument("--lr_drop_epochs", type=int, nargs="*", default=[11], help="epochs after which lr x0.1")
+    t.add_argument("--learning_rate", type=float, default=None)
+    t.add_argument("--weight_decay", type=float, default=None)
+    t.add_argument("--backbone_lr_mult", type=float, default=None)
+    t.add_argument("--max_grad_norm", type=float, default=None)
+    t.add_argument("--warmup_steps", type=int, default=None)
+    t.add_argument("--warmup_start_factor", type=float, default=None)
+    t.add_argument("--lr_drop_epochs", type=int, nargs="*", default=None, help="epochs after which lr x0.1")
+    t.add_argument("--lr_drop_fraction", type=float, default=None, help="or: lr x0.1 at this fraction of the steps")
     t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="overrides `accelerate launch --mixed_precision`")
     t.add_argument("--checkpointing_steps", default="epoch", help="an integer (every N optimizer steps) or 'epoch'")
@@ -116,22 +150,18 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def build_model(args, id2label):
-    label2id = {v: k for k, v in id2label.items()}
-    if args.model_name_or_path:
-        return AlignDetrForObjectDetection.from_pretrained(
-            args.model_name_or_path, id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
-        )
-    if args.config_name:
-        config = AlignDetrConfig.from_pretrained(args.config_name, id2label=id2label, label2id=label2id)
-    elif args.demo_model:
-        from align_detr_hf.demo import demo_config
-
-        config = demo_config(id2label, d_model=args.d_model, num_queries=args.num_queries)
-    else:
-        config = AlignDetrConfig(id2label=id2label, label2id=label2id)
-    return AlignDetrForObjectDetection(config)
+def recipe_from_args(args):
+    """The job's recipe (finetune for a pretrained checkpoint, from_scratch otherwise) with the flags applied."""
+    return resolve_recipe(recipe_for_job(args.recipe, pretrained=bool(args.model_name_or_path)), {
+        "augment": args.augment, "image_scale": args.image_scale, "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay, "backbone_lr_mult": args.backbone_lr_mult, "train_stem": args.train_stem,
+        "warmup_steps": args.warmup_steps, "warmup_start_factor": args.warmup_start_factor,
+        "lr_drop_epochs": args.lr_drop_epochs, "lr_drop_fraction": args.lr_drop_fraction,
+        "num_train_epochs": args.num_train_epochs, "max_train_steps": args.max_train_steps,
+        "batch_size": args.per_device_train_batch_size, "max_grad_norm": args.max_grad_norm,
+        "filter_empty_gt": args.filter_empty_gt, "filter_min_size": args.filter_min_size,
+        "group_by_aspect_ratio": args.group_by_aspect_ratio,
+    })
 
 
 def list_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
@@ -197,14 +227,14 @@ class NormaliserRecorder:
 
 @torch.no_grad()
 def evaluate(accelerator, model, loader, coco_gt, top_k=100):
-    from align_detr_hf.evaluation import _post_process
-
+    processor = AlignDetrImageProcessor(do_resize=False)
     model.eval()
     per_image = []
     for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         sizes = [tuple(int(v) for v in t["orig_size"].tolist()) for t in batch["labels"]]
-        detections = _post_process(outputs.logits.float().cpu(), outputs.pred_boxes.float().cpu(), sizes, 0.0, top_k)
+        outputs = {"logits": outputs.logits.float().cpu(), "pred_boxes": outputs.pred_boxes.float().cpu()}
+        detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes, top_k=top_k)
         for target, det in zip(batch["labels"], detections):
             image_id = int(target["image_id"].item())
             per_image.append(
@@ -247,41 +277,56 @@ def main(argv=None):
     accelerator = Accelerator(**accelerator_kwargs)
     log = accelerator.print
 
+    recipe = recipe_from_args(args)
+
     # ---- data (generation/reading on the main process first)
     with accelerator.main_process_first():
         train_set, val_set = load_train_val_datasets(
             args.train_annotation, args.train_images, args.val_annotation, args.val_images, args.dataset_name,
             args.train_split, args.val_split, args.train_val_split, args.synthetic_shapes, output_dir / "data",
-            args.synthetic_image_size, seed=args.seed,
+            args.synthetic_image_size, seed=args.seed, synthetic_num_classes=args.synthetic_num_classes,
         )
-    if args.filter_empty_gt:
-        train_set = train_set.filter(filter_empty_gt=True)
-    train_set = train_set.with_transforms(
-        build_train_transforms(scale=args.image_scale) if args.augment == "reference"
-        else build_eval_transforms(scale=args.image_scale)
-    )
-    val_set = val_set.with_transforms(build_eval_transforms(scale=args.image_scale))
+    scale = image_scale_for(recipe, train_set)
+    log(describe_recipe(recipe, scale))
+    if recipe.filter_empty_gt or recipe.filter_min_size > 0:
+        num_before = len(train_set)
+        train_set = train_set.filter(recipe.filter_empty_gt, recipe.filter_min_size)
+        log(f"filter (filter_empty_gt={recipe.filter_empty_gt}, min_size={recipe.filter_min_size}): kept "
+            f"{len(train_set)} of {num_before} training images")
+    if len(train_set) == 0:
+        raise ValueError("No training images left (after filtering); check the data or --no-filter_empty_gt.")
+    train_set = train_set.with_transforms(build_recipe_transforms(recipe.augment, scale))
+    val_set = val_set.with_transforms(build_eval_transforms(scale=scale))
     coco_gt = val_set.coco_ground_truth()
-    sampler = EpochShuffleSampler(len(train_set), seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn,
-        num_workers=args.num_workers, drop_last=False,
+    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+    train_loader = build_train_loader(
+        train_set, recipe.batch_size, seed=args.seed, group_by_aspect_ratio=recipe.group_by_aspect_ratio,
+        num_workers=num_workers, pin_memory=args.pin_memory, persistent_workers=args.persistent_workers,
     )
+    sampler = train_loader.batch_sampler.sampler
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn, num_workers=args.num_workers
+        val_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn, num_workers=num_workers,
+        pin_memory=train_loader.pin_memory,
     )
+    log(f"data loading: {num_workers} worker process(es), pin_memory={train_loader.pin_memory}, "
+        f"persistent_workers={train_loader.persistent_workers}")
 
     # ---- model, optimizer, schedule
     torch.manual_seed(args.seed)  # the same random init on every process
-    model = build_model(args, train_set.id2label)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.backbone_lr_mult)
+    model = build_model(train_set.id2label, args.model_name_or_path, args.config_name, args.demo_model,
+                        args.d_model, args.num_queries, args.ignore_mismatched_sizes)
+    apply_recipe_to_model(model, recipe)
+    if args.loss_type:
+        model.config.loss_type = args.loss_type  # the model builds its loss from the config (saved with it)
+    optimizer = build_optimizer(model, recipe.learning_rate, recipe.weight_decay, recipe.backbone_lr_mult)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    max_steps = recipe.max_train_steps or steps_per_epoch * recipe.num_train_epochs
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     # the scheduler steps once per optimizer step; it is not passed to prepare() (which would step it once per
     # process) but registered so that save_state/load_state include it
-    scheduler = build_scheduler(optimizer, args.warmup_steps, [e * steps_per_epoch for e in args.lr_drop_epochs])
+    scheduler = build_scheduler(optimizer, recipe.warmup_steps, lr_milestones(recipe, steps_per_epoch, max_steps),
+                                warmup_start_factor=recipe.warmup_start_factor)
     accelerator.register_for_checkpointing(scheduler)
 
     if args.with_tracking:
@@ -319,7 +364,6 @@ def main(argv=None):
         # accelerate's prepared loader re-sets its sampler's epoch from its own iteration counter when iterated,
         # so the epoch is given to the loader (not only to our sampler), also for the resumed partial epoch
         train_loader.set_epoch(epoch)
-        train_set.set_epoch(epoch)
         loader = train_loader
         batches_in_epoch = 0
         if epoch == start_epoch and skip_batches:
@@ -337,8 +381,8 @@ def main(argv=None):
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Non-finite loss {loss.item()} at batch {micro_step}; weights untouched.")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients and recipe.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
@@ -395,10 +439,8 @@ def main(argv=None):
     unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
-        scale = args.image_scale
-        AlignDetrImageProcessor(size={"shortest_edge": round(800 * scale), "longest_edge": round(1333 * scale)}
-                                ).save_pretrained(final_dir)
-        summary = {"completed_steps": completed_steps, "metrics": metrics}
+        eval_image_processor(scale).save_pretrained(final_dir)
+        summary = {"completed_steps": completed_steps, "metrics": metrics, "recipe": recipe.name}
         (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2))
         if args.push_to_hub:
             repo_id = args.hub_model_id or final_dir.resolve().parent.name

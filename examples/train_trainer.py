@@ -3,13 +3,15 @@
 
     python examples/train_trainer.py --model_name_or_path path/to/align-detr-r50 --ignore_mismatched_sizes \\
         --dataset_name cppe-5 --output_dir out --num_train_epochs 12 --per_device_train_batch_size 2
-    python examples/train_trainer.py --synthetic_shapes 200 --demo_model --image_scale 0.16 --output_dir out
+    python examples/train_trainer.py --synthetic_shapes 600 --demo_model --output_dir out
 
 Distributed: `torchrun --nproc_per_node 8 examples/train_trainer.py ...` or `accelerate launch ...`.
 
-The optimiser and schedule are the reference recipe (`align_detr_hf.optim`: AdamW, backbone lr x0.1, no weight
-decay on norm layers, grad-norm clip 0.1, linear warm-up then step decay at `--lr_drop_epochs`), installed by
-overriding `Trainer.create_optimizer` / `create_scheduler`. Evaluation uses pycocotools (`map`, `map_50`, ...; the
+Recipe (`align_detr_hf.recipes`, printed at start): `--recipe auto` picks `finetune` (the reference) with
+`--model_name_or_path` and `from_scratch` (the demo's) otherwise; every field has an overriding flag. The optimiser
+and schedule (`align_detr_hf.optim`: AdamW, backbone lr multiplier, no weight decay on norm layers, warm-up then
+x0.1 steps) are installed by overriding `Trainer.create_optimizer` / `create_scheduler`; the training loader
+(aspect-ratio batches, worker processes) by overriding `get_train_dataloader`. Evaluation uses pycocotools (`map`, `map_50`, ...; the
 Trainer prefixes them with `eval_`). Detection models need `remove_unused_columns=False` (the dataset yields
 `pixel_values`/`labels` dicts) and `eval_do_concat_batches=False` (images of different sizes per batch).
 """
@@ -22,13 +24,26 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import align_detr_hf  # noqa: F401  (registers the Auto classes)
-from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor
-from align_detr_hf.data import build_eval_transforms, build_train_transforms, collate_fn, load_train_val_datasets
+from align_detr_hf.configuration_align_detr import LOSS_TYPES
+from align_detr_hf.data import build_eval_transforms, build_train_loader, collate_fn, default_num_workers
+from align_detr_hf.data import load_train_val_datasets
 from align_detr_hf.evaluation import build_compute_metrics
-from align_detr_hf.optim import REFERENCE_MAX_GRAD_NORM, build_optimizer, build_scheduler
+from align_detr_hf.optim import build_optimizer, build_scheduler
+from align_detr_hf.recipes import (
+    TrainingRecipe,
+    apply_recipe_to_model,
+    build_model,
+    build_recipe_transforms,
+    describe_recipe,
+    eval_image_processor,
+    image_scale_for,
+    lr_milestones,
+    recipe_for_job,
+    resolve_recipe,
+)
 
 
 def parse_args(argv=None):
@@ -43,26 +58,38 @@ def parse_args(argv=None):
     p.add_argument("--train_val_split", type=float, default=0.15)
     p.add_argument("--synthetic_shapes", type=int, default=0)
     p.add_argument("--synthetic_image_size", type=int, default=128)
-    p.add_argument("--image_scale", type=float, default=1.0)
-    p.add_argument("--augment", choices=["reference", "none"], default="reference")
+    p.add_argument("--synthetic_num_classes", type=int, default=3, help="1-4 (the demo uses 3)")
+    r = p.add_argument_group("recipe (default: the recipe's value; see align_detr_hf.recipes)")
+    r.add_argument("--recipe", choices=["auto", "from_scratch", "finetune"], default="auto",
+                   help="auto: finetune with --model_name_or_path, from_scratch otherwise")
+    r.add_argument("--image_scale", type=float, default=None)
+    r.add_argument("--augment", choices=["reference", "flip", "none"], default=None)
+    r.add_argument("--filter_empty_gt", action=argparse.BooleanOptionalAction, default=None)
+    r.add_argument("--filter_min_size", type=int, default=None)
+    r.add_argument("--group_by_aspect_ratio", action=argparse.BooleanOptionalAction, default=None)
+    r.add_argument("--train_stem", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--model_name_or_path")
     p.add_argument("--ignore_mismatched_sizes", action="store_true")
+    p.add_argument("--loss_type", choices=LOSS_TYPES, default=None,
+                   help="training loss: align_detr or dino (DINO's focal loss); default: the model config's")
     p.add_argument("--config_name", help="AlignDetrConfig json (from scratch)")
     p.add_argument("--demo_model", action="store_true", help="from scratch: the small demo architecture")
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--num_queries", type=int, default=30)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--num_train_epochs", type=float, default=12)
-    p.add_argument("--max_steps", type=int, default=-1)
-    p.add_argument("--per_device_train_batch_size", type=int, default=2)
+    p.add_argument("--num_train_epochs", type=int, default=None)
+    p.add_argument("--max_steps", type=int, default=None)
+    p.add_argument("--per_device_train_batch_size", type=int, default=None)
     p.add_argument("--per_device_eval_batch_size", type=int, default=4)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--backbone_lr_mult", type=float, default=0.1)
-    p.add_argument("--max_grad_norm", type=float, default=REFERENCE_MAX_GRAD_NORM)
-    p.add_argument("--warmup_steps", type=int, default=2000)
-    p.add_argument("--lr_drop_epochs", type=int, nargs="*", default=[11])
+    p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--weight_decay", type=float, default=None)
+    p.add_argument("--backbone_lr_mult", type=float, default=None)
+    p.add_argument("--max_grad_norm", type=float, default=None)
+    p.add_argument("--warmup_steps", type=int, default=None)
+    p.add_argument("--warmup_start_factor", type=float, default=None)
+    p.add_argument("--lr_drop_epochs", type=int, nargs="*", default=None)
+    p.add_argument("--lr_drop_fraction", type=float, default=None)
     p.add_argument("--eval_strategy", default="epoch", choices=["no", "steps", "epoch"])
     p.add_argument("--eval_steps", type=int, default=None)
     p.add_argument("--save_strategy", default="epoch", choices=["no", "steps", "epoch"])
@@ -72,7 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--dataloader_num_workers", type=int, default=None, help="default min(4, cores)")
+    p.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: when CUDA is available")
+    p.add_argument("--dataloader_persistent_workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: when there are workers")
     p.add_argument("--report_to", default="none")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id")
@@ -81,16 +112,28 @@ def parse_args(argv=None):
 
 
 class AlignDetrTrainer(Trainer):
-    """Trainer with the reference Align-DETR parameter groups and warm-up + step-decay schedule."""
+    """Trainer with the recipe's parameter groups, warm-up + step-decay schedule and training loader (aspect-ratio
+    batches of (index, epoch) pairs, so augmentation follows the epoch in persistent worker processes)."""
 
-    def __init__(self, *args, backbone_lr_mult=0.1, warmup_steps=2000, lr_drop_epochs=(11,), **kwargs):
+    def __init__(self, *args, recipe: TrainingRecipe, **kwargs):
         super().__init__(*args, **kwargs)
-        self.backbone_lr_mult, self.warmup_steps, self.lr_drop_epochs = backbone_lr_mult, warmup_steps, lr_drop_epochs
+        self.recipe = recipe
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        loader = build_train_loader(
+            self.train_dataset, self._train_batch_size, seed=self.args.seed,
+            group_by_aspect_ratio=self.recipe.group_by_aspect_ratio, num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory, persistent_workers=self.args.dataloader_persistent_workers,
+        )
+        # accelerate shards whole batches across processes and forwards `set_epoch` to the shuffling sampler
+        return self.accelerator.prepare(loader)
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
             self.optimizer = build_optimizer(
-                self.model, self.args.learning_rate, self.args.weight_decay, self.backbone_lr_mult,
+                self.model, self.args.learning_rate, self.args.weight_decay, self.recipe.backbone_lr_mult,
                 (self.args.adam_beta1, self.args.adam_beta2), self.args.adam_epsilon,
             )
         return self.optimizer
@@ -102,69 +145,71 @@ class AlignDetrTrainer(Trainer):
                 dataloader = self.get_train_dataloader()
                 steps_per_epoch = max(1, math.ceil(len(dataloader) / self.args.gradient_accumulation_steps))
             self.lr_scheduler = build_scheduler(
-                optimizer or self.optimizer, self.warmup_steps, [e * steps_per_epoch for e in self.lr_drop_epochs]
+                optimizer or self.optimizer, self.recipe.warmup_steps,
+                lr_milestones(self.recipe, steps_per_epoch, num_training_steps),
+                warmup_start_factor=self.recipe.warmup_start_factor,
             )
         return self.lr_scheduler
 
 
-class SetDatasetEpoch(TrainerCallback):
-    """Tell the dataset the epoch, so each epoch draws new augmentations (with several processes accelerate's
-    dataloader does not reach the dataset's `set_epoch`)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
-
-
-def build_model(args, id2label):
-    label2id = {v: k for k, v in id2label.items()}
-    if args.model_name_or_path:
-        return AlignDetrForObjectDetection.from_pretrained(
-            args.model_name_or_path, id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
-        )
-    if args.config_name:
-        return AlignDetrForObjectDetection(
-            AlignDetrConfig.from_pretrained(args.config_name, id2label=id2label, label2id=label2id)
-        )
-    if args.demo_model:
-        from align_detr_hf.demo import demo_config
-
-        return AlignDetrForObjectDetection(demo_config(id2label, args.d_model, args.num_queries))
-    return AlignDetrForObjectDetection(AlignDetrConfig(id2label=id2label, label2id=label2id))
+def recipe_from_args(args) -> TrainingRecipe:
+    """The job's recipe (finetune for a pretrained checkpoint, from_scratch otherwise) with the flags applied."""
+    return resolve_recipe(recipe_for_job(args.recipe, pretrained=bool(args.model_name_or_path)), {
+        "augment": args.augment, "image_scale": args.image_scale, "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay, "backbone_lr_mult": args.backbone_lr_mult, "train_stem": args.train_stem,
+        "warmup_steps": args.warmup_steps, "warmup_start_factor": args.warmup_start_factor,
+        "lr_drop_epochs": args.lr_drop_epochs, "lr_drop_fraction": args.lr_drop_fraction,
+        "num_train_epochs": args.num_train_epochs,
+        "max_train_steps": args.max_steps if args.max_steps is None or args.max_steps > 0 else None,
+        "batch_size": args.per_device_train_batch_size, "max_grad_norm": args.max_grad_norm,
+        "filter_empty_gt": args.filter_empty_gt, "filter_min_size": args.filter_min_size,
+        "group_by_aspect_ratio": args.group_by_aspect_ratio,
+    })
 
 
 def main(argv=None):
     args = parse_args(argv)
+    recipe = recipe_from_args(args)
     output_dir = Path(args.output_dir)
     train_set, val_set = load_train_val_datasets(
         args.train_annotation, args.train_images, args.val_annotation, args.val_images, args.dataset_name,
         args.train_split, args.val_split, args.train_val_split, args.synthetic_shapes, output_dir / "data",
-        args.synthetic_image_size, seed=args.seed,
+        args.synthetic_image_size, seed=args.seed, synthetic_num_classes=args.synthetic_num_classes,
     )
-    train_set = train_set.with_transforms(
-        build_train_transforms(scale=args.image_scale) if args.augment == "reference"
-        else build_eval_transforms(scale=args.image_scale)
-    )
-    val_set = val_set.with_transforms(build_eval_transforms(scale=args.image_scale))
+    scale = image_scale_for(recipe, train_set)
+    print(describe_recipe(recipe, scale), flush=True)
+    if recipe.filter_empty_gt or recipe.filter_min_size > 0:
+        num_before = len(train_set)
+        train_set = train_set.filter(recipe.filter_empty_gt, recipe.filter_min_size)
+        print(f"filter (filter_empty_gt={recipe.filter_empty_gt}, min_size={recipe.filter_min_size}): kept "
+              f"{len(train_set)} of {num_before} training images", flush=True)
+    if len(train_set) == 0:
+        raise ValueError("No training images left (after filtering); check the data or --no-filter_empty_gt.")
+    train_set = train_set.with_transforms(build_recipe_transforms(recipe.augment, scale))
+    val_set = val_set.with_transforms(build_eval_transforms(scale=scale))
     torch.manual_seed(args.seed)
-    model = build_model(args, train_set.id2label)
-    processor = AlignDetrImageProcessor(
-        size={"shortest_edge": round(800 * args.image_scale), "longest_edge": round(1333 * args.image_scale)}
-    )
+    model = build_model(train_set.id2label, args.model_name_or_path, args.config_name, args.demo_model,
+                        args.d_model, args.num_queries, args.ignore_mismatched_sizes)
+    apply_recipe_to_model(model, recipe)
+    if args.loss_type:
+        model.config.loss_type = args.loss_type  # the model builds its loss from the config (saved with it)
+    processor = eval_image_processor(scale)
+    num_workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
+    pin_memory = torch.cuda.is_available() if args.dataloader_pin_memory is None else args.dataloader_pin_memory
+    persistent = num_workers > 0 if args.dataloader_persistent_workers is None else args.dataloader_persistent_workers
+    print(f"data loading: {num_workers} worker process(es), pin_memory={pin_memory}, persistent_workers={persistent}",
+          flush=True)
 
     training_args = TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
+        num_train_epochs=recipe.num_train_epochs or 1,
+        max_steps=recipe.max_train_steps or -1,
+        per_device_train_batch_size=recipe.batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
         eval_strategy=args.eval_strategy,
         eval_steps=args.eval_steps,
         save_strategy=args.save_strategy,
@@ -174,8 +219,9 @@ def main(argv=None):
         fp16=args.fp16,
         bf16=args.bf16,
         seed=args.seed,
-        dataloader_num_workers=args.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=num_workers,
+        dataloader_pin_memory=pin_memory,
+        dataloader_persistent_workers=persistent and num_workers > 0,
         remove_unused_columns=False,  # items are {"pixel_values", "labels"}; keep them
         eval_do_concat_batches=False,  # per-batch predictions of different image sizes
         report_to=args.report_to,
@@ -193,10 +239,7 @@ def main(argv=None):
         data_collator=collate_fn,
         processing_class=processor,
         compute_metrics=build_compute_metrics(val_set.coco_ground_truth()),
-        backbone_lr_mult=args.backbone_lr_mult,
-        warmup_steps=args.warmup_steps,
-        lr_drop_epochs=args.lr_drop_epochs,
-        callbacks=[SetDatasetEpoch(train_set)],
+        recipe=recipe,
     )
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(str(output_dir / "final"))

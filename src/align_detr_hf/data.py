@@ -24,6 +24,7 @@ not depend on worker processes or on global RNG state, and a resumed run sees ex
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ from .image_processing_align_detr import (
     get_resize_output_size,
     pad_and_create_pixel_mask,
 )
+from .image_io import displayed_size, open_image, to_rgb8, to_rgb_tensor
 
 __all__ = [
+    "AspectRatioBatchSampler",
     "Compose",
     "DetectionDataset",
     "EpochShuffleSampler",
@@ -51,11 +54,14 @@ __all__ = [
     "RandomHorizontalFlip",
     "Resize",
     "build_eval_transforms",
+    "build_train_loader",
     "build_train_transforms",
     "check_finite_batch",
     "collate_fn",
+    "default_num_workers",
     "load_coco_folder",
     "load_hf_dataset",
+    "padding_fraction",
 ]
 
 
@@ -288,50 +294,73 @@ class DetectionDataset(torch.utils.data.Dataset):
         return self.subset(sorted(order[num_val:]), self.transforms), self.subset(sorted(order[:num_val]))
 
     def filter(self, filter_empty_gt: bool = True, min_size: int = 0) -> DetectionDataset:
-        """mmdet's `filter_cfg`: drop images without (non-crowd) objects and images smaller than `min_size`."""
+        """mmdet's `CocoDataset.filter_data` (`filter_cfg=dict(filter_empty_gt, min_size)`).
+
+        With `filter_empty_gt`, an image is dropped only if *no* annotation of a known category refers to it: mmdet
+        tests membership in pycocotools' `catToImgs`, which lists every annotation, so images whose only annotations
+        are crowd boxes, `"ignore": true` or degenerate boxes are kept (they train as negatives). Images whose shorter
+        side (from the annotation file's `width`/`height`) is below `min_size` are dropped whatever they hold."""
         keep = [
             i
             for i, r in enumerate(self.records)
-            if min(r["width"], r["height"]) >= min_size
-            and (not filter_empty_gt or any(not a.get("iscrowd", 0) for a in r["annotations"]))
+            if min(r["width"], r["height"]) >= min_size and (not filter_empty_gt or len(r["annotations"]) > 0)
         ]
         return self.subset(keep, self.transforms)
 
-    def load_image(self, index: int):
-        """The PIL RGB image of item `index`."""
-        from PIL import Image
+    def aspect_groups(self) -> list[int]:
+        """Per image: 1 if width >= height, else 0 (portrait); the buckets of [`AspectRatioBatchSampler`]."""
+        return [int(r["width"] >= r["height"]) for r in self.records]
 
+    def load_image(self, index: int):
+        """The 8-bit RGB PIL image of item `index` as displayed (for drawing; training reads `read_image`)."""
+        return to_rgb8(self.read_image(index))
+
+    def read_image(self, index: int):
+        """The PIL image of item `index` in its own mode (16-bit stays 16-bit). Files are read by
+        [`align_detr_hf.image_io.open_image`]: EXIF orientation applied, so boxes given for the displayed image (as
+        COCO tools give them) line up. A `datasets` image is used as `datasets` decodes it. The image must have the
+        record's width and height, else a ValueError names it."""
         record = self.records[index]
         if "file_name" in record:
-            with Image.open(record["file_name"]) as image:
-                return image.convert("RGB")
-        return self.hf_dataset[record["hf_index"]][self.image_column].convert("RGB")
+            image, where = open_image(record["file_name"]), record["file_name"]
+        else:
+            image, where = self.hf_dataset[record["hf_index"]][self.image_column], f"row {record['hf_index']}"
+        if image.size != (record["width"], record["height"]):
+            raise ValueError(
+                f"image {where} is {image.width}x{image.height} (width x height), but its record says "
+                f"{record['width']}x{record['height']}: boxes would be misplaced."
+            )
+        return image
 
     def raw_target(self, index: int) -> dict[str, torch.Tensor]:
         """Non-crowd boxes (absolute xyxy float32) and contiguous labels of item `index`, before any transform."""
-        # as mmdet's CocoDataset: no crowd boxes, none narrower or lower than 1 px, none with area <= 0
+        # as mmdet's CocoDataset: no `ignore` or crowd boxes, none narrower or lower than 1 px, none with area <= 0
         objects = [
             a for a in self.records[index]["annotations"]
-            if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a.get("area", 1) > 0
+            if not a.get("ignore", False) and not a.get("iscrowd", 0)
+            and a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a.get("area", 1) > 0
         ]  # fmt: skip
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor([int(a["category_id"]) for a in objects], dtype=torch.int64)
         return {"boxes": boxes, "class_labels": labels}
 
-    def generator_for(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+    def generator_for(self, index: int, epoch: int | None = None) -> torch.Generator:
+        epoch = self.epoch if epoch is None else epoch
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        # an `(index, epoch)` pair (from `AspectRatioBatchSampler`) carries the epoch into worker processes, whose
+        # copy of the dataset never sees `set_epoch` when they persist across epochs
+        index, epoch = index if isinstance(index, tuple) else (index, self.epoch)
         record = self.records[index]
-        pil = self.load_image(index)
-        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+        image = to_rgb_tensor(self.read_image(index))  # (3, h, w) float32 0-255, as the image processor converts
         target = self.raw_target(index)
         # clip to the image and drop degenerate boxes (as the image processor does)
         height, width = image.shape[-2:]
         target = crop_image_and_boxes(image, target, 0, 0, height, width)[1]
         if self.transforms is not None:
-            image, target = self.transforms(image, target, self.generator_for(index))
+            image, target = self.transforms(image, target, self.generator_for(index, epoch))
         pixel_values = AlignDetrImageProcessor.normalize(image, ALIGN_DETR_MEAN, ALIGN_DETR_STD)
         return {"pixel_values": pixel_values, "labels": make_labels(target, image.shape[-2:], record)}
 
@@ -390,6 +419,12 @@ def load_coco_folder(
     cat_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
     id2label = {i: c.get("name", str(c["id"])) for i, c in enumerate(categories)}
     by_image: dict[int, list] = {img["id"]: [] for img in coco["images"]}
+    if len(by_image) != len(coco["images"]):  # two files would share one image's boxes
+        counts: dict = {}
+        for img in coco["images"]:
+            counts[img["id"]] = counts.get(img["id"], 0) + 1
+        duplicates = sorted(str(k) for k, n in counts.items() if n > 1)
+        raise ValueError(f"Duplicate image id(s) {', '.join(duplicates[:5])} in 'images' of {annotation_file}.")
     seen_ids: set = set()
     for a in coco.get("annotations", []):
         if a["category_id"] not in cat_to_contiguous:
@@ -409,6 +444,7 @@ def load_coco_folder(
                 "category_id": cat_to_contiguous[a["category_id"]],
                 "area": float(a.get("area", a["bbox"][2] * a["bbox"][3])),
                 "iscrowd": int(a.get("iscrowd", 0)),
+                "ignore": bool(a.get("ignore", False)),  # mmdet skips these in training
             }
         )
     records = [
@@ -428,7 +464,24 @@ def load_coco_folder(
             + ", ".join(missing[:5])
             + (" ..." if len(missing) > 5 else "")
         )
+    _check_image_sizes(records, annotation_file)
     return DetectionDataset(records, id2label, transforms, seed=seed, original_category_ids=[c["id"] for c in categories])
+
+
+def _check_image_sizes(records: list[dict], annotation_file: Path) -> None:
+    """The json's width/height must be each file's displayed size (EXIF applied); reads image headers only."""
+    wrong = []
+    for r in records:
+        size = displayed_size(r["file_name"])
+        if size != (r["width"], r["height"]):
+            rotated = " (the json gives the stored size; the EXIF orientation rotates it)" if size == (
+                r["height"], r["width"]) else ""
+            wrong.append(f"{r['file_name']} is {size[0]}x{size[1]}, the json says {r['width']}x{r['height']}{rotated}")
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} image(s) in {annotation_file} do not have the width x height the json gives, so their "
+            f"boxes would be misplaced: " + "; ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else "")
+        )
 
 
 def _category_names(features: Any) -> list[str] | None:
@@ -528,6 +581,109 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
+class AspectRatioBatchSampler(torch.utils.data.Sampler):
+    """Batches of one orientation, as mmdet's `AspectRatioBatchSampler`: indices from `sampler` go to one of two
+    buckets (`groups[i]`: 1 for width >= height, 0 for portrait; see [`DetectionDataset.aspect_groups`]) and a bucket
+    is emitted as a batch when it holds `batch_size` indices. At the end of the epoch the leftovers (portrait first,
+    then landscape) are emitted in `batch_size` chunks, the last one short unless `drop_last`. `groups=None` batches
+    in sampler order (no grouping). The number of batches is the plain `ceil(len / batch_size)` either way.
+
+    Batches hold `(index, epoch)` pairs: the epoch travels with each index into the dataset (see
+    [`DetectionDataset.__getitem__`]), so augmentation stays a function of (seed, epoch, index) in persistent
+    worker processes. With an [`EpochShuffleSampler`] the batches are a function of (seed, epoch) alone: a resumed
+    run skips the same batches (accelerate's `skip_first_batches`), and `accelerate.prepare` shards whole batches
+    across processes (`BatchSamplerShard`), so every process still gets single-orientation batches.
+    """
+
+    def __init__(self, sampler, batch_size: int, groups: Sequence[int] | None = None, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if groups is not None and len(groups) != len(sampler):
+            raise ValueError(f"{len(groups)} aspect groups for a sampler of {len(sampler)} indices.")
+        self.sampler, self.batch_size, self.drop_last = sampler, int(batch_size), drop_last
+        self.groups = None if groups is None else [int(g) for g in groups]
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        buckets: dict[int, list] = {0: [], 1: []}
+        for index in self.sampler:
+            bucket = buckets[self.groups[index] if self.groups is not None else 1]
+            bucket.append((int(index), epoch))
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+        left = buckets[0] + buckets[1]
+        for start in range(0, len(left), self.batch_size):
+            chunk = left[start : start + self.batch_size]
+            if len(chunk) == self.batch_size or not self.drop_last:
+                yield chunk
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.sampler) // self.batch_size
+        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], sizes: Sequence[tuple[int, int]]) -> float:
+    """Fraction of the padded batch tensors' pixels that are padding, for `batches` of indices into `sizes` =
+    [(height, width), ...] (images padded bottom/right to the batch maximum, as [`collate_fn`] does)."""
+    padded = real = 0
+    for batch in batches:
+        hw = [sizes[i[0] if isinstance(i, tuple) else i] for i in batch]
+        padded += len(hw) * max(h for h, _ in hw) * max(w for _, w in hw)
+        real += sum(h * w for h, w in hw)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def default_num_workers() -> int:
+    """Data-loading worker processes: one per available core, at most 4 (mmdet uses 2 per GPU)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores))
+
+
+def build_train_loader(
+    dataset: DetectionDataset,
+    batch_size: int,
+    seed: int = 0,
+    group_by_aspect_ratio: bool = True,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """The training loader of both example scripts: an [`EpochShuffleSampler`] (seed, epoch), batched by
+    [`AspectRatioBatchSampler`] (grouped unless `group_by_aspect_ratio=False`), decoded and augmented in
+    `num_workers` worker processes (default [`default_num_workers`]), pinned memory when CUDA is available,
+    persistent workers when there are workers. Call `loader.batch_sampler.set_epoch(epoch)` (or accelerate's
+    `loader.set_epoch`) before each epoch."""
+    num_workers = default_num_workers() if num_workers is None else int(num_workers)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+    persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0
+    batch_sampler = AspectRatioBatchSampler(
+        EpochShuffleSampler(len(dataset), seed=seed),
+        batch_size,
+        dataset.aspect_groups() if group_by_aspect_ratio else None,
+        drop_last=drop_last,
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=persistent_workers,
+    )
+
+
 def collate_fn(batch: list[dict]) -> dict[str, Any]:
     """Zero-pad `pixel_values` to the batch maximum and build `pixel_mask` (1 = real pixel). Boxes are left as they
     are: normalised to each image's own unpadded size, which is what the model expects."""
@@ -566,21 +722,29 @@ def load_train_val_datasets(
     synthetic_dir: str | Path | None = None,
     synthetic_image_size: int = 128,
     seed: int = 0,
+    synthetic_num_classes: int = 3,
 ) -> tuple[DetectionDataset, DetectionDataset]:
     """(train, val) datasets, without transforms, from one of three sources (used by the example scripts):
 
     - `train_annotation` (+ `train_images`, optional `val_annotation`/`val_images`): COCO folders;
     - `dataset_name`: a `datasets` dataset with the `objects` schema, either a `save_to_disk` folder or a name for
       `datasets.load_dataset` (Hub or local); `val_split` if present, else `train_val_split` of train is held out;
-    - `synthetic_shapes=N`: N generated shapes images (plus N // 4 for validation) written under `synthetic_dir`.
+    - `synthetic_shapes=N`: N generated shapes images (plus N // 4 for validation) of the first
+      `synthetic_num_classes` shapes (the demo's 3 by default), written under `synthetic_dir`.
     """
     if synthetic_shapes:
-        from .synthetic import generate_shapes_dataset
+        from .synthetic import SHAPE_CLASSES, generate_shapes_dataset
 
+        if not 1 <= synthetic_num_classes <= len(SHAPE_CLASSES):
+            raise ValueError(f"synthetic_num_classes must be in 1..{len(SHAPE_CLASSES)}, got {synthetic_num_classes}.")
+        classes = SHAPE_CLASSES[:synthetic_num_classes]
         root = Path(synthetic_dir or "shapes_data")
-        train_annotation = str(generate_shapes_dataset(root / "train", synthetic_shapes, synthetic_image_size, seed))
+        train_annotation = str(
+            generate_shapes_dataset(root / "train", synthetic_shapes, synthetic_image_size, seed, classes=classes)
+        )
         val_annotation = str(
-            generate_shapes_dataset(root / "val", max(2, synthetic_shapes // 4), synthetic_image_size, seed + 10_000)
+            generate_shapes_dataset(root / "val", max(2, synthetic_shapes // 4), synthetic_image_size, seed + 10_000,
+                                    classes=classes)
         )
         train_images = val_images = None
     if train_annotation:

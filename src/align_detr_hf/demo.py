@@ -15,24 +15,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from .configuration_align_detr import AlignDetrConfig
-from .data import (
-    Compose,
-    RandomHorizontalFlip,
-    build_eval_transforms,
-    build_train_transforms,
-    collate_fn,
-    load_coco_folder,
-)
+from .convert_align_detr import is_previous_conversion
+from .data import build_eval_transforms, collate_fn, load_coco_folder
 from .evaluation import evaluate_model
-from .image_processing_align_detr import AlignDetrImageProcessor
+from .file_io import OutputPathError, atomic_directory, atomic_file, atomic_write_text, check_output_folder
 from .modeling_align_detr import AlignDetrForObjectDetection
 from .optim import build_optimizer, build_scheduler
+from .recipes import (
+    FROM_SCRATCH,
+    apply_recipe_to_model,
+    build_recipe_transforms,
+    describe_recipe,
+    eval_image_processor,
+    lr_milestones,
+    resolve_recipe,
+)
 from .synthetic import generate_shapes_dataset
 
 __all__ = ["build_parser", "demo_config", "main"]
@@ -45,13 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_val_images", type=int, default=100)
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--num_classes", type=int, default=3, choices=[1, 2, 3, 4], help="circle, square, triangle, cross")
-    p.add_argument("--steps", type=int, default=2000, help="optimisation steps")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup_steps", type=int, default=30)
+    # the training defaults are the `from_scratch` recipe's (align_detr_hf.recipes), shared with the example scripts
+    p.add_argument("--steps", type=int, default=FROM_SCRATCH.max_train_steps, help="optimisation steps")
+    p.add_argument("--batch_size", type=int, default=FROM_SCRATCH.batch_size)
+    p.add_argument("--lr", type=float, default=FROM_SCRATCH.learning_rate)
+    p.add_argument("--warmup_steps", type=int, default=FROM_SCRATCH.warmup_steps)
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--num_queries", type=int, default=30)
-    p.add_argument("--augment", choices=["reference", "flip", "none"], default="flip",
+    p.add_argument("--augment", choices=["reference", "flip", "none"], default=FROM_SCRATCH.augment,
                    help="'reference' = the full Align-DETR recipe scaled to image_size (slower to converge)")
     p.add_argument("--time_budget_s", type=float, default=480.0, help="stop training after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -59,6 +64,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score_threshold", type=float, default=0.3, help="for the drawing only")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError (one line, naming the flag) for arguments the demo cannot run with."""
+    at_least = {"num_train_images": 1, "num_val_images": 1, "image_size": 32, "steps": 0, "batch_size": 1,
+                "warmup_steps": 0, "num_queries": 1, "threads": 0}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} must be at least {low}, got {getattr(args, name)}.")
+    if args.d_model <= 0 or args.d_model % 32:
+        raise ValueError(
+            f"--d_model must be a positive multiple of 32 (the neck's GroupNorm has 32 groups), got {args.d_model}."
+        )
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}.")
+    if not args.time_budget_s > 0:
+        raise ValueError(f"--time_budget_s must be positive, got {args.time_budget_s}.")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise ValueError(f"--score_threshold must be between 0 and 1, got {args.score_threshold}.")
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before training if the outputs could not be written: a file in the way, a read-only folder, or a
+    `model/` folder holding something other than a previous demo model (it is replaced at the end)."""
+    check_output_folder(out, "--output_dir")
+    model_dir = out / "model"
+    if model_dir.exists() and not (
+        model_dir.is_dir() and (not any(model_dir.iterdir()) or is_previous_conversion(model_dir))
+    ):
+        raise OutputPathError(f"{model_dir} exists and is not a previous demo model; move it or choose another "
+                              "--output_dir.")
+    for name in ("metrics.json", "detections.png"):
+        if (out / name).is_dir():
+            raise OutputPathError(f"{out / name} is a folder; the demo writes a file there.")
 
 
 def demo_config(id2label: dict[int, str], d_model: int = 64, num_queries: int = 30) -> AlignDetrConfig:
@@ -109,18 +148,24 @@ def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict,
     canvas = Image.new("RGB", (cols * 256, rows * 256), (255, 255, 255))
     for i, tile in enumerate(tiles):
         canvas.paste(tile, ((i % cols) * 256, (i // cols) * 256))
-    canvas.save(path)
+    with atomic_file(path) as temp:
+        canvas.save(temp, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    try:  # impossible arguments and unwritable outputs: one line and exit code 2, before any work
+        check_args(args)
+        check_output_dir(Path(args.output_dir))
+    except (ValueError, OSError) as error:
+        print(f"align-detr demo: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
     start = time.perf_counter()
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     # ---- data
     from .synthetic import SHAPE_CLASSES
@@ -130,14 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
                                         seed=args.seed, classes=classes)
     val_ann = generate_shapes_dataset(out / "data" / "val", args.num_val_images, args.image_size,
                                       seed=args.seed + 10_000, classes=classes)
-    scale = args.image_size / 800.0
-    if args.augment == "reference":
-        train_tf = build_train_transforms(scale=scale)
-    elif args.augment == "flip":
-        train_tf = Compose([RandomHorizontalFlip(0.5)])  # keep the native size
-    else:
-        train_tf = None
-    train_set = load_coco_folder(train_ann, transforms=train_tf, seed=args.seed)
+    recipe = resolve_recipe(FROM_SCRATCH, {"augment": args.augment, "learning_rate": args.lr,
+                                           "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
+                                           "max_train_steps": args.steps})
+    scale = args.image_size / 800.0  # the native size: the eval resize keeps the images as they are
+    log(f"[demo] {describe_recipe(recipe, scale)}")
+    train_set = load_coco_folder(train_ann, transforms=build_recipe_transforms(recipe.augment, scale), seed=args.seed)
     val_set = load_coco_folder(val_ann, transforms=build_eval_transforms(scale=scale))
     log(f"[demo] {len(train_set)} train / {len(val_set)} val images of {args.image_size}px, classes {classes} "
         f"({time.perf_counter() - start:.1f}s)")
@@ -145,25 +188,27 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model: random init; from scratch the stem is trained too (the model freezes it for pretrained use)
     config = demo_config(train_set.id2label, args.d_model, args.num_queries)
     model = AlignDetrForObjectDetection(config)
-    model.model.backbone.model.embedder.requires_grad_(True)
-    optimizer = build_optimizer(model, lr=args.lr, backbone_lr_mult=1.0)
-    scheduler = build_scheduler(optimizer, warmup_steps=args.warmup_steps, warmup_start_factor=0.01,
-                                milestones=[int(args.steps * 0.8)])
+    apply_recipe_to_model(model, recipe)
+    optimizer = build_optimizer(model, recipe.learning_rate, recipe.weight_decay, recipe.backbone_lr_mult)
+    scheduler = build_scheduler(optimizer, warmup_steps=recipe.warmup_steps,
+                                warmup_start_factor=recipe.warmup_start_factor,
+                                milestones=lr_milestones(recipe, len(train_set) // recipe.batch_size, args.steps))
     log(f"[demo] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
     generator = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate_fn,
-                                         generator=generator, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate_fn,
+                                         generator=generator, drop_last=False)  # a lone short batch is a step
     model.train()
     step, epoch, train_start, running = 0, 0, time.perf_counter(), None
     stopped_early = False
     while step < args.steps and not stopped_early:
         train_set.set_epoch(epoch)
+        steps_before = step
         for batch in loader:
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -177,15 +222,15 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"[demo] time budget {args.time_budget_s:.0f}s reached after {step} steps; stopping training")
                 stopped_early = True
                 break
+        if step == steps_before:  # every loop must end: an epoch without a step would repeat forever
+            raise RuntimeError(f"the training loader yielded no batch in epoch {epoch}.")
         epoch += 1
     train_time = time.perf_counter() - train_start
 
     # ---- evaluation and drawing
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate_fn)
     metrics = evaluate_model(model, val_loader, val_set.coco_ground_truth())
-    processor = AlignDetrImageProcessor(  # the eval resize, for inference with the saved model
-        size={"shortest_edge": round(800 * scale), "longest_edge": round(1333 * scale)}
-    )
+    processor = eval_image_processor(scale)  # the eval resize, for inference with the saved model
     model.eval()
     with torch.no_grad():
         batch = collate_fn([val_set[i] for i in range(min(8, len(val_set)))])
@@ -193,8 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = [tuple(t["orig_size"].tolist()) for t in batch["labels"]]
     detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes, top_k=100)
     draw_detections(val_set, detections, out / "detections.png", config.id2label, args.score_threshold)
-    model.save_pretrained(out / "model")
-    processor.save_pretrained(out / "model")
+    with atomic_directory(out / "model", is_replaceable=is_previous_conversion) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
 
     result = {
         "metrics": metrics,
@@ -205,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "args": vars(args),
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     log(f"[demo] COCO bbox mAP {metrics['map']:.3f}  AP50 {metrics['map_50']:.3f}  AP75 {metrics['map_75']:.3f}  "
         f"AR@100 {metrics['mar_100']:.3f}  ({step} steps, {result['wall_seconds']:.0f}s total)")
     log(f"[demo] wrote {out / 'detections.png'} and {out / 'metrics.json'}")
