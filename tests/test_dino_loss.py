@@ -223,3 +223,66 @@ def test_model_trains_with_the_configured_loss_and_saves_the_choice(tmp_path):
     assert reloaded.config.loss_type == "dino" and type(reloaded.loss_function) is DinoLoss
     reloaded.config.loss_type = "align_detr"  # switching the loss of a loaded model is one assignment
     assert type(reloaded.loss_function) is AlignDetrLoss
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fine-tuning a converted model with either loss through both training scripts
+# ----------------------------------------------------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# a ~0.1 M-parameter model on 64 px synthetic shapes, 2 optimisation steps: a few seconds per run
+SCRIPT_ARGS = ["--synthetic_shapes", "8", "--synthetic_image_size", "64", "--image_scale", "0.08",
+               "--warmup_steps", "1", "--seed", "3", "--per_device_train_batch_size", "2"]
+STEPS_FLAG = {"train_trainer": ["--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"],
+              "train_accelerate": ["--max_train_steps", "2", "--no_eval", "--checkpointing_steps", "100"]}
+
+
+def _load_example(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}_dino", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _converted_checkpoint(folder, loss_type):
+    """Stands in for `align-detr convert` output: a saved model whose config carries its source's loss and, for a
+    DINO checkpoint, DINO's position encoding (temperature 20, offset 0)."""
+    dino = loss_type == "dino"
+    config = tiny_config(
+        d_model=32, num_queries=10, loss_type=loss_type, freeze_backbone_stages=1 if dino else 0,
+        position_embedding_temperature=20 if dino else 10000, position_embedding_offset=0.0 if dino else -0.5,
+    )
+    torch.manual_seed(0)
+    AlignDetrForObjectDetection(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("script", ["train_trainer", "train_accelerate"])
+@pytest.mark.parametrize("loss_type", ["align_detr", "dino"])
+def test_fine_tune_a_converted_model_with_the_other_loss(tmp_path, monkeypatch, script, loss_type):
+    """A converted DINO fine-tuned with --loss_type align_detr, and an Align-DETR one with --loss_type dino: every
+    training step uses the requested loss, and the saved model records it (the source's DINO settings stay)."""
+    source = "dino" if loss_type == "align_detr" else "align_detr"
+    checkpoint = _converted_checkpoint(tmp_path / "converted", source)
+    used = []
+    forward = AlignDetrLoss.forward  # DinoLoss inherits it
+
+    def recording_forward(self, outputs, targets):
+        used.append(type(self).__name__)
+        return forward(self, outputs, targets)
+
+    monkeypatch.setattr(AlignDetrLoss, "forward", recording_forward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # friendly to a 2-core runner
+    try:
+        _load_example(script).main([*SCRIPT_ARGS, *STEPS_FLAG[script], "--model_name_or_path", str(checkpoint),
+                                    "--loss_type", loss_type, "--output_dir", str(tmp_path / "out")])
+    finally:
+        torch.set_num_threads(threads)
+    expected = {"align_detr": "AlignDetrLoss", "dino": "DinoLoss"}[loss_type]
+    assert used == [expected] * 2  # two optimisation steps, each with the chosen loss only
+    saved = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
+    assert saved["loss_type"] == loss_type
+    assert saved["position_embedding_temperature"] == (20 if source == "dino" else 10000)
