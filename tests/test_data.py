@@ -197,3 +197,59 @@ def test_check_finite_batch_names_the_batch():
     batch = {"pixel_values": torch.zeros(1, 3, 2, 2), "labels": [{"boxes": torch.tensor([[0, 0, np.inf, 1.0]])}]}
     with pytest.raises(ValueError, match=r"batch 3: labels\[0\]"):
         check_finite_batch(batch, 3)
+
+
+@pytest.fixture
+def filter_folder(tmp_path):
+    """Six images for mmdet's filter_cfg: objects / crowd only / `ignore` only / degenerate box only / nothing /
+    an annotated image whose shorter side is 31 px."""
+    (tmp_path / "images").mkdir()
+    sizes = {1: (64, 48), 2: (64, 48), 3: (48, 64), 4: (64, 48), 5: (64, 48), 6: (31, 80)}  # id: (width, height)
+    images = []
+    for image_id, (w, h) in sizes.items():
+        Image.new("RGB", (w, h), (image_id * 30, 60, 90)).save(tmp_path / "images" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": w, "height": h})
+    box = [4, 4, 20, 16]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": 320, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 20, 10, 10], "area": 100, "iscrowd": 0,
+         "ignore": True},
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": box, "area": 320, "iscrowd": 1},
+        {"id": 4, "image_id": 3, "category_id": 1, "bbox": box, "area": 320, "iscrowd": 0, "ignore": 1},
+        {"id": 5, "image_id": 4, "category_id": 1, "bbox": [4, 4, 0.5, 16], "area": 8, "iscrowd": 0},
+        {"id": 6, "image_id": 6, "category_id": 1, "bbox": box, "area": 320, "iscrowd": 0},
+    ]
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    return load_coco_folder(tmp_path / "annotations.json")
+
+
+def test_filter_is_mmdet_filter_cfg(filter_folder):
+    ids = lambda ds: [r["image_id"] for r in ds.records]  # noqa: E731
+    # the reference filter_cfg=dict(filter_empty_gt=True, min_size=32): only the image without any annotation and the
+    # 31 px one go; crowd-only, ignore-only and degenerate-only images stay (mmdet counts any annotation of a known
+    # category through pycocotools' catToImgs)
+    assert ids(filter_folder.filter(filter_empty_gt=True, min_size=32)) == [1, 2, 3, 4]
+    assert ids(filter_folder.filter(filter_empty_gt=True, min_size=0)) == [1, 2, 3, 4, 6]
+    assert ids(filter_folder.filter(filter_empty_gt=False, min_size=32)) == [1, 2, 3, 4, 5]
+    assert ids(filter_folder.filter(filter_empty_gt=False, min_size=0)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_ignore_annotations_are_not_trained_on_but_kept_for_evaluation(filter_folder):
+    assert [a["ignore"] for a in filter_folder.records[0]["annotations"]] == [False, True]
+    labels = filter_folder[0]["labels"]  # image 1: one object, one `ignore`
+    torch.testing.assert_close(labels["boxes"], torch.tensor([[14 / 64, 12 / 48, 20 / 64, 16 / 48]]))
+    assert filter_folder[2]["labels"]["boxes"].shape == (0, 4)  # image 3: `ignore` only -> a negative image
+    assert filter_folder[1]["labels"]["boxes"].shape == (0, 4)  # image 2: crowd only
+    # pycocotools' COCOeval replaces `ignore` by `iscrowd`, so for evaluation these are ordinary boxes (as in mmdet)
+    assert len(filter_folder.coco_ground_truth()["annotations"]) == 6
+
+
+def test_epoch_pair_index_selects_that_epochs_augmentation(tmp_path):
+    ann = generate_shapes_dataset(tmp_path, num_images=2, image_size=64, seed=0)
+    ds = load_coco_folder(ann, transforms=build_train_transforms(scale=0.1), seed=1)
+    ds.set_epoch(5)
+    at_five = ds[1]
+    ds.set_epoch(0)
+    assert torch.equal(ds[(1, 5)]["pixel_values"], at_five["pixel_values"])
+    assert torch.equal(ds[(1, 5)]["labels"]["boxes"], at_five["labels"]["boxes"])
