@@ -250,7 +250,7 @@ def test_zero_and_500_objects_in_one_batch(model, train):
     assert torch.isfinite(out.loss) and out.loss > 0
     assert all(torch.isfinite(v) for v in out.loss_dict.values())
     if train:
-        assert out.denoising_meta["max_gt"] == 500 and out.denoising_meta["num_groups"] == 1
+        assert out.denoising_max_gt == 500 and out.num_denoising_groups == 1
         out.loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         model.zero_grad()

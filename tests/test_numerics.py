@@ -85,3 +85,51 @@ def test_nan_image_in_a_training_batch_is_refused_with_its_index():
     with pytest.raises(ValueError, match="non-finite values in pixel_values of image 1"):
         model(pixel_values, labels=labels)
     assert all(p.grad is None for p in model.parameters())  # nothing was touched
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_integer_class_labels_of_any_width_train_like_int64(dtype):
+    """Issue 15: int32/uint8 labels passed validation, then failed in the denoising builder's scatter()."""
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config()).train()
+    pixel_values, labels = _batch()
+
+    def loss_with(label_dtype):
+        torch.manual_seed(1)  # the same denoising draws
+        narrowed = [{**t, "class_labels": t["class_labels"].to(label_dtype)} for t in labels]
+        return model(pixel_values, labels=narrowed)
+
+    expected, out = loss_with(torch.int64), loss_with(dtype)
+    assert torch.equal(out.loss, expected.loss)
+    assert all(torch.equal(out.loss_dict[k], expected.loss_dict[k]) for k in expected.loss_dict)
+    out.loss.backward()
+    assert labels[0]["class_labels"].dtype == torch.int64  # the caller's labels are not modified
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 0.05), (torch.bfloat16, 0.3)], ids=["half", "bf16"])
+def test_half_and_bf16_models_run_on_cpu(dtype, atol):
+    """Issue 15: `model.half()` / `model.to(torch.bfloat16)` failed inside the deformable-attention op. The model now
+    computes in its own dtype (float32 images are converted) and stays close to the float32 model."""
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config()).eval()
+    pixel_values, labels = _batch()
+    with torch.no_grad():
+        expected = model(pixel_values)
+        model.to(dtype)
+        out = model(pixel_values)  # float32 images, as the image processor returns them
+        out_same_dtype = model(pixel_values.to(dtype))
+    assert out.logits.dtype == dtype and torch.equal(out.logits, out_same_dtype.logits)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.pred_boxes).all()
+    # per position the encoder agrees with float32 to the dtype's precision (bf16: 8 mantissa bits, fp16: 11). The
+    # decoder is not compared query by query: near-tied proposals may swap ranks, and a rank has its own content query
+    torch.testing.assert_close(out.encoder_last_hidden_state.float(), expected.encoder_last_hidden_state, atol=atol, rtol=0)
+    order, expected_order = out.enc_topk_indices.sort(1), expected.enc_topk_indices.sort(1)
+    assert torch.equal(order.values, expected_order.values)  # the same proposals are selected
+    ours = out.enc_topk_logits.float().gather(1, order.indices[..., None].expand(-1, -1, 3))
+    reference = expected.enc_topk_logits.gather(1, expected_order.indices[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(ours, reference, atol=atol, rtol=0)
+    model.train()
+    loss = model(pixel_values, labels=labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -73,17 +73,8 @@ class AlignDetrConfig(PreTrainedConfig):
     model_type = "align_detr"
     sub_configs = {"backbone_config": AutoConfig}
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "encoder_attention_heads"}
-    keys_to_ignore_at_inference = [
-        "intermediate_logits",
-        "intermediate_pred_boxes",
-        "enc_topk_logits",
-        "enc_topk_boxes",
-        "enc_topk_indices",
-        "dn_logits",
-        "dn_pred_boxes",
-        "last_hidden_state",
-        "encoder_last_hidden_state",
-    ]
+    # `keys_to_ignore_at_inference` (what Trainer drops from predictions) is derived from the output dataclass in
+    # modeling_align_detr.py, so the field list lives in one place.
 
     backbone_config: dict | PreTrainedConfig | None = None
     freeze_backbone_stages: int = 0

@@ -7,7 +7,8 @@ Reading order: output dataclasses, building blocks, the denoising query generato
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +33,17 @@ from .ms_deform_attn import multi_scale_deformable_attention
 class AlignDetrModelOutput(ModelOutput):
     """
     Outputs of [`AlignDetrModel`]. B = batch, Q = matching queries, D = denoising queries (training with labels
-    only, else 0), L = decoder layers, S = encoder positions over all levels.
+    only, else 0), L = decoder layers, E = encoder layers, S = encoder positions over all levels, H = attention
+    heads, P = sampling points per head and level.
+
+    LAYER-FIRST: the `intermediate_*` tensors put the layer axis first, `(L, B, ...)`, as mmdetection and our loss
+    do. Deformable DETR's `intermediate_hidden_states` in transformers is batch-first `(B, L, ...)`: use
+    `.transpose(0, 1)` for its layout. The `intermediate_*` tensors and the decoder's hidden states and attentions
+    cover all D + Q queries, denoising queries first.
 
     Args:
         last_hidden_state (`(B, Q, d_model)`): last decoder layer after the decoder's final LayerNorm.
-        intermediate_hidden_states (`(L, B, D + Q, d_model)`): every decoder layer after the final LayerNorm,
-            denoising queries first.
+        intermediate_hidden_states (`(L, B, D + Q, d_model)`): every decoder layer after the final LayerNorm.
         intermediate_reference_points (`(L + 1, B, D + Q, 4)`): reference boxes (sigmoid cxcywh); [0] are the
             initial ones, [l + 1] those refined by layer l (not detached: look forward twice).
         intermediate_pred_boxes (`(L, B, D + Q, 4)`): box predictions of every layer (sigmoid cxcywh).
@@ -45,7 +51,19 @@ class AlignDetrModelOutput(ModelOutput):
         enc_topk_logits (`(B, Q, num_labels)`), enc_topk_boxes (`(B, Q, 4)`): class logits and boxes of the
             proposals picked by two-stage query selection; the boxes are the decoder's first references.
         enc_topk_indices (`(B, Q)`): their flat encoder positions, in descending order of max class logit.
-        denoising_meta (`dict`): `num_denoising_queries`, `num_groups`, `max_gt` of the denoising part.
+        num_denoising_queries (`int`), num_denoising_groups (`int`), denoising_max_gt (`int`): the denoising part,
+            D = 2 * denoising_max_gt * num_denoising_groups (None without denoising queries).
+        encoder_hidden_states (`tuple` of E + 1 `(B, S, d_model)`, with `output_hidden_states`): the flattened
+            multi-level features entering the encoder (no position embedding), then the output of every encoder layer.
+        encoder_attentions (`tuple` of E `(B, S, H, num_feature_levels, P)`, with `output_attentions`): the
+            deformable-attention weights of every encoder layer (softmaxed over levels x points).
+        decoder_hidden_states (`tuple` of L + 1 `(B, D + Q, d_model)`, with `output_hidden_states`): the decoder's
+            input queries, then the output of every decoder layer (before the final LayerNorm, i.e. what the next
+            layer receives).
+        decoder_attentions (`tuple` of L `(B, H, D + Q, D + Q)`, with `output_attentions`): self-attention weights
+            of every decoder layer (0 where the denoising mask forbids attending).
+        cross_attentions (`tuple` of L `(B, D + Q, H, num_feature_levels, P)`, with `output_attentions`): the
+            deformable cross-attention weights of every decoder layer.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -56,13 +74,21 @@ class AlignDetrModelOutput(ModelOutput):
     enc_topk_logits: torch.FloatTensor | None = None
     enc_topk_boxes: torch.FloatTensor | None = None
     enc_topk_indices: torch.LongTensor | None = None
-    denoising_meta: dict | None = None
+    num_denoising_queries: int | None = None
+    num_denoising_groups: int | None = None
+    denoising_max_gt: int | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class AlignDetrObjectDetectionOutput(ModelOutput):
     """
-    Outputs of [`AlignDetrForObjectDetection`]; shapes as in [`AlignDetrModelOutput`], C = num_labels.
+    Outputs of [`AlignDetrForObjectDetection`]; shapes and the LAYER-FIRST `intermediate_*` layout as in
+    [`AlignDetrModelOutput`], C = num_labels.
 
     Args:
         loss (`()`, with `labels`): sum of `loss_dict`.
@@ -70,15 +96,18 @@ class AlignDetrObjectDetectionOutput(ModelOutput):
         logits (`(B, Q, C)`), pred_boxes (`(B, Q, 4)`): last decoder layer, matching queries only. Boxes are
             sigmoid cxcywh relative to the unpadded image; use the image processor's
             `post_process_object_detection`.
-        intermediate_logits (`(L, B, Q, C)`), intermediate_pred_boxes (`(L, B, Q, 4)`): every decoder layer.
+        intermediate_logits (`(L, B, Q, C)`), intermediate_pred_boxes (`(L, B, Q, 4)`): every decoder layer,
+            layer-first, matching queries only.
         enc_topk_logits, enc_topk_boxes, enc_topk_indices: the selected encoder proposals.
         dn_logits (`(L, B, D, C)`), dn_pred_boxes (`(L, B, D, 4)`): denoising queries (training with labels).
-        denoising_meta (`dict`): see [`AlignDetrModelOutput`].
+        num_denoising_queries, num_denoising_groups, denoising_max_gt (`int`): see [`AlignDetrModelOutput`].
         last_hidden_state (`(B, Q, d_model)`), encoder_last_hidden_state (`(B, S, d_model)`).
+        encoder_hidden_states, encoder_attentions, decoder_hidden_states, decoder_attentions, cross_attentions:
+            with `output_hidden_states` / `output_attentions`, see [`AlignDetrModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
-    loss_dict: dict | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
     logits: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     intermediate_logits: torch.FloatTensor | None = None
@@ -88,9 +117,24 @@ class AlignDetrObjectDetectionOutput(ModelOutput):
     enc_topk_indices: torch.LongTensor | None = None
     dn_logits: torch.FloatTensor | None = None
     dn_pred_boxes: torch.FloatTensor | None = None
-    denoising_meta: dict | None = None
+    num_denoising_queries: int | None = None
+    num_denoising_groups: int | None = None
+    denoising_max_gt: int | None = None
     last_hidden_state: torch.FloatTensor | None = None
     encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# What `Trainer` keeps of the outputs when it gathers predictions: loss, the loss terms and the last layer.
+# Everything else is dropped (`config.keys_to_ignore_at_inference`, derived here so the two cannot drift apart).
+PREDICTION_OUTPUT_KEYS = ("loss", "loss_dict", "logits", "pred_boxes")
+AlignDetrConfig.keys_to_ignore_at_inference = [
+    field.name for field in fields(AlignDetrObjectDetectionOutput) if field.name not in PREDICTION_OUTPUT_KEYS
+]
 
 
 @dataclass
@@ -248,10 +292,11 @@ class AlignDetrMultiscaleDeformableAttention(nn.Module):
         reference_points: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
         offset_normalizer: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """query (B, Nq, d) with position added; value (B, Nv, d); value_padding_mask (B, Nv) True = padding;
         reference_points (B, Nq, n_levels, 2 or 4) normalised; offset_normalizer (n_levels, 2) = (W, H) of each
-        level, needed with 2-d reference points; returns (B, Nq, d)."""
+        level, needed with 2-d reference points. Returns the output (B, Nq, d) and the attention weights
+        (B, Nq, n_heads, n_levels, n_points), which cost nothing to return."""
         batch, num_queries, _ = query.shape
         value = self.value_proj(value)
         if value_padding_mask is not None:
@@ -270,7 +315,7 @@ class AlignDetrMultiscaleDeformableAttention(nn.Module):
                 + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
         output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
-        return self.output_proj(output)
+        return self.output_proj(output), weights
 
 
 class AlignDetrSelfAttention(nn.Module):
@@ -284,17 +329,32 @@ class AlignDetrSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.o_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, query_key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """attn_mask: (N, N) bool, True = may not attend."""
+    def forward(
+        self,
+        query_key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """attn_mask: (N, N) bool, True = may not attend. Returns the output (B, N, d) and, with
+        `output_attentions`, the weights (B, n_heads, N, N) from an explicit softmax (SDPA cannot return them)."""
         batch, length, d_model = value.shape
 
         def heads(x):
             return x.view(batch, length, self.n_heads, d_model // self.n_heads).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(query_key)), heads(self.k_proj(query_key)), heads(self.v_proj(value))
-        allowed = None if attn_mask is None else ~attn_mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+        weights = None
+        if output_attentions:
+            scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
+            if attn_mask is not None:
+                scores = scores.masked_fill(attn_mask, float("-inf"))
+            weights = scores.softmax(-1)
+            out = weights @ v
+        else:
+            allowed = None if attn_mask is None else ~attn_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, d_model)), weights
 
 
 class AlignDetrEncoderLayer(GradientCheckpointingLayer):
@@ -314,12 +374,13 @@ class AlignDetrEncoderLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, hidden_states, position_embeddings, padding_mask, reference_points, spatial_shapes, normalizer):
-        attended = self.self_attn(
+        """Returns the new hidden states and the deformable-attention weights."""
+        attended, attention_weights = self.self_attn(
             hidden_states + position_embeddings, hidden_states, padding_mask, reference_points, spatial_shapes, normalizer
         )
         hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
         ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
-        return self.final_layer_norm(hidden_states + self.dropout(ffn))
+        return self.final_layer_norm(hidden_states + self.dropout(ffn)), attention_weights
 
 
 class AlignDetrDecoderLayer(GradientCheckpointingLayer):
@@ -341,16 +402,28 @@ class AlignDetrDecoderLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(
-        self, hidden_states, query_pos, self_attn_mask, memory, memory_padding_mask, reference_points, spatial_shapes
+        self,
+        hidden_states,
+        query_pos,
+        self_attn_mask,
+        memory,
+        memory_padding_mask,
+        reference_points,
+        spatial_shapes,
+        output_attentions: bool = False,
     ):
-        attended = self.self_attn(hidden_states + query_pos, hidden_states, self_attn_mask)
+        """Returns the new hidden states, the self-attention weights (None unless `output_attentions`) and the
+        deformable cross-attention weights."""
+        attended, self_attention = self.self_attn(
+            hidden_states + query_pos, hidden_states, self_attn_mask, output_attentions=output_attentions
+        )
         hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
-        attended = self.encoder_attn(
+        attended, cross_attention = self.encoder_attn(
             hidden_states + query_pos, memory, memory_padding_mask, reference_points, spatial_shapes
         )
         hidden_states = self.encoder_attn_layer_norm(hidden_states + self.dropout(attended))
         ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
-        return self.final_layer_norm(hidden_states + self.dropout(ffn))
+        return self.final_layer_norm(hidden_states + self.dropout(ffn)), self_attention, cross_attention
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,7 +457,8 @@ def build_denoising_queries(
     label_query = torch.zeros(batch, total, d_model, device=device, dtype=label_embedding.weight.dtype)
     box_query = torch.zeros(batch, total, 4, device=device)
     if max_gt > 0:
-        labels = torch.cat([t["class_labels"] for t in targets]).to(device)
+        # int64 whatever integer type the caller used (int32/uint8 labels would fail in scatter)
+        labels = torch.cat([t["class_labels"] for t in targets]).to(device=device, dtype=torch.long)
         boxes = box_cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).to(device).float())
         num_boxes = len(labels)
 
@@ -528,6 +602,12 @@ def _torch_default_init(linear: nn.Linear) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class AlignDetrEncoderOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, S, d)
+    hidden_states: tuple[torch.Tensor, ...] | None  # input + every layer, with output_hidden_states
+    attentions: tuple[torch.Tensor, ...] | None  # every layer's deformable-attention weights, with output_attentions
+
+
 class AlignDetrEncoder(nn.Module):
     def __init__(self, config: AlignDetrConfig):
         super().__init__()
@@ -539,8 +619,8 @@ class AlignDetrEncoder(nn.Module):
         points = []
         for level, (height, width) in enumerate(spatial_shapes):
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
+                torch.arange(height, dtype=torch.float32, device=valid_ratios.device) + 0.5,  # not linspace: export-safe
+                torch.arange(width, dtype=torch.float32, device=valid_ratios.device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -548,15 +628,46 @@ class AlignDetrEncoder(nn.Module):
             points.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, features, position_embeddings, padding_mask, spatial_shapes, valid_ratios):
+    def forward(
+        self,
+        features,
+        position_embeddings,
+        padding_mask,
+        spatial_shapes,
+        valid_ratios,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> AlignDetrEncoderOutput:
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         # (W, H) per level, filled on the device (a host tensor would cost a host-to-device sync per forward)
         normalizer = features.new_empty(len(spatial_shapes), 2, dtype=torch.float32)
         for level, (height, width) in enumerate(spatial_shapes):
             normalizer[level, 0], normalizer[level, 1] = width, height
+        all_hidden_states = [features] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for layer in self.layers:
-            features = layer(features, position_embeddings, padding_mask, reference_points, spatial_shapes, normalizer)
-        return features
+            # tensors positional: gradient checkpointing (reentrant) only sees positional inputs
+            features, attention_weights = layer(
+                features, position_embeddings, padding_mask, reference_points, spatial_shapes, normalizer
+            )
+            if output_hidden_states:
+                all_hidden_states.append(features)
+            if output_attentions:
+                all_attentions.append(attention_weights)
+        return AlignDetrEncoderOutput(
+            last_hidden_state=features,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+
+
+class AlignDetrDecoderOutput(NamedTuple):
+    hidden_states: torch.Tensor  # (L, B, N, d) every layer after the final LayerNorm
+    references: torch.Tensor  # (L + 1, B, N, 4)
+    pred_boxes: torch.Tensor  # (L, B, N, 4)
+    all_hidden_states: tuple[torch.Tensor, ...] | None  # input + every layer (not normed), with output_hidden_states
+    self_attentions: tuple[torch.Tensor, ...] | None  # with output_attentions
+    cross_attentions: tuple[torch.Tensor, ...] | None  # with output_attentions
 
 
 class AlignDetrDecoder(nn.Module):
@@ -574,17 +685,39 @@ class AlignDetrDecoder(nn.Module):
         self.layer_norm = nn.LayerNorm(d)
         self.bbox_embed = nn.ModuleList(AlignDetrMLP(d, d, 4, 3) for _ in range(config.decoder_layers))
 
-    def forward(self, queries, reference_points, memory, memory_padding_mask, spatial_shapes, valid_ratios, attn_mask):
-        """queries (B, N, d); reference_points (B, N, 4) sigmoid cxcywh, detached; returns normed hidden states
-        (L, B, N, d), references (L + 1, B, N, 4) and predicted boxes (L, B, N, 4)."""
+    def forward(
+        self,
+        queries,
+        reference_points,
+        memory,
+        memory_padding_mask,
+        spatial_shapes,
+        valid_ratios,
+        attn_mask,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> AlignDetrDecoderOutput:
+        """queries (B, N, d); reference_points (B, N, 4) sigmoid cxcywh, detached; attn_mask (N, N) bool or None."""
         num_feats = queries.shape[-1] // 2
         box_ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, levels, 4)
         hidden_states, references, pred_boxes = [], [reference_points], []
+        all_hidden_states = [queries] if output_hidden_states else None
+        self_attentions, cross_attentions = ([], []) if output_attentions else (None, None)
         for layer, bbox_head in zip(self.layers, self.bbox_embed):
             reference_input = reference_points[:, :, None] * box_ratios
-            query_pos = self.reference_points_head(box_sine_embedding(reference_input[:, :, 0], num_feats))
-            queries = layer(
-                queries, query_pos, attn_mask, memory, memory_padding_mask, reference_input, spatial_shapes
+            query_pos = self.reference_points_head(
+                box_sine_embedding(reference_input[:, :, 0], num_feats).to(queries.dtype)
+            )
+            # tensors positional: gradient checkpointing (reentrant) only sees positional inputs
+            queries, self_attention, cross_attention = layer(
+                queries,
+                query_pos,
+                attn_mask,
+                memory,
+                memory_padding_mask,
+                reference_input,
+                spatial_shapes,
+                output_attentions=output_attentions,
             )
             new_reference = (bbox_head(queries) + inverse_sigmoid(reference_points, eps=1e-3)).sigmoid()
             normed = self.layer_norm(queries)
@@ -593,12 +726,42 @@ class AlignDetrDecoder(nn.Module):
             hidden_states.append(normed)
             references.append(new_reference)
             reference_points = new_reference.detach()
-        return torch.stack(hidden_states), torch.stack(references), torch.stack(pred_boxes)
+            if output_hidden_states:
+                all_hidden_states.append(queries)
+            if output_attentions:
+                self_attentions.append(self_attention)
+                cross_attentions.append(cross_attention)
+        return AlignDetrDecoderOutput(
+            hidden_states=torch.stack(hidden_states),
+            references=torch.stack(references),
+            pred_boxes=torch.stack(pred_boxes),
+            all_hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            self_attentions=tuple(self_attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions else None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class AlignDetrFeatureLevels(NamedTuple):
+    """The neck's output, flattened over all levels (S positions)."""
+
+    features: torch.Tensor  # (B, S, d)
+    position_embeddings: torch.Tensor  # (B, S, d), level embedding included
+    padding_mask: torch.Tensor  # (B, S) bool, True = padding
+    spatial_shapes: list[tuple[int, int]]  # (H_l, W_l) per level
+    valid_ratios: torch.Tensor  # (B, levels, 2): (w, h) fraction of each map that is real pixels, >= 1 cell
+
+
+class AlignDetrQuerySelection(NamedTuple):
+    """The top-Q encoder proposals of two-stage query selection."""
+
+    logits: torch.Tensor  # (B, Q, C)
+    coords_unact: torch.Tensor  # (B, Q, 4) inverse-sigmoid cxcywh, not detached (the encoder loss trains them)
+    indices: torch.Tensor  # (B, Q) flat encoder positions
 
 
 class AlignDetrModel(AlignDetrPreTrainedModel):
@@ -627,7 +790,7 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         self.decoder = AlignDetrDecoder(config)
         self.post_init()
 
-    def _multi_level_features(self, pixel_values, pixel_mask):
+    def _multi_level_features(self, pixel_values, pixel_mask) -> AlignDetrFeatureLevels:
         """Backbone + neck -> flattened features, position embeddings, padding masks and level geometry."""
         feature_maps = self.backbone(pixel_values)
         levels = [proj(fm) for proj, fm in zip(self.input_proj, feature_maps)]
@@ -647,15 +810,15 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
             masks.append(mask.flatten(1))
             spatial_shapes.append((height, width))
             valid = ~mask
-            valid_ratios.append(
-                torch.stack([valid[:, 0, :].sum(1) / width, valid[:, :, 0].sum(1) / height], -1).float()
-            )
-        return (
-            torch.cat(features, 1),
-            torch.cat(positions, 1),
-            torch.cat(masks, 1),
-            spatial_shapes,
-            torch.stack(valid_ratios, 1),
+            # at least one cell: an all-padding image (a legal, empty batch member) must not divide by zero
+            valid_width, valid_height = valid[:, 0, :].sum(1).clamp(min=1), valid[:, :, 0].sum(1).clamp(min=1)
+            valid_ratios.append(torch.stack([valid_width / width, valid_height / height], -1).float())
+        return AlignDetrFeatureLevels(
+            features=torch.cat(features, 1),
+            position_embeddings=torch.cat(positions, 1),
+            padding_mask=torch.cat(masks, 1),
+            spatial_shapes=spatial_shapes,
+            valid_ratios=torch.stack(valid_ratios, 1),
         )
 
     @staticmethod
@@ -666,10 +829,11 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         proposals, start = [], 0
         for level, (height, width) in enumerate(spatial_shapes):
             valid = ~padding_mask[:, start : start + height * width].view(batch, height, width)
-            scale = torch.stack([valid[:, 0, :].sum(1), valid[:, :, 0].sum(1)], -1).view(batch, 1, 1, 2)
+            # clamped like the valid ratios: an all-padding image has every proposal invalid, none divided by 0
+            scale = torch.stack([valid[:, 0, :].sum(1), valid[:, :, 0].sum(1)], -1).clamp(min=1).view(batch, 1, 1, 2)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+                torch.arange(height, dtype=torch.float32, device=memory.device),  # not linspace: export-safe
+                torch.arange(width, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = (torch.stack([grid_x, grid_y], -1)[None].expand(batch, -1, -1, -1) + 0.5) / scale
@@ -681,29 +845,9 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         proposals = torch.log(proposals / (1 - proposals)).masked_fill(invalid, float("inf"))
         return memory.masked_fill(invalid, 0.0), proposals
 
-    def forward(
-        self,
-        pixel_values: torch.FloatTensor,
-        pixel_mask: torch.LongTensor | None = None,
-        labels: list[dict] | None = None,
-        denoising_queries: AlignDetrDenoisingQueries | None = None,
-        **kwargs,
-    ) -> AlignDetrModelOutput:
-        r"""
-        pixel_values (`(B, 3, H, W)`): normalised images, zero-padded bottom/right to a common size.
-        pixel_mask (`(B, H, W)`, *optional*): 1 for real pixels, 0 for padding. Defaults to all ones.
-        labels (`list[dict]`, *optional*): per image `class_labels` (n,) and `boxes` (n, 4) normalised cxcywh.
-            In training mode they are used to draw contrastive denoising queries.
-        denoising_queries (`AlignDetrDenoisingQueries`, *optional*): use these instead of drawing new ones.
-        """
-        pixel_mask = _check_inputs(pixel_values, pixel_mask)
-        features, positions, padding_mask, spatial_shapes, valid_ratios = self._multi_level_features(
-            pixel_values, pixel_mask
-        )
-        memory = self.encoder(features, positions, padding_mask, spatial_shapes, valid_ratios)
-
-        # two-stage query selection: top-k positions by max class logit of the encoder head
-        output_memory, proposals = self._encoder_proposals(memory, padding_mask, spatial_shapes)
+    def _select_queries(self, memory, levels: AlignDetrFeatureLevels) -> AlignDetrQuerySelection:
+        """Two-stage query selection: the top-Q encoder positions by max class logit of the encoder head."""
+        output_memory, proposals = self._encoder_proposals(memory, levels.padding_mask, levels.spatial_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_logits = self.enc_score_head(output_memory)
         num_queries = min(self.config.num_queries, enc_logits.shape[1])
@@ -711,53 +855,130 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         topk_logits = enc_logits.gather(1, topk_indices[..., None].expand(-1, -1, enc_logits.shape[-1]))
         # the box head is per position: run it on the selected positions only
         topk_memory = output_memory.gather(1, topk_indices[..., None].expand(-1, -1, output_memory.shape[-1]))
-        topk_coords_unact = self.enc_bbox_head(topk_memory) + proposals.gather(
-            1, topk_indices[..., None].expand(-1, -1, 4)
+        topk_proposals = proposals.gather(1, topk_indices[..., None].expand(-1, -1, 4))
+        return AlignDetrQuerySelection(
+            logits=topk_logits,
+            coords_unact=self.enc_bbox_head(topk_memory) + topk_proposals,
+            indices=topk_indices,
         )
 
-        batch = pixel_values.shape[0]
-        queries = self.query_embedding.weight[:num_queries][None].expand(batch, -1, -1)
-        reference_unact = topk_coords_unact.detach()
-        attn_mask, denoising_meta = None, None
-        if denoising_queries is None and self.training and labels is not None and self.config.num_denoising_queries > 0:
-            denoising_queries = build_denoising_queries(
-                labels,
-                self.denoising_class_embed,
-                self.config.num_labels,
-                num_queries,
-                self.config.num_denoising_queries,
-                self.config.label_noise_ratio,
-                self.config.box_noise_scale,
-            )
+    def _denoising_queries(self, labels, denoising_queries, num_queries: int):
+        """The given denoising queries, else new ones when training with labels, else None."""
         if denoising_queries is not None:
-            queries = torch.cat([denoising_queries.label_query.to(queries.dtype), queries], 1)
-            reference_unact = torch.cat([denoising_queries.box_query_unact.to(reference_unact.dtype), reference_unact], 1)
-            attn_mask = denoising_queries.attn_mask if denoising_queries.num_queries > 0 else None
-            denoising_meta = {
-                "num_denoising_queries": denoising_queries.num_queries,
-                "num_groups": denoising_queries.num_groups,
-                "max_gt": denoising_queries.max_gt,
-            }
-        hidden_states, references, pred_boxes = self.decoder(
-            queries, reference_unact.sigmoid(), memory, padding_mask, spatial_shapes, valid_ratios, attn_mask
+            return denoising_queries
+        if not (self.training and labels is not None and self.config.num_denoising_queries > 0):
+            return None
+        return build_denoising_queries(
+            targets=labels,
+            label_embedding=self.denoising_class_embed,
+            num_labels=self.config.num_labels,
+            num_matching_queries=num_queries,
+            num_denoising_queries=self.config.num_denoising_queries,
+            label_noise_ratio=self.config.label_noise_ratio,
+            box_noise_scale=self.config.box_noise_scale,
         )
-        return AlignDetrModelOutput(
-            last_hidden_state=hidden_states[-1, :, -num_queries:],
-            intermediate_hidden_states=hidden_states,
-            intermediate_reference_points=references,
-            intermediate_pred_boxes=pred_boxes,
+
+    def _decoder_inputs(self, selection: AlignDetrQuerySelection, denoising_queries):
+        """Content queries, inverse-sigmoid reference boxes (detached) and the self-attention mask of the decoder:
+        learnt content queries on the selected proposals, denoising queries (if any) first."""
+        batch, num_queries = selection.indices.shape
+        queries = self.query_embedding.weight[:num_queries][None].expand(batch, -1, -1)
+        reference_unact = selection.coords_unact.detach()
+        if denoising_queries is None:
+            return queries, reference_unact, None
+        queries = torch.cat([denoising_queries.label_query.to(queries.dtype), queries], 1)
+        reference_unact = torch.cat([denoising_queries.box_query_unact.to(reference_unact.dtype), reference_unact], 1)
+        attn_mask = denoising_queries.attn_mask if denoising_queries.num_queries > 0 else None
+        return queries, reference_unact, attn_mask
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        pixel_mask: torch.LongTensor | None = None,
+        labels: list[dict] | None = None,
+        denoising_queries: AlignDetrDenoisingQueries | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AlignDetrModelOutput | tuple:
+        r"""
+        pixel_values (`(B, 3, H, W)`): normalised images, zero-padded bottom/right to a common size.
+        pixel_mask (`(B, H, W)`, *optional*): 1 for real pixels, 0 for padding (transformers' convention; the
+            original DETR's 1 = padding is refused). Real pixels must fill a top-left rectangle, as the image
+            processor pads; an all-zero mask (an empty batch slot) gives finite, meaningless predictions.
+            Defaults to all ones.
+        labels (`list[dict]`, *optional*): per image `class_labels` (n,) and `boxes` (n, 4) normalised cxcywh.
+            In training mode they are used to draw contrastive denoising queries.
+        denoising_queries (`AlignDetrDenoisingQueries`, *optional*): use these instead of drawing new ones.
+        output_attentions, output_hidden_states, return_dict (`bool`, *optional*): default to the config's.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        pixel_values, pixel_mask = _check_inputs(pixel_values, pixel_mask, self.dtype)
+
+        levels = self._multi_level_features(pixel_values, pixel_mask)
+        encoder_output = self.encoder(
+            features=levels.features,
+            position_embeddings=levels.position_embeddings,
+            padding_mask=levels.padding_mask,
+            spatial_shapes=levels.spatial_shapes,
+            valid_ratios=levels.valid_ratios,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        memory = encoder_output.last_hidden_state
+        selection = self._select_queries(memory, levels)
+        num_queries = selection.indices.shape[1]
+        denoising_queries = self._denoising_queries(labels, denoising_queries, num_queries)
+        queries, reference_unact, attn_mask = self._decoder_inputs(selection, denoising_queries)
+        decoder_output = self.decoder(
+            queries=queries,
+            reference_points=reference_unact.sigmoid(),
+            memory=memory,
+            memory_padding_mask=levels.padding_mask,
+            spatial_shapes=levels.spatial_shapes,
+            valid_ratios=levels.valid_ratios,
+            attn_mask=attn_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+
+        output = AlignDetrModelOutput(
+            last_hidden_state=decoder_output.hidden_states[-1, :, -num_queries:],
+            intermediate_hidden_states=decoder_output.hidden_states,
+            intermediate_reference_points=decoder_output.references,
+            intermediate_pred_boxes=decoder_output.pred_boxes,
             encoder_last_hidden_state=memory,
-            enc_topk_logits=topk_logits,
-            enc_topk_boxes=topk_coords_unact.sigmoid(),
-            enc_topk_indices=topk_indices,
-            denoising_meta=denoising_meta,
+            enc_topk_logits=selection.logits,
+            enc_topk_boxes=selection.coords_unact.sigmoid(),
+            enc_topk_indices=selection.indices,
+            num_denoising_queries=None if denoising_queries is None else denoising_queries.num_queries,
+            num_denoising_groups=None if denoising_queries is None else denoising_queries.num_groups,
+            denoising_max_gt=None if denoising_queries is None else denoising_queries.max_gt,
+            encoder_hidden_states=encoder_output.hidden_states,
+            encoder_attentions=encoder_output.attentions,
+            decoder_hidden_states=decoder_output.all_hidden_states,
+            decoder_attentions=decoder_output.self_attentions,
+            cross_attentions=decoder_output.cross_attentions,
         )
+        return output if return_dict else output.to_tuple()
 
 
-def _check_inputs(pixel_values, pixel_mask):
-    """Shape checks; returns the pixel mask (all ones when not given)."""
+def _check_inputs(pixel_values, pixel_mask, model_dtype):
+    """Shape and mask checks; returns pixel values in the model's dtype and the pixel mask (all ones if not given).
+
+    A mask must be 0/1 (or bool) with the real pixels (1) filling a top-left rectangle of each image, the layout
+    the valid ratios, position embeddings and proposals assume. Checking that costs one small device read; it is
+    skipped while tracing or compiling (export), where the caller vouches for the mask.
+    """
     if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be (batch, 3, height, width), got {tuple(pixel_values.shape)}.")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values must be floating point (normalised images), got {pixel_values.dtype}.")
     batch, _, height, width = pixel_values.shape
     if pixel_mask is None:
         pixel_mask = torch.ones(batch, height, width, dtype=torch.long, device=pixel_values.device)
@@ -766,7 +987,66 @@ def _check_inputs(pixel_values, pixel_mask):
             f"pixel_mask must be (batch, height, width) = {(batch, height, width)} to match pixel_values, "
             f"got {tuple(pixel_mask.shape)}."
         )
-    return pixel_mask
+    elif not _is_tracing():
+        _check_pixel_mask(pixel_mask)
+    # e.g. a half/bf16 model fed float32 images (what the image processor returns): convert, do not fail in a conv
+    if pixel_values.dtype != model_dtype:
+        pixel_values = pixel_values.to(model_dtype)
+    return pixel_values, pixel_mask
+
+
+def _is_tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    exporting = getattr(compiler, "is_exporting", lambda: False)()
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or compiler.is_compiling() or exporting
+
+
+def _check_pixel_mask(pixel_mask: torch.Tensor) -> None:
+    """Raise a ValueError naming the image and the problem for a mask the model cannot honour (see `_check_inputs`)."""
+    batch, height, width = pixel_mask.shape
+    if pixel_mask.dtype == torch.bool:
+        valid, non_binary = pixel_mask, torch.zeros(batch, dtype=torch.bool, device=pixel_mask.device)
+    else:
+        valid = pixel_mask == 1
+        non_binary = (~valid & (pixel_mask != 0)).flatten(1).any(1)
+    rectangle = _top_left_rectangle(valid)
+    not_rectangle = (valid != rectangle).flatten(1).any(1)
+    empty = ~valid.flatten(1).any(1)
+    problems = torch.cat([torch.stack([non_binary, not_rectangle], 1).flatten(), empty.all()[None]]).tolist()
+    for image in range(batch):  # the line above is the one device read
+        if problems[2 * image]:
+            other = pixel_mask[image][(pixel_mask[image] != 0) & (pixel_mask[image] != 1)][0].item()
+            raise ValueError(
+                f"pixel_mask must hold only 1 (real pixel) and 0 (padding); image {image} holds {other}."
+            )
+        if problems[2 * image + 1]:
+            if bool(valid[image, 0, 0]):
+                hint = "Its real pixels do not form one top-left rectangle."
+            else:
+                hint = "Its top-left pixel is padding (0): padding at the top or left (e.g. a letterbox) is not supported."
+                if bool((~valid[image] == _top_left_rectangle(~valid[image : image + 1])[0]).all()):
+                    hint += _INVERTED_MASK_HINT
+            raise ValueError(
+                f"pixel_mask of image {image} is not supported: real pixels (1) must fill a top-left rectangle, with "
+                f"padding (0) only at the bottom and right, as the image processor pads. {hint}"
+            )
+    if problems[-1]:
+        # one empty slot in a batch is legal (and harmless); a batch without any real pixel is a convention mix-up
+        raise ValueError(f"pixel_mask is all zeros (all padding) for every image of the batch.{_INVERTED_MASK_HINT}")
+
+
+_INVERTED_MASK_HINT = (
+    " Is it inverted? Here 1 marks real pixels and 0 padding (transformers' convention), not 1 = padding as in the "
+    "original DETR; then pass 1 - mask."
+)
+
+
+def _top_left_rectangle(valid: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: the top-left rectangle spanned by each mask's first column and first row."""
+    _, height, width = valid.shape
+    rows = torch.arange(height, device=valid.device) < valid[:, :, 0].sum(1, keepdim=True)
+    cols = torch.arange(width, device=valid.device) < valid[:, 0, :].sum(1, keepdim=True)
+    return rows[:, :, None] & cols[:, None, :]
 
 
 class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
@@ -782,8 +1062,24 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
 
     @property
     def loss_function(self):
-        # transformers would otherwise dispatch "ForObjectDetection" to DETR's softmax cross-entropy loss
-        return build_loss(self.config)  # the loss of config.loss_type; holds no tensors: building it is free
+        """The training criterion: `loss, loss_dict = loss_function(outputs_dict, labels)`.
+
+        Defaults to `_build_loss()` (transformers would otherwise dispatch "ForObjectDetection" to DETR's softmax
+        cross-entropy loss). Settable like transformers' own: `model.loss_function = my_loss`.
+        """
+        custom = self.__dict__.get("_loss_function")
+        if custom is None:
+            custom = self._modules.get("loss_function")  # nn.Module registers a loss *module* as a submodule
+        return custom if custom is not None else self._build_loss()
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self.__dict__["_loss_function"] = value
+
+    def _build_loss(self) -> nn.Module:
+        """The loss for `self.config` (`config.loss_type`), built on demand (it holds no tensors, so building it is
+        free)."""
+        return build_loss(self.config)
 
     def forward(
         self,
@@ -791,28 +1087,47 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
         pixel_mask: torch.LongTensor | None = None,
         labels: list[dict] | None = None,
         denoising_queries: AlignDetrDenoisingQueries | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> AlignDetrObjectDetectionOutput | tuple:
         r"""
-        labels (`list[dict]`, *optional*): per image `class_labels` (n,) int64 and `boxes` (n, 4) float, cxcywh
-            normalised to the unpadded image. With labels, `loss` and `loss_dict` are returned; in training mode
-            they include the denoising terms.
+        pixel_values, pixel_mask, denoising_queries, output_attentions, output_hidden_states: see
+            [`AlignDetrModel.forward`].
+        labels (`list[dict]`, *optional*): per image `class_labels` (n,) integer class ids and `boxes` (n, 4)
+            float, cxcywh normalised to the unpadded image. With labels, `loss` and `loss_dict` are returned; in
+            training mode they include the denoising terms.
+        return_dict (`bool`, *optional*): defaults to `config.return_dict`; False gives `to_tuple()` of the output.
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             # checked before anything reads them (denoising uses the labels; a NaN image would poison the weights);
             # one device read
             validate_labels(labels, self.config.num_labels, pixel_values)
-        outputs = self.model(pixel_values, pixel_mask, labels=labels, denoising_queries=denoising_queries)
-        logits = torch.stack([head(h) for head, h in zip(self.class_embed, outputs.intermediate_hidden_states)])
-        num_dn = outputs.denoising_meta["num_denoising_queries"] if outputs.denoising_meta else 0
+        outputs = self.model(
+            pixel_values,
+            pixel_mask=pixel_mask,
+            labels=labels,
+            denoising_queries=denoising_queries,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        all_logits = torch.stack([head(h) for head, h in zip(self.class_embed, outputs.intermediate_hidden_states)])
+        all_boxes = outputs.intermediate_pred_boxes
+        # denoising queries come first; they exist only in training with labels (D may be 0 without any GT)
+        num_dn = outputs.num_denoising_queries or 0
         dn_logits = dn_boxes = None
-        if outputs.denoising_meta is not None:
-            dn_logits, dn_boxes = logits[:, :, :num_dn], outputs.intermediate_pred_boxes[:, :, :num_dn]
-        logits, boxes = logits[:, :, num_dn:], outputs.intermediate_pred_boxes[:, :, num_dn:]
+        if outputs.num_denoising_queries is not None:
+            dn_logits, dn_boxes = all_logits[:, :, :num_dn], all_boxes[:, :, :num_dn]
+        logits, boxes = all_logits[:, :, num_dn:], all_boxes[:, :, num_dn:]
 
         loss = loss_dict = None
         if labels is not None:
+            denoising_meta = None
+            if outputs.num_denoising_queries is not None:
+                denoising_meta = {"num_groups": outputs.num_denoising_groups, "max_gt": outputs.denoising_max_gt}
             loss, loss_dict = self.loss_function(
                 {
                     "intermediate_logits": logits,
@@ -821,7 +1136,7 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
                     "enc_topk_boxes": outputs.enc_topk_boxes,
                     "dn_logits": dn_logits,
                     "dn_pred_boxes": dn_boxes,
-                    "denoising_meta": outputs.denoising_meta,
+                    "denoising_meta": denoising_meta,
                 },
                 labels,
             )
@@ -837,9 +1152,15 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
             enc_topk_indices=outputs.enc_topk_indices,
             dn_logits=dn_logits,
             dn_pred_boxes=dn_boxes,
-            denoising_meta=outputs.denoising_meta,
+            num_denoising_queries=outputs.num_denoising_queries,
+            num_denoising_groups=outputs.num_denoising_groups,
+            denoising_max_gt=outputs.denoising_max_gt,
             last_hidden_state=outputs.last_hidden_state,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()

@@ -63,9 +63,12 @@ def multi_scale_deformable_attention_pytorch(
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     value_per_level = value.split([height * width for height, width in spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    # grid_sample wants [-1, 1] and the grid in the value's dtype: a half/bf16 model computes in its own dtype
+    # (locations arrive in float32 from the float32 reference points; a no-op for float32 and under autocast)
+    sampling_grids = (2 * sampling_locations - 1).to(value.dtype)
     # (batch * heads, 1, queries, levels, points)
-    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels, num_points)
+    weights = attention_weights.to(value.dtype).transpose(1, 2)
+    weights = weights.reshape(batch * num_heads, 1, num_queries, num_levels, num_points)
     output = None
     for level, (height, width) in enumerate(spatial_shapes):
         # (batch * heads, head_dim, H, W)
