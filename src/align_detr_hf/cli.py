@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 
@@ -25,6 +26,7 @@ def _convert(args: argparse.Namespace) -> None:
         verify=args.verify,
         push_to_hub=args.push_to_hub,
         allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
     )
     print(f"Wrote {args.output_dir}" + (" (verified)" if args.verify else ""))
 
@@ -95,32 +97,6 @@ def _load_model(model: str, device: str):
     return processor, detector.to(device).eval()
 
 
-def _open_image(path: Path):
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # boxes refer to the image as displayed, like the pipeline
-            return image.convert("RGB")
-    except UnidentifiedImageError as error:
-        raise ValueError(f"cannot read image {path}: not an image format Pillow can open.") from error
-    except OSError as error:  # truncated / corrupt files
-        raise ValueError(f"cannot read image {path}: {error}") from error
-
-
-def _check_image_header(path: Path) -> None:
-    """Cheap check (header only) that Pillow can open the file, so a bad file fails before the model loads."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path):
-            pass
-    except UnidentifiedImageError as error:
-        raise ValueError(f"cannot read image {path}: not an image format Pillow can open.") from error
-    except OSError as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-
-
 def _output_names(paths: list[Path]) -> list[str]:
     """`<stem>_detections.png` per image, made unique when two inputs share a stem."""
     names, used = [], set()
@@ -151,6 +127,8 @@ def predict(
     """
     import torch
 
+    from .file_io import atomic_file, atomic_write_text, check_output_folder
+    from .image_io import is_url, open_image, read_source, to_rgb8
     from .visualize import draw_detections
 
     if not 0.0 <= threshold <= 1.0:
@@ -166,22 +144,21 @@ def predict(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False).")
 
-    paths = [Path(p) for p in images]
-    for path in paths:  # fail before the (slow) model load
-        if not path.exists():
-            raise FileNotFoundError(f"image not found: {path}")
-        if not path.is_file():
-            raise ValueError(f"not a file: {path}")
-        _check_image_header(path)
+    # fail before the (slow) model load and before writing anything: every image decodes (URLs are downloaded
+    # now; a truncated file fails here, not after the first drawings were written), the output folder is writable
+    sources = {}
+    for name in images:
+        sources[name] = read_source(name)
+        open_image(sources[name], name=name)
+    out_dir = check_output_folder(output, "--output", create=False)
     processor, detector = _load_model(model, device)
     id2label = detector.config.id2label
     label2id = {str(name): int(i) for i, name in id2label.items()}
 
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [Path(urllib.parse.urlparse(name).path) if is_url(name) else Path(name) for name in images]
     results = []
-    for path, png_name in zip(paths, _output_names(paths)):
-        image = _open_image(path)
+    for name, path, png_name in zip(images, paths, _output_names(paths)):
+        image = open_image(sources[name], name=name)  # displayed orientation, native bit depth
         inputs = processor(images=image, return_tensors="pt").to(device)
         with torch.no_grad():
             outputs = detector(**inputs)
@@ -196,16 +173,18 @@ def predict(
             }
             for score, label, box in zip(detected["scores"], detected["labels"], detected["boxes"].cpu())
         ]
-        entry = {"file": str(path), "width": image.width, "height": image.height, "detections": detections}
+        entry = {"file": name if is_url(name) else str(path), "width": image.width, "height": image.height,
+                 "detections": detections}
         if draw:
-            draw_detections(image, detections, label2id=label2id).save(out_dir / png_name)
+            with atomic_file(out_dir / png_name) as temp:
+                draw_detections(to_rgb8(image), detections, label2id=label2id).save(temp, format="PNG")
             entry["drawing"] = str(out_dir / png_name)
         results.append(entry)
-        print(f"{path}: {len(detections)} detection(s)" + (f" -> {out_dir / png_name}" if draw else ""))
+        print(f"{name}: {len(detections)} detection(s)" + (f" -> {out_dir / png_name}" if draw else ""))
 
     report = {"model": model, "threshold": threshold, "top_k": top_k, "images": results}
     json_path = out_dir / "detections.json"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     print(f"Wrote {json_path}")
     return report
 
@@ -248,7 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert an mmdetection Align-DETR checkpoint")
     convert.add_argument("--checkpoint", required=True, help="path or URL of the .pth file")
-    convert.add_argument("--output-dir", required=True, help="folder to write (replaced only on success)")
+    convert.add_argument(
+        "--output-dir",
+        required=True,
+        help="folder to write: new, empty or a previous conversion (built beside it, swapped in only on success)",
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output folder that is not a previous conversion"
+    )
     convert.add_argument("--verify", action="store_true", help="reload the written folder and check it")
     convert.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub repository")
     convert.add_argument(
@@ -266,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         "detections [{label, score, box: [xmin, ymin, xmax, ymax]}] in original-image pixels) and "
         "OUTPUT/<name>_detections.png with labelled boxes.",
     )
-    predict_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    predict_parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files or http(s) URLs (any format Pillow reads)"
+    )
     predict_parser.add_argument("--model", required=True, help="model folder (save_pretrained / convert) or Hub id")
     predict_parser.add_argument("--threshold", type=float, default=0.3, help="minimum score (default 0.3)")
     predict_parser.add_argument("--output", default="predictions", help="output folder (default ./predictions)")
@@ -289,9 +277,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"align-detr {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad input or a file-system refusal: one line, no traceback
+        print(f"align-detr {args.command}: error: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename:
+        text = f"{error.strerror or type(error).__name__}: {error.filename}"
+    return text
 
 
 if __name__ == "__main__":

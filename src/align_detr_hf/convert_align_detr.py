@@ -200,19 +200,67 @@ def _check_zip_integrity(path: str) -> None:
         )
 
 
+def _download(url: str, timeout: float = 60.0) -> str:
+    """Download `url` once into the temp folder (atomically: a failed download leaves nothing behind)."""
+    import urllib.error
+    import urllib.request
+
+    from .file_io import atomic_file
+
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint.pth"
+    local = Path(tempfile.gettempdir()) / name
+    if local.is_file() and local.stat().st_size > 0:
+        return str(local)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_file(local) as temp:  # noqa: S310
+            with open(temp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+    except urllib.error.HTTPError as error:
+        raise ConversionError(f"cannot download {url}: HTTP {error.code} {error.reason}.") from error
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise ConversionError(f"cannot download {url}: {getattr(error, 'reason', error)}.") from error
+    return str(local)
+
+
+def _check_checkpoint_bytes(path: str) -> None:
+    """Name the obvious non-checkpoints (empty file, text or HTML such as an error page saved as .pth) before
+    torch.load gives an unpickling error whose allow_pickle hint cannot help."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ConversionError(f"{path} is empty (0 bytes): not a checkpoint (interrupted download?).")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):  # zip (torch >= 1.6) or a pickle (legacy torch.save)
+        return
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # binary of some other kind: torch.load says what it can
+    if all(c.isprintable() or c.isspace() for c in text):
+        html = "<html" in text.lower() or "<!doctype" in text.lower()
+        kind = "HTML (an error page saved instead of the file?)" if html else "text"
+        preview = text.strip().splitlines()[0][:60] if text.strip() else ""
+        raise ConversionError(f"{path} is {kind}, not a torch checkpoint ({size} bytes, starts with {preview!r}).")
+
+
+def _check_not_wrapped(path: str, state_dict: dict) -> None:
+    """A state dict saved from a DistributedDataParallel / DataParallel wrapper has every key under `module.`."""
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        raise ConversionError(
+            f"{path}: every key starts with 'module.' (saved from a DistributedDataParallel wrapper). Strip the "
+            "prefix and save again: {k.removeprefix('module.'): v for k, v in state_dict.items()}."
+        )
+
+
 def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read an mmdetection checkpoint (`{'meta', 'state_dict'}` or a bare state dict) from a path or URL, after
     checking the sha256 prefix of its file name when it has one."""
     path = str(path_or_url)
     if re.match(r"https?://", path):
-        from torch.hub import download_url_to_file
-
-        local = Path(tempfile.gettempdir()) / os.path.basename(urllib.parse.urlparse(path).path)
-        if not local.exists():
-            download_url_to_file(path, str(local))
-        path = str(local)
+        path = _download(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint at {path}.")
+    _check_checkpoint_bytes(path)
     prefix = expected_sha256_prefix(path)
     if prefix is not None:
         digest = hashlib.sha256()
@@ -228,15 +276,20 @@ def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, t
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a pickle needing arbitrary classes, or a broken file
-        if not allow_pickle or "Weights only load failed" not in str(error):
+        # only an unpickler refusing a global can be helped by allow_pickle; "invalid load key" etc. cannot
+        needs_pickle = "Weights only load failed" in str(error) and "Unsupported" in str(error)
+        if not allow_pickle or not needs_pickle:
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
             raise ConversionError(
-                f"Could not read {path} as a torch checkpoint ({type(error).__name__}: {str(error)[:300]}). "
-                + ("" if allow_pickle else "If you trust the file and it needs full unpickling, pass allow_pickle.")
+                f"Could not read {path} as a torch checkpoint ({type(error).__name__}: {first_line})"
+                + (" If you trust the file and it needs full unpickling, pass allow_pickle."
+                   if needs_pickle and not allow_pickle else "")
             ) from error
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConversionError(f"{path} holds no state dict of tensors.")
+    _check_not_wrapped(path, state_dict)
     return state_dict
 
 
@@ -258,6 +311,29 @@ def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None
     return model.eval()
 
 
+# What a conversion (or `save_pretrained` of our model + processor, remote code, model card) leaves in a folder.
+_CONVERSION_FILES = re.compile(
+    r"(config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|README\.md|\w+\.py)$"
+)
+
+
+def is_previous_conversion(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds only what a conversion writes (an align_detr `config.json`, safetensors weights, the
+    preprocessor config, code files, a model card): then a new conversion may replace it without `overwrite`."""
+    import json
+
+    folder = Path(folder)
+    entries = list(folder.iterdir())
+    if any(not entry.is_file() or not _CONVERSION_FILES.match(entry.name) for entry in entries):
+        return False
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return model_type == "align_detr" and any(entry.name.endswith(".safetensors") for entry in entries)
+
+
 def convert_checkpoint(
     checkpoint: str,
     output_dir: str,
@@ -265,27 +341,28 @@ def convert_checkpoint(
     verify: bool = False,
     push_to_hub: str | None = None,
     allow_pickle: bool = False,
+    overwrite: bool = False,
 ):
     """Convert `checkpoint` (path or URL) and write safetensors, `config.json`, the preprocessor config and our code
-    (for `trust_remote_code`) to `output_dir`. Nothing is written there unless everything (and `verify`) succeeds."""
-    state_dict = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
-    model = load_converted(state_dict, config)
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    processor = AlignDetrImageProcessor()
-    try:
+    (for `trust_remote_code`) to `output_dir`. Nothing is written there unless everything (and `verify`) succeeds.
+
+    `output_dir` is built in a staging folder beside it and swapped in by renames ([`file_io.atomic_directory`]).
+    Refused before anything is read: an `output_dir` that is a file, holds the checkpoint or the current directory,
+    or is a non-empty folder that is not a previous conversion (unless `overwrite`)."""
+    from .file_io import atomic_directory
+
+    protected = () if re.match(r"https?://", str(checkpoint)) else (checkpoint,)
+    with atomic_directory(
+        output_dir, overwrite=overwrite, is_replaceable=is_previous_conversion, protected=protected
+    ) as staging:
+        state_dict = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+        model = load_converted(state_dict, config)
+        processor = AlignDetrImageProcessor()
         with saving_remote_code():
             model.save_pretrained(staging)
             processor.save_pretrained(staging)
         if verify:
             verify_conversion(state_dict, staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     if push_to_hub:
         with saving_remote_code():
             model.push_to_hub(push_to_hub)

@@ -12,6 +12,14 @@ the two agree. pycocotools reports -1 for an area range without ground truth.
 
 Detections are expected in the *original* image's absolute xyxy pixels, with contiguous category ids (the ids of
 [`align_detr_hf.data.DetectionDataset.coco_ground_truth`]).
+
+Checked, because each would otherwise give a quietly wrong score (`ValueError` naming the problem):
+- NaN/inf scores or boxes (pycocotools would accept them and score a perfect prediction 0.667);
+- a label that is not a category id of the ground truth: predictions in the source dataset's ids (COCO's 1..90)
+  against contiguous ground-truth ids (0..79), or the reverse, would score 0 for those classes. Pass
+  `unknown_labels="ignore"` for a model that predicts more classes than the ground truth has on purpose (pycocotools
+  then ignores them);
+- an image id that is not in the ground truth, and duplicate image ids in a ground-truth dict.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ METRIC_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large
 def _coco_from_dict(gt: dict):
     from pycocotools.coco import COCO
 
+    ids = [image["id"] for image in gt.get("images", [])]
+    if len(set(ids)) != len(ids):
+        duplicates = sorted({str(i) for i in ids if ids.count(i) > 1})
+        raise ValueError(f"Duplicate image id(s) {', '.join(duplicates[:5])} in the ground truth's 'images'.")
     coco = COCO()
     gt = copy.deepcopy(gt)
     gt.setdefault("info", {})
@@ -82,10 +94,17 @@ class CocoEvaluator:
 
     Args:
         coco_gt: a COCO ground-truth dict (e.g. `DetectionDataset.coco_ground_truth()`) or a pycocotools `COCO`.
+        unknown_labels: `"error"` (default) raises on a label that is not a ground-truth category id (see the module
+            docstring); `"ignore"` keeps such detections (pycocotools ignores them).
     """
 
-    def __init__(self, coco_gt: Any):
+    def __init__(self, coco_gt: Any, unknown_labels: str = "error"):
+        if unknown_labels not in ("error", "ignore"):
+            raise ValueError(f"unknown_labels must be 'error' or 'ignore', got {unknown_labels!r}.")
         self.coco_gt = _coco_from_dict(coco_gt) if isinstance(coco_gt, dict) else coco_gt
+        self.unknown_labels = unknown_labels
+        self.category_ids = set(self.coco_gt.getCatIds())
+        self.image_ids = set(self.coco_gt.getImgIds())
         self.results: list[dict] = []
 
     def reset(self) -> None:
@@ -93,8 +112,15 @@ class CocoEvaluator:
 
     def update(self, image_ids: Sequence[int], detections: Sequence[dict]) -> None:
         """`detections[i]` = {"scores" (k,), "labels" (k,), "boxes" (k, 4) xyxy} for image `image_ids[i]`."""
+        image_ids, detections = list(image_ids), list(detections)
+        if len(image_ids) != len(detections):
+            raise ValueError(f"{len(image_ids)} image ids for {len(detections)} detection dicts; give one per image.")
         for image_id, det in zip(image_ids, detections):
             image_id = int(image_id)
+            scores, labels, boxes = (
+                np.asarray(_to_list(det[key]), dtype=np.float64) for key in ("scores", "labels", "boxes")
+            )
+            self._check(image_id, scores, labels, boxes.reshape(-1, 4))
             for score, label, (x0, y0, x1, y1) in zip(
                 _to_list(det["scores"]), _to_list(det["labels"]), _to_list(det["boxes"])
             ):
@@ -106,6 +132,25 @@ class CocoEvaluator:
                         "score": float(score),
                     }
                 )
+
+    def _check(self, image_id: int, scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> None:
+        where = f"detections of image_id {image_id}"
+        if image_id not in self.image_ids:
+            raise ValueError(f"{where}: image_id {image_id} is not in the ground truth.")
+        if not (len(scores) == len(labels) == len(boxes)):
+            raise ValueError(f"{where}: {len(scores)} scores, {len(labels)} labels and {len(boxes)} boxes.")
+        if not np.isfinite(scores).all() or not np.isfinite(boxes).all():
+            raise ValueError(f"{where}: NaN/inf in the scores or boxes (the model output is not finite).")
+        if (labels != np.round(labels)).any():
+            raise ValueError(f"{where}: labels must be integer class ids, got {labels[labels != np.round(labels)][:3]}")
+        unknown = sorted({int(v) for v in labels} - self.category_ids)
+        if unknown and self.category_ids and self.unknown_labels == "error":
+            known = sorted(self.category_ids)
+            raise ValueError(
+                f"{where}: label(s) {unknown[:5]} are not category ids of the ground truth ({known[0]}..{known[-1]}, "
+                f"{len(known)} ids). Are the predictions in the original dataset's category ids while the ground truth "
+                "uses contiguous ids (or the reverse)? Map them first, or pass unknown_labels='ignore'."
+            )
 
     def compute(self, verbose: bool = False) -> dict[str, float]:
         return coco_summary(self.coco_gt, self.results, verbose=verbose)

@@ -54,13 +54,18 @@ def _fsync_tree(root: Path) -> None:
         _fsync_directory(Path(folder))
 
 
-def check_output_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create `folder` (and parents) if needed; raise `OutputPathError` if it is a file or not writable."""
+def check_output_folder(folder: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
+    """Create `folder` (and parents) if needed; raise `OutputPathError` if it is a file or not writable.
+    With `create=False` only check that it could be created and written (nothing is made on disk)."""
     folder = Path(folder)
     for part in (folder, *folder.parents):
         if part.exists():
             if not part.is_dir():
                 raise OutputPathError(f"{what} {folder}: {part} is a file, not a folder.")
+            if not create:
+                if not os.access(part, os.W_OK | os.X_OK):
+                    raise OutputPathError(f"{what} {folder}: {part} is not writable (permission denied).")
+                return folder
             break
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -685,6 +685,13 @@ class AlignDetrImageProcessor(BaseImageProcessor):
         batch, num_queries, num_classes = logits.shape
         # float32 whatever the model's dtype: bf16 has 8 mantissa bits, 16 px steps at 5000 px
         logits, pred_boxes = logits.float(), pred_boxes.float()
+        finite = torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(pred_boxes).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"The model outputs hold non-finite values (NaN/inf) for image(s) {bad[:10]}: detections would be "
+                "meaningless. Check those input images (NaN pixels?) and the model weights."
+            )
         if target_sizes is not None:
             self._check_target_sizes(target_sizes, batch)
 
