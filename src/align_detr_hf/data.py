@@ -42,7 +42,6 @@ from .image_processing_align_detr import (
     pad_and_create_pixel_mask,
 )
 from .image_io import displayed_size, open_image, to_rgb8, to_rgb_tensor
-from .image_io import displayed_size, open_image, to_rgb8, to_rgb_tensor
 
 __all__ = [
     "AspectRatioBatchSampler",
@@ -420,12 +419,6 @@ def load_coco_folder(
     cat_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
     id2label = {i: c.get("name", str(c["id"])) for i, c in enumerate(categories)}
     by_image: dict[int, list] = {img["id"]: [] for img in coco["images"]}
-    if len(by_image) != len(coco["images"]):  # two files would share one image's boxes
-        counts: dict = {}
-        for img in coco["images"]:
-            counts[img["id"]] = counts.get(img["id"], 0) + 1
-        duplicates = sorted(str(k) for k, n in counts.items() if n > 1)
-        raise ValueError(f"Duplicate image id(s) {', '.join(duplicates[:5])} in 'images' of {annotation_file}.")
     if len(by_image) != len(coco["images"]):  # two files would share one image's boxes
         counts: dict = {}
         for img in coco["images"]:

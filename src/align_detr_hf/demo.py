@@ -23,10 +23,8 @@ import torch
 
 from .configuration_align_detr import AlignDetrConfig
 from .convert_align_detr import is_previous_conversion
-from .convert_align_detr import is_previous_conversion
 from .data import build_eval_transforms, collate_fn, load_coco_folder
 from .evaluation import evaluate_model
-from .file_io import OutputPathError, atomic_directory, atomic_file, atomic_write_text, check_output_folder
 from .file_io import OutputPathError, atomic_directory, atomic_file, atomic_write_text, check_output_folder
 from .modeling_align_detr import AlignDetrForObjectDetection
 from .optim import build_optimizer, build_scheduler
@@ -66,40 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score_threshold", type=float, default=0.3, help="for the drawing only")
     p.add_argument("--quiet", action="store_true")
     return p
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError (one line, naming the flag) for arguments the demo cannot run with."""
-    at_least = {"num_train_images": 1, "num_val_images": 1, "image_size": 32, "steps": 0, "batch_size": 1,
-                "warmup_steps": 0, "num_queries": 1, "threads": 0}
-    for name, low in at_least.items():
-        if getattr(args, name) < low:
-            raise ValueError(f"--{name} must be at least {low}, got {getattr(args, name)}.")
-    if args.d_model <= 0 or args.d_model % 32:
-        raise ValueError(
-            f"--d_model must be a positive multiple of 32 (the neck's GroupNorm has 32 groups), got {args.d_model}."
-        )
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}.")
-    if not args.time_budget_s > 0:
-        raise ValueError(f"--time_budget_s must be positive, got {args.time_budget_s}.")
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise ValueError(f"--score_threshold must be between 0 and 1, got {args.score_threshold}.")
-
-
-def check_output_dir(out: Path) -> None:
-    """Fail before training if the outputs could not be written: a file in the way, a read-only folder, or a
-    `model/` folder holding something other than a previous demo model (it is replaced at the end)."""
-    check_output_folder(out, "--output_dir")
-    model_dir = out / "model"
-    if model_dir.exists() and not (
-        model_dir.is_dir() and (not any(model_dir.iterdir()) or is_previous_conversion(model_dir))
-    ):
-        raise OutputPathError(f"{model_dir} exists and is not a previous demo model; move it or choose another "
-                              "--output_dir.")
-    for name in ("metrics.json", "detections.png"):
-        if (out / name).is_dir():
-            raise OutputPathError(f"{out / name} is a folder; the demo writes a file there.")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -190,12 +154,6 @@ def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict,
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    try:  # impossible arguments and unwritable outputs: one line and exit code 2, before any work
-        check_args(args)
-        check_output_dir(Path(args.output_dir))
-    except (ValueError, OSError) as error:
-        print(f"align-detr demo: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
     try:  # impossible arguments and unwritable outputs: one line and exit code 2, before any work
         check_args(args)
         check_output_dir(Path(args.output_dir))
