@@ -7,6 +7,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .configuration_align_detr import AlignDetrConfig
+from .hub import (
+    ModelCardCallback,
+    ModelCardTrainerMixin,
+    build_model_card,
+    push_to_hub_with_model_card,
+    register_remote_code,
+    write_model_card,
+)
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .loss_align_detr import AlignDetrLoss
 from .loss_dino import DinoLoss
@@ -16,6 +24,7 @@ from .modeling_align_detr import (
     AlignDetrModel,
     AlignDetrPreTrainedModel,
 )
+from .pipeline_align_detr import AlignDetrObjectDetectionPipeline, register_pipeline
 
 __all__ = [
     "AlignDetrConfig",
@@ -24,8 +33,13 @@ __all__ = [
     "AlignDetrImageProcessor",
     "AlignDetrLoss",
     "AlignDetrModel",
+    "AlignDetrObjectDetectionPipeline",
     "AlignDetrPreTrainedModel",
     "DinoLoss",
+    "ModelCardCallback",
+    "ModelCardTrainerMixin",
+    "build_model_card",
+    "write_model_card",
 ]
 
 AutoConfig.register("align_detr", AlignDetrConfig, exist_ok=True)
@@ -39,3 +53,11 @@ AutoImageProcessor.register(
     image_processor_classes={"torchvision": AlignDetrImageProcessor, "pil": AlignDetrImageProcessor},
     exist_ok=True,
 )
+
+# Every save_pretrained / push_to_hub (plain, Trainer checkpoints, trainer.push_to_hub, our scripts) writes auto_map
+# and copies our code, so the folder loads with trust_remote_code=True where this package is not installed.
+register_remote_code()
+# Every model push carries our model card (a card already in the repository is kept).
+AlignDetrPreTrainedModel.push_to_hub = push_to_hub_with_model_card
+# pipeline("object-detection"): batches of mixed image sizes, and no false "not supported" error for our model.
+register_pipeline()

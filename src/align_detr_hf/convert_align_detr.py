@@ -12,7 +12,6 @@ only used when `allow_pickle=True`.
 
 import hashlib
 import os
-from contextlib import contextmanager
 import re
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .configuration_align_detr import COCO_CLASSES, AlignDetrConfig
+from .hub import saving_remote_code  # noqa: F401  (moved to hub.py; every save carries our code now)
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .modeling_align_detr import AlignDetrForObjectDetection
 
@@ -358,35 +358,14 @@ def convert_checkpoint(
         state_dict = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
         model = load_converted(state_dict, config)
         processor = AlignDetrImageProcessor()
-        with saving_remote_code():
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
+        model.save_pretrained(staging)  # with our code and auto_map (align_detr_hf.hub)
+        processor.save_pretrained(staging)
         if verify:
             verify_conversion(state_dict, staging)
     if push_to_hub:
-        with saving_remote_code():
-            model.push_to_hub(push_to_hub)
-            processor.push_to_hub(push_to_hub)
+        model.push_to_hub(push_to_hub)
+        processor.push_to_hub(push_to_hub)
     return model
-
-
-@contextmanager
-def saving_remote_code():
-    """Within this block, `save_pretrained` / `push_to_hub` also write `auto_map` and copy our code files, so the
-    folder loads with `trust_remote_code=True` where align_detr_hf is not installed."""
-    auto_classes = {
-        AlignDetrConfig: "AutoConfig",
-        AlignDetrForObjectDetection: "AutoModelForObjectDetection",
-        AlignDetrImageProcessor: "AutoImageProcessor",
-    }
-    previous = {cls: cls._auto_class for cls in auto_classes}
-    try:
-        for cls, auto_class in auto_classes.items():
-            cls.register_for_auto_class(auto_class)
-        yield
-    finally:
-        for cls, value in previous.items():
-            cls._auto_class = value
 
 
 def verify_conversion(mmdet_state_dict: dict, saved_dir, atol: float = 1e-4) -> float:

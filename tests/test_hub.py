@@ -1,0 +1,261 @@
+"""Hub integration: every save carries our code (a Trainer run's folders load and detect in a process that cannot
+import align_detr_hf), and model cards carry their metadata (license, base model, datasets, COCO model-index)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from huggingface_hub import ModelCard
+from PIL import Image
+from transformers import Trainer, TrainingArguments
+
+import align_detr_hf
+from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor, hub
+from align_detr_hf.hub import ModelCardCallback, ModelCardTrainerMixin, build_model_card, write_model_card
+
+CODE_FILES = {"configuration_align_detr.py", "modeling_align_detr.py", "image_processing_align_detr.py",
+              "loss_align_detr.py", "box_ops.py", "ms_deform_attn.py"}
+SIZE = {"shortest_edge": 64, "longest_edge": 96}
+
+# Started with `python -c`: hides align_detr_hf from the import system, loads FOLDER with trust_remote_code, runs the
+# pipeline on the images of IO and prints its results as JSON.
+REMOTE_SCRIPT = """
+import json, sys, torch
+from PIL import Image
+sys.meta_path.insert(0, type("Block", (), {"find_spec": staticmethod(
+    lambda name, *a: (_ for _ in ()).throw(ImportError("blocked")) if name.startswith("align_detr_hf") else None)})())
+from transformers import AutoModelForObjectDetection, pipeline
+folder, io = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+detector = pipeline("object-detection", model=folder, trust_remote_code=True)
+assert type(detector.image_processor).__name__ == "AlignDetrImageProcessor"
+images = [Image.fromarray(a.numpy()) for a in io["images"]]
+results = [detector(image, threshold=0.0) for image in images]
+assert "align_detr_hf" not in sys.modules
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def run_without_package(folder: Path, images: list[Image.Image], tmp_path: Path):
+    """Pipeline results (one list per image) from `folder` in a fresh process where align_detr_hf cannot load."""
+    io = tmp_path / "io.pt"
+    torch.save({"images": [torch.from_numpy(np.array(image)) for image in images]}, io)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(io)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("RESULTS")[-1])
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """A few random 64 px images with one box each: enough for Trainer steps, evaluation and saving."""
+
+    def __init__(self, n=4):
+        generator = torch.Generator().manual_seed(0)
+        self.items = [
+            {"pixel_values": torch.randn(3, 64, 64, generator=generator),
+             "labels": {"class_labels": torch.tensor([i % 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])}}
+            for i in range(n)
+        ]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def collate(batch):
+    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "labels": [b["labels"] for b in batch]}
+
+
+class CardTrainer(ModelCardTrainerMixin, Trainer):
+    pass
+
+
+FIXED_METRICS = {"map": 0.3125, "map_50": 0.5, "map_75": 0.25, "mar_100": 0.4375}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step Trainer fine-tune with evaluation and a checkpoint, then the final save (as the example does)."""
+    out = tmp_path_factory.mktemp("trainer_run")
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config())
+    card = ModelCardCallback(base_model="org/align-detr-r50", datasets=["cppe-5"], dataset_name="CPPE-5 (val)",
+                             hyperparameters={"backbone_lr_mult": 0.1})
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        learning_rate=1e-4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        logging_steps=1, report_to="none", remove_unused_columns=False, eval_do_concat_batches=False,
+        use_cpu=True, dataloader_num_workers=0, seed=0, hub_model_id="someone/align-detr-shapes",
+    )
+    trainer = CardTrainer(
+        model=model, args=args, train_dataset=ShapesDataset(), eval_dataset=ShapesDataset(2), data_collator=collate,
+        processing_class=AlignDetrImageProcessor(size=SIZE), compute_metrics=lambda _: dict(FIXED_METRICS),
+        callbacks=[card],
+    )
+    torch.set_num_threads(1)
+    trainer.train()
+    final = out / "final"
+    trainer.save_model(str(final))
+    card.write(final)
+    return trainer, out, final
+
+
+def test_every_save_writes_auto_map_and_code(tmp_path):
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config())
+    model.save_pretrained(tmp_path / "head")
+    model.model.save_pretrained(tmp_path / "base")
+    AlignDetrImageProcessor().save_pretrained(tmp_path / "head")
+    head = json.loads((tmp_path / "head" / "config.json").read_text())["auto_map"]
+    assert head == {"AutoConfig": "configuration_align_detr.AlignDetrConfig",
+                    "AutoModelForObjectDetection": "modeling_align_detr.AlignDetrForObjectDetection"}
+    base = json.loads((tmp_path / "base" / "config.json").read_text())["auto_map"]
+    assert base["AutoModel"] == "modeling_align_detr.AlignDetrModel"
+    processor = json.loads((tmp_path / "head" / "preprocessor_config.json").read_text())["auto_map"]
+    assert processor == {"AutoImageProcessor": "image_processing_align_detr.AlignDetrImageProcessor"}
+    assert CODE_FILES <= {p.name for p in (tmp_path / "head").glob("*.py")}
+    # the copies are our modules, byte for byte
+    package = Path(align_detr_hf.__file__).parent
+    for name in CODE_FILES:
+        assert (tmp_path / "head" / name).read_bytes() == (package / name).read_bytes(), name
+
+
+def test_trainer_checkpoint_and_final_folder_detect_without_the_package(trained, tmp_path):
+    trainer, out, final = trained
+    checkpoint = out / "checkpoint-2"
+    for folder in (checkpoint, final):
+        assert CODE_FILES <= {p.name for p in folder.glob("*.py")}, folder
+        assert "auto_map" in json.loads((folder / "config.json").read_text())
+    rng = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 256, size, dtype=torch.uint8, generator=rng).numpy())
+              for size in [(60, 80, 3), (90, 50, 3)]]
+    remote = run_without_package(final, images, tmp_path)
+
+    from transformers import pipeline
+
+    local = pipeline("object-detection", model=str(final))
+    assert len(remote) == 2
+    for image, got in zip(images, remote):
+        expected = local(image, threshold=0.0)
+        assert len(got) == len(expected) == 36  # 12 queries x 3 classes
+        assert [d["label"] for d in got] == [d["label"] for d in expected]
+        assert [d["box"] for d in got] == [d["box"] for d in expected]
+        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in expected], abs=1e-5)
+    # the checkpoint is the same model as the final save (2 steps, saved at step 2)
+    assert (checkpoint / "model.safetensors").read_bytes() == (final / "model.safetensors").read_bytes()
+
+
+def test_trainer_card_in_checkpoint_final_and_push_folder(trained):
+    trainer, out, final = trained
+    for folder in (out / "checkpoint-2", final):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.base_model == "org/align-detr-r50"
+        assert card.data.datasets == ["cppe-5"]
+        results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+        assert results == FIXED_METRICS  # the last evaluation, through Trainer's "eval_" prefix
+        assert card.data.model_name == "someone/align-detr-shapes"
+        assert "| learning_rate | 0.0001 |" in card.text and "| backbone_lr_mult | 0.1 |" in card.text
+        assert "| training_steps | 2 |" in card.text
+        assert 'pipeline("object-detection", model="someone/align-detr-shapes", trust_remote_code=True)' in card.text
+    # trainer.push_to_hub() writes the card through create_model_card: ours, not the generic Trainer card
+    (out / "README.md").unlink(missing_ok=True)
+    trainer.create_model_card(model_name="align-detr-shapes")
+    card = ModelCard.load(out / "README.md")
+    assert {r.metric_type for r in card.data.eval_results} == set(FIXED_METRICS)
+    assert card.data.pipeline_tag == "object-detection" and card.data.license == "apache-2.0"
+    # a push from a checkpoint copies only weights and config into output_dir: the callback adds the code
+    for name in CODE_FILES:
+        (out / name).unlink(missing_ok=True)
+    trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
+    assert CODE_FILES <= {p.name for p in out.glob("*.py")}
+
+
+def test_model_card_metadata_round_trip(tmp_path):
+    metrics = {"eval_map": 0.41234, "eval_map_50": 0.6, "eval_map_small": -1.0, "eval_loss": 3.2,
+               "eval_runtime": 1.0, "mar_100": 0.55}
+    written = write_model_card(
+        tmp_path, model_name="org/align-detr-cppe5", base_model="org/align-detr-r50", datasets=["cppe-5"],
+        metrics=metrics, dataset_name="CPPE-5", hyperparameters={"learning_rate": 1e-4, "batch_size": 16},
+        source="https://example.org/ckpt.pth", license="mit", description="Fine-tuned on CPPE-5.",
+    )
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.to_dict() == written.data.to_dict()
+    assert card.data.license == "mit" and card.data.library_name == "transformers"
+    assert card.data.base_model == "org/align-detr-r50" and card.data.datasets == ["cppe-5"]
+    assert card.data.pipeline_tag == "object-detection" and "align-detr" in card.data.tags
+    # model-index: COCO metrics only (no loss/runtime), pycocotools' -1 left out, Trainer prefix dropped
+    results = card.data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results] == [("map", 0.4123), ("map_50", 0.6), ("mar_100", 0.55)]
+    assert {(r.task_type, r.dataset_type, r.dataset_name) for r in results} == {
+        ("object-detection", "cppe-5", "CPPE-5")}
+    assert card.data.model_name == "org/align-detr-cppe5"
+    text = card.text
+    assert "Fine-tuned on CPPE-5." in text and "https://example.org/ckpt.pth" in text
+    assert "| AP @ IoU 0.50:0.95 (`map`) | 0.4123 |" in text and "| batch_size | 16 |" in text
+    assert "arXiv:2304.07527" in text and 'model="org/align-detr-cppe5"' in text
+    assert not list(tmp_path.glob(".README*"))  # the temporary file was renamed into place
+
+
+def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
+    card = build_model_card(base_model=str(tmp_path), datasets=[str(tmp_path / "coco")], model_name=None)
+    assert card.data.base_model is None and card.data.datasets is None and card.data.eval_results is None
+    assert str(tmp_path) in card.text  # still named in the text
+    assert 'model="path/to/this/folder"' in card.text
+
+
+def test_write_model_card_labels_from_the_folder_and_rejects_a_file(tmp_path):
+    AlignDetrForObjectDetection(tiny_config()).save_pretrained(tmp_path)
+    card = write_model_card(tmp_path)
+    assert "**Classes:** 3 (circle, square, triangle)" in card.text
+    with pytest.raises(NotADirectoryError, match="needs a folder"):
+        write_model_card(tmp_path / "config.json")
+
+
+def test_model_push_to_hub_uploads_weights_code_and_our_card(tmp_path, monkeypatch):
+    """`model.push_to_hub` (offline: the Hub client is replaced) uploads one folder with our card."""
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()}, repo_id=repo_id)
+            return "commit"
+
+    def no_card(repo_id, token=None):
+        raise hub.EntryNotFoundError(f"{repo_id} has no README.md")
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub.ModelCard, "load", staticmethod(no_card))
+    model = AlignDetrForObjectDetection(tiny_config())
+    assert model.push_to_hub("org/tiny", tags=["demo"], dataset_name="shapes") == "commit"
+    assert uploaded["repo_id"] == "org/tiny"
+    model_code = CODE_FILES - {"image_processing_align_detr.py"}  # the processor is pushed on its own
+    assert {"model.safetensors", "config.json", "README.md"} | model_code <= set(uploaded)
+    card = ModelCard(uploaded["README.md"].decode())
+    assert "demo" in card.data.tags and card.data.license == "apache-2.0"
+    assert 'model="org/tiny"' in card.text
+
+
+def test_saving_remote_code_is_kept_for_backwards_compatibility(tmp_path):
+    from align_detr_hf.convert_align_detr import saving_remote_code
+
+    with saving_remote_code():
+        AlignDetrImageProcessor().save_pretrained(tmp_path)
+    assert (tmp_path / "image_processing_align_detr.py").is_file()
+    assert AlignDetrImageProcessor._auto_class == "AutoImageProcessor"  # registration stays on afterwards
