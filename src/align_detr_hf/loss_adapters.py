@@ -1,0 +1,389 @@
+"""The Align-DETR loss for transformers' own detectors: one loss implementation ([`AlignDetrLoss`]), adapted inputs.
+
+    from transformers import RTDetrForObjectDetection
+    from align_detr_hf.loss_adapters import use_align_detr_loss
+
+    model = RTDetrForObjectDetection.from_pretrained("PekingU/rtdetr_r50vd")
+    use_align_detr_loss(model)            # model(pixel_values, labels=labels).loss is now the Align-DETR loss
+    # Trainer / Accelerate / a plain loop train it as before: only the loss changed.
+
+transformers' detection models compute their loss through `self.loss_function(logits, labels, device, pred_boxes,
+config, outputs_class, outputs_coord, **extra)`, a settable attribute. [`use_align_detr_loss`] sets it to an
+[`AlignDetrLossAdapter`], which re-lays the model's predictions out as [`AlignDetrLoss`] expects them and returns
+`(loss, loss_dict, auxiliary_outputs)` as transformers' loss functions do. `loss_dict` uses mmdetection's term names
+(`loss_cls`, `d0.loss_bbox`, `enc_loss_iou`, `dn_loss_cls`, ...; see `loss_align_detr`).
+
+Supported models (all predict one sigmoid logit per class, `num_labels` logits, like Align-DETR):
+
+* `DeformableDetrForObjectDetection`, with or without `with_box_refine` and `two_stage`. Its `loss_function` is not
+  given the encoder proposals; with `two_stage=True` a forward hook on `model.model` picks them up, and the
+  encoder term is class-agnostic (every ground truth counts as class 0) because the model selects its top-k
+  proposals by the class-0 logit of its encoder head (as the original Deformable DETR trains that head).
+* `ConditionalDetrForObjectDetection`: it passes the auxiliary (per decoder layer) predictions only with
+  `config.auxiliary_loss=True`; without them, pass `decoder_num_gt_repeat=[k]` (last layer only).
+* `RTDetrForObjectDetection`, `RTDetrV2ForObjectDetection`: every decoder layer, the encoder's top-k proposals,
+  and the contrastive denoising queries. Their denoising layout is Align-DETR's (DINO's): `dn_num_split =
+  [D, Q]` with `D = 2 * max_gt * dn_num_group` and the positive query of GT `j` in group `g` at `2 * max_gt * g + j`
+  (`dn_positive_idx`), so the denoising terms are Align-DETR's own.
+* `DFineForObjectDetection`: as RT-DETR, plus the initial ("pre") prediction of its first decoder layer, which
+  gets its own one-to-k term `pre.loss_*` (it is the only signal that trains `pre_bbox_head`). Its distribution
+  losses (FGL and DDF) are kept beside ours by default (`keep_terms=("loss_fgl", "loss_ddf")`): they are computed by
+  D-FINE's own loss function, on its own one-to-one matching, and added as `own.loss_fgl...`.
+
+DETR, DAB-DETR and other softmax ("no-object" class) models are rejected with an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from .configuration_align_detr import AlignDetrConfig
+from .loss_align_detr import AlignDetrLoss
+
+# AlignDetrConfig fields that may be overridden through `use_align_detr_loss(..., **loss_overrides)`.
+LOSS_HYPER_PARAMETERS = (
+    "quality_alpha", "quality_min", "negative_gamma", "rank_tau",
+    "matcher_class_cost", "matcher_bbox_cost", "matcher_giou_cost", "matcher_alpha", "matcher_gamma",
+    "class_loss_coefficient", "bbox_loss_coefficient", "giou_loss_coefficient",
+)  # fmt: skip
+
+# Model class name -> the family of its loss-function call.
+SUPPORTED_MODELS = {
+    "DeformableDetrForObjectDetection": "deformable_detr",
+    "ConditionalDetrForObjectDetection": "conditional_detr",
+    "RTDetrForObjectDetection": "rt_detr",
+    "RTDetrV2ForObjectDetection": "rt_detr",
+    "DFineForObjectDetection": "d_fine",
+}
+
+# Default `keep_terms` per family: the model's own terms that Align-DETR has no counterpart for.
+_DEFAULT_KEEP_TERMS = {"d_fine": ("loss_fgl", "loss_ddf")}
+
+
+@dataclasses.dataclass
+class AlignDetrLossOptions:
+    """What the adapter computes.
+
+    decoder_num_gt_repeat: queries matched to each GT, one entry per decoder layer (first to last), or a single
+        entry: the last layer only. None: Align-DETR's `[2, ..., 2, 1]` over every decoder layer.
+    encoder_num_gt_repeat: the same for the encoder's proposals; 0 switches the encoder term off. None: 2 where the
+        model has encoder proposals (Deformable DETR two-stage, RT-DETR, D-FINE), off otherwise.
+    loss_overrides: values for [`AlignDetrConfig`]'s loss fields (`LOSS_HYPER_PARAMETERS`).
+    keep_terms: the model's own loss terms to add beside ours, by name prefix (`"loss_fgl"` keeps `loss_fgl`,
+        `loss_fgl_aux_0`, `loss_fgl_dn_1`, ...), reported as `own.<name>`. They come from the model's own loss
+        function (its own matching), weighted as that function weights them.
+    """
+
+    decoder_num_gt_repeat: list[int] | None = None
+    encoder_num_gt_repeat: int | None = None
+    loss_overrides: dict = dataclasses.field(default_factory=dict)
+    keep_terms: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = sorted(set(self.loss_overrides) - set(LOSS_HYPER_PARAMETERS))
+        if unknown:
+            raise ValueError(f"Unknown Align-DETR loss hyper-parameters {unknown}; known: {list(LOSS_HYPER_PARAMETERS)}.")
+        if self.decoder_num_gt_repeat is not None:
+            self.decoder_num_gt_repeat = [int(k) for k in self.decoder_num_gt_repeat]
+            if not self.decoder_num_gt_repeat or min(self.decoder_num_gt_repeat) < 1:
+                raise ValueError(f"decoder_num_gt_repeat needs entries >= 1, got {self.decoder_num_gt_repeat}.")
+        if self.encoder_num_gt_repeat is not None and self.encoder_num_gt_repeat < 0:
+            raise ValueError(f"encoder_num_gt_repeat must be >= 0, got {self.encoder_num_gt_repeat}.")
+        self.keep_terms = tuple(self.keep_terms)
+
+
+@dataclasses.dataclass
+class AdaptedPredictions:
+    """A model's predictions in [`AlignDetrLoss`]'s layout (see `AlignDetrLoss.forward`), plus what does not fit it."""
+
+    logits: torch.Tensor  # (L, B, Q, C), decoder layers first to last
+    boxes: torch.Tensor  # (L, B, Q, 4) sigmoid cxcywh
+    layer_names: list[str]  # loss-name prefix of each of the L layers
+    encoder_logits: torch.Tensor | None = None  # (B, K, C) or (B, K, 1) for a class-agnostic encoder term
+    encoder_boxes: torch.Tensor | None = None
+    dn_logits: torch.Tensor | None = None  # (L, B, D, C)
+    dn_boxes: torch.Tensor | None = None
+    denoising_meta: dict | None = None  # {"num_groups": G, "max_gt": M}
+
+
+def _decoder_layer_names(num_layers: int) -> list[str]:
+    return [f"d{i}." for i in range(num_layers - 1)] + [""]
+
+
+class AlignDetrLossAdapter:
+    """A transformers `loss_function` computing the Align-DETR loss for one model family (see module docstring).
+
+    Not an `nn.Module` (it holds no parameters; `model.loss_function = module` would register it as a sub-module
+    instead of replacing the loss). Built by [`use_align_detr_loss`].
+    """
+
+    def __init__(self, model_class_name: str, options: AlignDetrLossOptions, own_loss_function=None):
+        if model_class_name not in SUPPORTED_MODELS:
+            raise ValueError(
+                f"The Align-DETR loss adapter does not support {model_class_name}; supported: "
+                f"{sorted(SUPPORTED_MODELS)}. (Softmax detectors with a 'no-object' class, such as DETR or DAB-DETR, "
+                f"do not fit a sigmoid IA-BCE loss.)"
+            )
+        self.model_class_name = model_class_name
+        self.family = SUPPORTED_MODELS[model_class_name]
+        self.options = options
+        self.own_loss_function = own_loss_function
+        if options.keep_terms and own_loss_function is None:
+            raise ValueError("keep_terms needs the model's own loss function.")
+        self._captured = threading.local()  # encoder outputs of the current forward (Deformable DETR two-stage)
+        self._losses: dict[tuple, AlignDetrLoss] = {}
+        self.hook_handle = None  # the encoder-output hook (Deformable DETR two-stage)
+
+    # ---------------------------------------------------------------------------------------------------- hooks
+
+    def capture_encoder_outputs(self, module, args, output) -> None:
+        """Forward hook on Deformable DETR's base model: keep the two-stage encoder outputs for the loss call."""
+        self._captured.encoder = (getattr(output, "enc_outputs_class", None),
+                                  getattr(output, "enc_outputs_coord_logits", None))
+
+    # ---------------------------------------------------------------------------------------------------- loss
+
+    def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
+        predictions = self.adapt(logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
+        loss_dict = self.align_detr_losses(predictions, labels, config)
+        if self.options.keep_terms:
+            loss_dict.update(self._kept_own_terms(
+                logits, labels, device, pred_boxes, config, outputs_class, outputs_coord, **kwargs))
+        loss = sum(loss_dict.values())
+        auxiliary_outputs = [{"logits": lg, "pred_boxes": bx}
+                             for lg, bx in zip(predictions.logits[:-1], predictions.boxes[:-1])]
+        return loss, loss_dict, auxiliary_outputs
+
+    def align_detr_losses(self, predictions: AdaptedPredictions, labels: list[dict], config) -> dict:
+        """The Align-DETR terms of adapted predictions, named as mmdetection names them."""
+        predictions, decoder_k = self._select_layers(predictions, config)
+        encoder_k = self._encoder_num_gt_repeat(predictions)
+        class_agnostic_encoder = predictions.encoder_logits is not None and predictions.encoder_logits.shape[-1] == 1
+        with_encoder = encoder_k > 0 and not class_agnostic_encoder
+        loss_fn = self._loss(predictions.logits.shape[-1], decoder_k + [encoder_k or 1])
+        loss_dict = loss_fn({
+            "intermediate_logits": predictions.logits,
+            "intermediate_pred_boxes": predictions.boxes,
+            "enc_topk_logits": predictions.encoder_logits if with_encoder else None,
+            "enc_topk_boxes": predictions.encoder_boxes if with_encoder else None,
+            "dn_logits": predictions.dn_logits,
+            "dn_pred_boxes": predictions.dn_boxes,
+            "denoising_meta": predictions.denoising_meta,
+        }, labels)[1]
+        loss_dict = self._rename_layers(loss_dict, predictions.layer_names)
+        if encoder_k > 0 and class_agnostic_encoder:
+            loss_dict.update(self._class_agnostic_encoder_losses(predictions, labels, encoder_k))
+        return loss_dict
+
+    def adapt(self, logits, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs) -> AdaptedPredictions:
+        """Re-lay a model family's loss-function inputs out as [`AlignDetrLoss`] expects them."""
+        if logits.shape[-1] != config.num_labels:
+            raise ValueError(f"{self.model_class_name} gives {logits.shape[-1]} logits per query but config.num_labels "
+                             f"is {config.num_labels}; the Align-DETR loss needs one sigmoid logit per class.")
+        if self.family in ("deformable_detr", "conditional_detr"):
+            return self._adapt_detr_family(logits, pred_boxes, outputs_class, outputs_coord)
+        return self._adapt_rt_detr_family(outputs_class, outputs_coord, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _adapt_detr_family(self, logits, pred_boxes, outputs_class, outputs_coord) -> AdaptedPredictions:
+        # Deformable / Conditional DETR: outputs_class (L, B, Q, C) layer-first, None without auxiliary outputs.
+        if outputs_class is None:
+            all_logits, all_boxes = logits[None], pred_boxes[None]
+        else:
+            all_logits, all_boxes = outputs_class, outputs_coord
+        predictions = AdaptedPredictions(all_logits, all_boxes, _decoder_layer_names(all_logits.shape[0]))
+        if self.hook_handle is not None:
+            encoder_class, encoder_coord_logits = getattr(self._captured, "encoder", (None, None))
+            self._captured.encoder = (None, None)  # used once: a later call must not see stale tensors
+            if encoder_class is None and self.options.encoder_num_gt_repeat != 0:
+                raise ValueError(
+                    f"{self.model_class_name} (two_stage=True) ran its loss without the encoder outputs of its base "
+                    f"model's forward (the hook set by use_align_detr_loss on model.model did not see them). Call "
+                    f"the model as model(pixel_values, labels=...), or pass encoder_num_gt_repeat=0."
+                )
+            if encoder_class is not None:
+                # the model's own top-k: by the class-0 logit (see module docstring)
+                num_proposals = min(all_logits.shape[2], encoder_class.shape[1])
+                topk = encoder_class[..., 0].topk(num_proposals, dim=1)[1]
+                predictions.encoder_logits = encoder_class.gather(1, topk[..., None])
+                predictions.encoder_boxes = encoder_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
+        return predictions
+
+    def _adapt_rt_detr_family(self, outputs_class, outputs_coord, enc_topk_logits=None, enc_topk_bboxes=None,
+                              denoising_meta_values=None, **kwargs) -> AdaptedPredictions:
+        # RT-DETR / D-FINE: outputs_class (B, L, D + Q, C) batch-first, denoising queries first.
+        all_logits, all_boxes = outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1)
+        if self.family == "d_fine":
+            all_boxes = all_boxes.clamp(0, 1)  # as D-FINE's own loss: distance2bbox can leave the image
+        dn_logits = dn_boxes = denoising_meta = None
+        if denoising_meta_values is not None:
+            num_dn, num_queries = denoising_meta_values["dn_num_split"]
+            num_groups = int(denoising_meta_values["dn_num_group"])
+            dn_logits, all_logits = all_logits.split([num_dn, num_queries], dim=2)
+            dn_boxes, all_boxes = all_boxes.split([num_dn, num_queries], dim=2)
+            denoising_meta = {"num_groups": num_groups, "max_gt": num_dn // (2 * num_groups)}
+        names = _decoder_layer_names(all_logits.shape[0])
+        if self.family == "d_fine":  # entry 0 is the first layer's initial prediction (pre_bbox_head)
+            names = ["pre."] + _decoder_layer_names(all_logits.shape[0] - 1)
+        return AdaptedPredictions(all_logits, all_boxes, names, enc_topk_logits, enc_topk_bboxes,
+                                  dn_logits, dn_boxes, denoising_meta)
+
+    def _select_layers(self, predictions: AdaptedPredictions, config) -> tuple[AdaptedPredictions, list[int]]:
+        """The prediction layers the loss covers and their k, from `decoder_num_gt_repeat` (see the options)."""
+        requested = self.options.decoder_num_gt_repeat
+        has_pre = predictions.layer_names[0] == "pre."  # D-FINE: the pre prediction takes the first layer's k
+        num_layers = predictions.logits.shape[0] - has_pre
+        auxiliary_off = " (auxiliary outputs are off: set config.auxiliary_loss=True)" if num_layers == 1 else ""
+        if requested is None:
+            if num_layers == 1 and getattr(config, "decoder_layers", 1) > 1:
+                raise ValueError(
+                    f"{self.model_class_name} passed only the last decoder layer's predictions{auxiliary_off}, but "
+                    f"the default decoder_num_gt_repeat covers all {config.decoder_layers} layers. Pass "
+                    f"decoder_num_gt_repeat=[k] to train the last layer only."
+                )
+            requested = [2] * (num_layers - 1) + [1]
+        if len(requested) == 1 and num_layers > 1:  # last layer only
+            last = slice(-1, None)
+            dn_logits = predictions.dn_logits[last] if predictions.dn_logits is not None else None
+            dn_boxes = predictions.dn_boxes[last] if predictions.dn_boxes is not None else None
+            predictions = dataclasses.replace(predictions, logits=predictions.logits[last],
+                                              boxes=predictions.boxes[last], layer_names=[""],
+                                              dn_logits=dn_logits, dn_boxes=dn_boxes)
+            return predictions, list(requested)
+        if len(requested) != num_layers:
+            raise ValueError(
+                f"decoder_num_gt_repeat has {len(requested)} entries but {self.model_class_name} passed {num_layers} "
+                f"decoder prediction layers{auxiliary_off}; give one entry per layer, or one for the last layer only."
+            )
+        return predictions, ([requested[0]] if has_pre else []) + list(requested)
+
+    def _encoder_num_gt_repeat(self, predictions: AdaptedPredictions) -> int:
+        requested = self.options.encoder_num_gt_repeat
+        if predictions.encoder_logits is None:
+            if requested:
+                raise ValueError(f"encoder_num_gt_repeat={requested} asks for an encoder term, but "
+                                 f"{self.model_class_name} gave no encoder proposals (Deformable DETR has them only "
+                                 f"with two_stage=True; Conditional DETR never).")
+            return 0
+        return 2 if requested is None else requested
+
+    def _loss(self, num_labels: int, num_gt_repeat: list[int]) -> AlignDetrLoss:
+        key = (num_labels, tuple(num_gt_repeat))
+        if key not in self._losses:
+            config = AlignDetrConfig(num_labels=num_labels, decoder_layers=len(num_gt_repeat) - 1,
+                                     num_gt_repeat=list(num_gt_repeat), **self.options.loss_overrides)
+            self._losses[key] = AlignDetrLoss(config)
+        return self._losses[key]
+
+    @staticmethod
+    def _rename_layers(loss_dict: dict, layer_names: list[str]) -> dict:
+        """AlignDetrLoss names layers d0., d1., ..., '' (last); map them to the adapted layer names."""
+        default = _decoder_layer_names(len(layer_names))
+        if default == layer_names:
+            return loss_dict
+        mapping = dict(zip(default, layer_names))
+        renamed = {}
+        for key, value in loss_dict.items():
+            prefix = key.split(".", 1)[0] + "." if "." in key else ""
+            renamed[mapping.get(prefix, prefix) + key[len(prefix):]] = value
+        return renamed
+
+    def _class_agnostic_encoder_losses(self, predictions: AdaptedPredictions, labels: list[dict], k: int) -> dict:
+        """Encoder term with every GT as class 0: the same loss code on a one-class problem, one 'layer'."""
+        loss_fn = self._loss(1, [k, k])
+        agnostic = [{"class_labels": torch.zeros_like(t["class_labels"]), "boxes": t["boxes"]} for t in labels]
+        loss_dict = loss_fn({"intermediate_logits": predictions.encoder_logits[None],
+                             "intermediate_pred_boxes": predictions.encoder_boxes[None]}, agnostic)[1]
+        return {f"enc_{key}": value for key, value in loss_dict.items()}
+
+    def _kept_own_terms(self, *args, **kwargs) -> dict:
+        own_dict = self.own_loss_function(*args, **kwargs)[1]
+        config = args[4]
+        kept = {}
+        for key, value in own_dict.items():
+            if any(key == term or key.startswith(term + "_") for term in self.options.keep_terms):
+                kept[f"own.{key}"] = value * self._own_weight(key, config)
+        if not kept:
+            raise ValueError(f"keep_terms={list(self.options.keep_terms)} matched none of the model's own loss terms "
+                             f"{sorted(own_dict)}.")
+        return kept
+
+    def _own_weight(self, key: str, config) -> float:
+        """The weight the model's own loss function gives `key` (RT-DETR and D-FINE weight their dict already)."""
+        if self.family not in ("deformable_detr", "conditional_detr"):
+            return 1.0
+        base = key.rsplit("_", 1)[0] if key[-1].isdigit() else key
+        weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+        if base not in weights:
+            raise ValueError(f"Cannot keep '{key}': {self.model_class_name}'s loss does not add it to its total.")
+        return float(weights[base])
+
+
+def use_align_detr_loss(
+    model,
+    decoder_num_gt_repeat: Sequence[int] | None = None,
+    encoder_num_gt_repeat: int | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    tau: float = 1.5,
+    keep_terms: Sequence[str] | None = None,
+    **loss_overrides,
+) -> AlignDetrLossAdapter:
+    """Make `model` (a transformers detector, see module docstring) train with the Align-DETR loss.
+
+    Args:
+        model: a `DeformableDetrForObjectDetection`, `ConditionalDetrForObjectDetection`, `RTDetrForObjectDetection`,
+            `RTDetrV2ForObjectDetection` or `DFineForObjectDetection` instance.
+        decoder_num_gt_repeat: k per decoder layer (first to last), or `[k]` for the last layer only. Default
+            Align-DETR's `[2, ..., 2, 1]`.
+        encoder_num_gt_repeat: k of the encoder proposals (0: no encoder term). Default 2 where there are proposals.
+        alpha: IA-BCE quality target `t = p^alpha * IoU^(1 - alpha)` (`AlignDetrConfig.quality_alpha`).
+        gamma: negatives weighted by `p^gamma` (`negative_gamma`).
+        tau: prime-sample weight `exp(-rank / tau)` (`rank_tau`).
+        keep_terms: the model's own terms to keep beside ours (name prefixes, e.g. `("loss_fgl", "loss_ddf")`);
+            default: D-FINE's distribution losses for D-FINE, none otherwise.
+        **loss_overrides: other [`AlignDetrConfig`] loss fields (`LOSS_HYPER_PARAMETERS`), e.g. `matcher_giou_cost`.
+    Returns:
+        The [`AlignDetrLossAdapter`] now set as `model.loss_function`. Undo with [`remove_align_detr_loss`].
+    """
+    class_name = type(model).__name__
+    if isinstance(getattr(model, "_loss_function", None), AlignDetrLossAdapter):
+        raise ValueError(f"This {class_name} already uses the Align-DETR loss; call remove_align_detr_loss first.")
+    family = SUPPORTED_MODELS.get(class_name)
+    options = AlignDetrLossOptions(
+        decoder_num_gt_repeat=None if decoder_num_gt_repeat is None else list(decoder_num_gt_repeat),
+        encoder_num_gt_repeat=encoder_num_gt_repeat,
+        loss_overrides={"quality_alpha": alpha, "negative_gamma": gamma, "rank_tau": tau, **loss_overrides},
+        keep_terms=_DEFAULT_KEEP_TERMS.get(family, ()) if keep_terms is None else tuple(keep_terms),
+    )
+    adapter = AlignDetrLossAdapter(class_name, options, own_loss_function=model.loss_function)
+    config = model.config
+    if family == "conditional_detr" and not config.auxiliary_loss and len(options.decoder_num_gt_repeat or [0, 0]) > 1:
+        raise ValueError("ConditionalDetrForObjectDetection passes its per-layer predictions to the loss only with "
+                         "config.auxiliary_loss=True; set it, or pass decoder_num_gt_repeat=[k] (last layer only).")
+    if family == "deformable_detr" and config.two_stage:
+        adapter.hook_handle = model.model.register_forward_hook(adapter.capture_encoder_outputs)
+    elif options.encoder_num_gt_repeat and family in ("deformable_detr", "conditional_detr"):
+        raise ValueError(f"encoder_num_gt_repeat={options.encoder_num_gt_repeat} asks for an encoder term, but "
+                         f"{class_name} has no encoder proposals (Deformable DETR needs two_stage=True).")
+    model.loss_function = adapter
+    return adapter
+
+
+def remove_align_detr_loss(model) -> None:
+    """Give `model` its own loss back (undoes [`use_align_detr_loss`])."""
+    adapter = getattr(model, "_loss_function", None)
+    if not isinstance(adapter, AlignDetrLossAdapter):
+        raise ValueError(f"This {type(model).__name__} does not use the Align-DETR loss.")
+    if getattr(adapter, "hook_handle", None) is not None:
+        adapter.hook_handle.remove()
+    del model._loss_function
+
+
+__all__ = ["AlignDetrLossAdapter", "AlignDetrLossOptions", "AdaptedPredictions", "LOSS_HYPER_PARAMETERS",
+           "SUPPORTED_MODELS", "remove_align_detr_loss", "use_align_detr_loss"]
