@@ -58,6 +58,18 @@ def small_state_dict():
 
 
 @pytest.fixture(scope="session")
+def swin_small_state_dict():
+    """mmdetection-named weights of the DINO-5scale Swin reference model (tests/fixtures/swin_small)."""
+    folder = FIXTURES / "swin_small"
+    sd = fixture_weights.generate_state_dict(
+        fixture_weights.read_manifest(folder / "manifest.tsv"), seed=0, num_heads=8, num_points=4
+    )
+    meta = json.loads((folder / "meta.json").read_text())
+    assert fixture_weights.state_dict_sha256(sd) == meta["weights"]["state_dict_sha256"]
+    return sd
+
+
+@pytest.fixture(scope="session")
 def small_model(small_state_dict):
     from align_detr_hf.convert_align_detr import config_from_state_dict, load_converted
 

@@ -29,10 +29,13 @@ class AlignDetrConfig(PreTrainedConfig):
         backbone_config (`dict` or `PreTrainedConfig`, *optional*): any `AutoBackbone` config. Defaults to
             transformers' ResNet-50 with `out_features=["stage2", "stage3", "stage4"]` (strides 8, 16, 32). All its
             BatchNorms become frozen BatchNorms.
-        freeze_backbone_stages (`int`, defaults to 0): the stem is always frozen; this many stages after it too
-            (Align-DETR trains all four stages: 0; DETR/DINO freeze the first: 1).
+        freeze_backbone_stages (`int`, defaults to 0): mmdetection's `frozen_stages`: -1 trains the whole backbone
+            (mmdetection's Swin default), 0 freezes the stem (ResNet stem, Swin patch embedding), k the stem and the
+            first k stages too (Align-DETR: 0; mmdetection's DINO R-50: 1).
         d_model (`int`, defaults to 256): width of the transformer.
         num_feature_levels (`int`, defaults to 4): backbone levels plus extra stride-2 levels.
+        neck_bias (`bool`, defaults to `True`): whether the neck's convolutions (before their GroupNorm) have a bias;
+            Align-DETR's do, mmdetection's DINO configs have none (`bias='auto'` with a norm).
         encoder_layers / decoder_layers (`int`, defaults to 6): number of layers.
         encoder_ffn_dim / decoder_ffn_dim (`int`, defaults to 2048): hidden size of the feed-forward networks.
         encoder_attention_heads / decoder_attention_heads (`int`, defaults to 8).
@@ -40,7 +43,8 @@ class AlignDetrConfig(PreTrainedConfig):
         dropout (`float`, defaults to 0.0): dropout after attention and feed-forward blocks (0 in the reference).
         num_queries (`int`, defaults to 900): matching queries, chosen from the encoder's top-k proposals.
         position_embedding_temperature (`float`, defaults to 10000) and position_embedding_offset (`float`,
-            defaults to -0.5): the normalised sine position encoding of the feature maps.
+            defaults to -0.5): the normalised sine position encoding of the feature maps (mmdetection's DINO
+            configs: 20 and 0).
         init_prior_prob (`float`, defaults to 0.01): class-logit bias is initialised to log(p / (1 - p)).
 
     Contrastive denoising (training only):
@@ -80,6 +84,7 @@ class AlignDetrConfig(PreTrainedConfig):
     freeze_backbone_stages: int = 0
     d_model: int = 256
     num_feature_levels: int = 4
+    neck_bias: bool = True
     encoder_layers: int = 6
     decoder_layers: int = 6
     encoder_ffn_dim: int = 2048
@@ -135,6 +140,10 @@ class AlignDetrConfig(PreTrainedConfig):
         self._check()
 
     def _check(self):
+        if self.freeze_backbone_stages < -1:
+            raise ValueError(
+                f"freeze_backbone_stages must be >= -1 (-1: nothing frozen), got {self.freeze_backbone_stages}."
+            )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if len(self.num_gt_repeat) != self.decoder_layers + 1:

@@ -23,104 +23,98 @@ import torch
 
 from .configuration_align_detr import COCO_CLASSES, AlignDetrConfig
 from .hub import saving_remote_code  # noqa: F401  (moved to hub.py; every save carries our code now)
+from .convert_mmdet_backbones import (
+    BACKBONES,
+    ConversionError,
+    Rule,
+    apply_rules,
+    backbone_config_from_state_dict,
+    convert_backbone_state_dict,
+    split_in_three,
+)
 from .image_processing_align_detr import AlignDetrImageProcessor
+from .mmdet_checkpoints import (
+    FROZEN_STAGES,
+    HEAD_SETTINGS,
+    SWIN_DROP_PATH_RATE,
+    model_cfg_from_meta,
+    settings_from_model_cfg,
+    zoo_entry,
+)
 from .modeling_align_detr import AlignDetrForObjectDetection
 
 
-class ConversionError(ValueError):
-    """The checkpoint cannot be converted; the message says which keys or bytes are wrong."""
+def _detector_rules(num_decoder_layers: int, num_backbone_levels: int) -> list[Rule]:
+    """mmdetection's detector names (all but `backbone.*`) -> ours. Box/class branch L (= the number of decoder
+    layers) is the encoder-proposal head; the neck's extra convs come after the backbone levels."""
+    decoder = "model.decoder.layers.{0}."
+
+    def class_branch(index, name):
+        return f"class_embed.{index}.{name}" if int(index) < num_decoder_layers else f"model.enc_score_head.{name}"
+
+    def box_branch(index, layer, name):
+        head = f"model.decoder.bbox_embed.{index}" if int(index) < num_decoder_layers else "model.enc_bbox_head"
+        return f"{head}.layers.{int(layer) // 2}.{name}"
+
+    def extra_level(index, module, name):
+        return f"model.input_proj.{int(index) + num_backbone_levels}.{module}.{name}"
+
+    return [
+        Rule(r"level_embed", "model.level_embed"),
+        Rule(r"query_embedding\.weight", "model.query_embedding.weight"),
+        Rule(r"memory_trans_fc\.(weight|bias)", "model.enc_output.{0}"),
+        Rule(r"memory_trans_norm\.(weight|bias)", "model.enc_output_norm.{0}"),
+        Rule(r"dn_query_generator\.label_embedding\.weight", "model.denoising_class_embed.weight"),
+        # neck (mmdetection's ChannelMapper)
+        Rule(r"neck\.convs\.(\d+)\.conv\.(weight|bias)", "model.input_proj.{0}.0.{1}"),
+        Rule(r"neck\.convs\.(\d+)\.gn\.(weight|bias)", "model.input_proj.{0}.1.{1}"),
+        Rule(r"neck\.extra_convs\.(\d+)\.conv\.(weight|bias)", lambda i, name: extra_level(i, 0, name)),
+        Rule(r"neck\.extra_convs\.(\d+)\.gn\.(weight|bias)", lambda i, name: extra_level(i, 1, name)),
+        # encoder
+        Rule(r"encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)", "model.encoder.layers.{0}.self_attn.{1}.{2}"),
+        Rule(r"encoder\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", "model.encoder.layers.{0}.fc1.{1}"),
+        Rule(r"encoder\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", "model.encoder.layers.{0}.fc2.{1}"),
+        Rule(r"encoder\.layers\.(\d+)\.norms\.0\.(weight|bias)", "model.encoder.layers.{0}.self_attn_layer_norm.{1}"),
+        Rule(r"encoder\.layers\.(\d+)\.norms\.1\.(weight|bias)", "model.encoder.layers.{0}.final_layer_norm.{1}"),
+        # decoder; self-attention is torch's MultiheadAttention with fused q/k/v
+        Rule(
+            r"decoder\.layers\.(\d+)\.self_attn\.attn\.in_proj_(weight|bias)",
+            tuple(decoder + f"self_attn.{name}_proj.{{1}}" for name in "qkv"),
+            split_in_three,
+        ),
+        Rule(r"decoder\.layers\.(\d+)\.self_attn\.attn\.out_proj\.(weight|bias)", decoder + "self_attn.o_proj.{1}"),
+        Rule(r"decoder\.layers\.(\d+)\.cross_attn\.(\w+)\.(weight|bias)", decoder + "encoder_attn.{1}.{2}"),
+        Rule(r"decoder\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", decoder + "fc1.{1}"),
+        Rule(r"decoder\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", decoder + "fc2.{1}"),
+        Rule(r"decoder\.layers\.(\d+)\.norms\.0\.(weight|bias)", decoder + "self_attn_layer_norm.{1}"),
+        Rule(r"decoder\.layers\.(\d+)\.norms\.1\.(weight|bias)", decoder + "encoder_attn_layer_norm.{1}"),
+        Rule(r"decoder\.layers\.(\d+)\.norms\.2\.(weight|bias)", decoder + "final_layer_norm.{1}"),
+        Rule(
+            r"decoder\.ref_point_head\.layers\.(\d)\.(weight|bias)", "model.decoder.reference_points_head.layers.{0}.{1}"
+        ),
+        Rule(r"decoder\.norm\.(weight|bias)", "model.decoder.layer_norm.{0}"),
+        # heads
+        Rule(r"bbox_head\.cls_branches\.(\d+)\.(weight|bias)", class_branch),
+        Rule(r"bbox_head\.reg_branches\.(\d+)\.([024])\.(weight|bias)", box_branch),
+    ]
 
 
-# (mmdetection pattern, our name); applied in order, first match wins; {L} = number of decoder layers
-_RENAMES = [
-    (r"level_embed", r"model.level_embed"),
-    (r"query_embedding\.weight", r"model.query_embedding.weight"),
-    (r"memory_trans_fc\.(weight|bias)", r"model.enc_output.\1"),
-    (r"memory_trans_norm\.(weight|bias)", r"model.enc_output_norm.\1"),
-    (r"dn_query_generator\.label_embedding\.weight", r"model.denoising_class_embed.weight"),
-    # ResNet (torchvision names) -> transformers' ResNetBackbone
-    (r"backbone\.conv1\.weight", r"model.backbone.model.embedder.embedder.convolution.weight"),
-    (r"backbone\.bn1\.(\w+)", r"model.backbone.model.embedder.embedder.normalization.\1"),
-    (r"backbone\.layer(\d)\.(\d+)\.conv(\d)\.weight", "BLOCK_CONV"),
-    (r"backbone\.layer(\d)\.(\d+)\.bn(\d)\.(\w+)", "BLOCK_NORM"),
-    (r"backbone\.layer(\d)\.(\d+)\.downsample\.0\.weight", "SHORTCUT_CONV"),
-    (r"backbone\.layer(\d)\.(\d+)\.downsample\.1\.(\w+)", "SHORTCUT_NORM"),
-    # neck
-    (r"neck\.convs\.(\d+)\.conv\.(weight|bias)", r"model.input_proj.\1.0.\2"),
-    (r"neck\.convs\.(\d+)\.gn\.(weight|bias)", r"model.input_proj.\1.1.\2"),
-    (r"neck\.extra_convs\.(\d+)\.conv\.(weight|bias)", "EXTRA_CONV"),
-    (r"neck\.extra_convs\.(\d+)\.gn\.(weight|bias)", "EXTRA_NORM"),
-    # encoder
-    (r"encoder\.layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)", r"model.encoder.layers.\1.self_attn.\2.\3"),
-    (r"encoder\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"model.encoder.layers.\1.fc1.\2"),
-    (r"encoder\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"model.encoder.layers.\1.fc2.\2"),
-    (r"encoder\.layers\.(\d+)\.norms\.0\.(weight|bias)", r"model.encoder.layers.\1.self_attn_layer_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.norms\.1\.(weight|bias)", r"model.encoder.layers.\1.final_layer_norm.\2"),
-    # decoder
-    (r"decoder\.layers\.(\d+)\.self_attn\.attn\.in_proj_(weight|bias)", "QKV"),
-    (r"decoder\.layers\.(\d+)\.self_attn\.attn\.out_proj\.(weight|bias)", r"model.decoder.layers.\1.self_attn.o_proj.\2"),
-    (r"decoder\.layers\.(\d+)\.cross_attn\.(\w+)\.(weight|bias)", r"model.decoder.layers.\1.encoder_attn.\2.\3"),
-    (r"decoder\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"model.decoder.layers.\1.fc1.\2"),
-    (r"decoder\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"model.decoder.layers.\1.fc2.\2"),
-    (r"decoder\.layers\.(\d+)\.norms\.0\.(weight|bias)", r"model.decoder.layers.\1.self_attn_layer_norm.\2"),
-    (r"decoder\.layers\.(\d+)\.norms\.1\.(weight|bias)", r"model.decoder.layers.\1.encoder_attn_layer_norm.\2"),
-    (r"decoder\.layers\.(\d+)\.norms\.2\.(weight|bias)", r"model.decoder.layers.\1.final_layer_norm.\2"),
-    (r"decoder\.ref_point_head\.layers\.(\d)\.(weight|bias)", r"model.decoder.reference_points_head.layers.\1.\2"),
-    (r"decoder\.norm\.(weight|bias)", r"model.decoder.layer_norm.\1"),
-    # heads: branch index L (= number of decoder layers) is the encoder-proposal head
-    (r"bbox_head\.cls_branches\.(\d+)\.(weight|bias)", "CLS_BRANCH"),
-    (r"bbox_head\.reg_branches\.(\d+)\.([024])\.(weight|bias)", "REG_BRANCH"),
-]
-_RENAMES = [(re.compile(pattern + "$"), target) for pattern, target in _RENAMES]
-_IGNORED = re.compile(r".*num_batches_tracked$")  # BatchNorm counters of non-frozen-BN variants
-
-
-def _rename(key: str, match: re.Match, target: str, num_decoder_layers: int, num_backbone_levels: int):
-    """Our name(s) for one mmdetection key: a list of (name, slice of the fused tensor or None)."""
-    g = match.groups()
-    backbone = "model.backbone.model.encoder.stages"
-    if target == "BLOCK_CONV":
-        return [(f"{backbone}.{int(g[0]) - 1}.layers.{g[1]}.layer.{int(g[2]) - 1}.convolution.weight", None)]
-    if target == "BLOCK_NORM":
-        return [(f"{backbone}.{int(g[0]) - 1}.layers.{g[1]}.layer.{int(g[2]) - 1}.normalization.{g[3]}", None)]
-    if target == "SHORTCUT_CONV":
-        return [(f"{backbone}.{int(g[0]) - 1}.layers.{g[1]}.shortcut.convolution.weight", None)]
-    if target == "SHORTCUT_NORM":
-        return [(f"{backbone}.{int(g[0]) - 1}.layers.{g[1]}.shortcut.normalization.{g[2]}", None)]
-    if target in ("EXTRA_CONV", "EXTRA_NORM"):
-        index = int(g[0]) + num_backbone_levels
-        return [(f"model.input_proj.{index}.{0 if target == 'EXTRA_CONV' else 1}.{g[1]}", None)]
-    if target == "QKV":
-        prefix = f"model.decoder.layers.{g[0]}.self_attn"
-        return [(f"{prefix}.{name}_proj.{g[1]}", i) for i, name in enumerate("qkv")]
-    if target == "CLS_BRANCH":
-        index = int(g[0])
-        return [(f"class_embed.{index}.{g[1]}" if index < num_decoder_layers else f"model.enc_score_head.{g[1]}", None)]
-    if target == "REG_BRANCH":
-        index, layer = int(g[0]), int(g[1]) // 2
-        head = f"model.decoder.bbox_embed.{index}" if index < num_decoder_layers else "model.enc_bbox_head"
-        return [(f"{head}.layers.{layer}.{g[2]}", None)]
-    return [(match.expand(target), None)]
+_BACKBONE_PREFIX, _OUR_BACKBONE_PREFIX = "backbone.", "model.backbone.model."
 
 
 def convert_state_dict(mmdet_state_dict: dict, config: AlignDetrConfig) -> dict[str, torch.Tensor]:
-    """mmdetection Align-DETR state dict -> `AlignDetrForObjectDetection` state dict.
+    """mmdetection Align-DETR/DINO state dict -> `AlignDetrForObjectDetection` state dict.
 
+    The backbone's keys go through its rule table (`convert_mmdet_backbones`), the rest through `_detector_rules`.
     Raises `ConversionError` listing every key that matches no rule.
     """
-    num_backbone_levels = len(config.backbone_config.out_features)
-    converted, unknown = {}, []
-    for key, tensor in mmdet_state_dict.items():
-        if _IGNORED.match(key):
-            continue
-        for pattern, target in _RENAMES:
-            match = pattern.match(key)
-            if match:
-                for name, part in _rename(key, match, target, config.decoder_layers, num_backbone_levels):
-                    converted[name] = tensor if part is None else tensor.chunk(3, dim=0)[part].clone()
-                break
-        else:
-            unknown.append(key)
+    backbone = {k[len(_BACKBONE_PREFIX) :]: v for k, v in mmdet_state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
+    rest = {k: v for k, v in mmdet_state_dict.items() if not k.startswith(_BACKBONE_PREFIX)}
+    rules = _detector_rules(config.decoder_layers, len(config.backbone_config.out_features))
+    converted, unknown = apply_rules(rest, rules)
+    converted_backbone, unknown_backbone = convert_backbone_state_dict(backbone, config.backbone_config)
+    converted.update({_OUR_BACKBONE_PREFIX + k: v for k, v in converted_backbone.items()})
+    unknown = sorted(unknown + [_BACKBONE_PREFIX + k for k in unknown_backbone])
     if unknown:
         raise ConversionError(
             f"{len(unknown)} checkpoint keys have no Align-DETR counterpart (is this an mmdetection Align-DETR/DINO "
@@ -129,46 +123,44 @@ def convert_state_dict(mmdet_state_dict: dict, config: AlignDetrConfig) -> dict[
     return converted
 
 
-def config_from_state_dict(mmdet_state_dict: dict, **overrides) -> AlignDetrConfig:
-    """Read the architecture (ResNet depth and widths, layer counts, FFN sizes, queries, classes) off the shapes.
-
-    Training-only settings that leave no trace in the weights (denoising budget, `num_gt_repeat`) keep their
-    defaults unless given in `overrides`; position-encoding settings are Align-DETR's.
+def config_from_state_dict(
+    mmdet_state_dict: dict, meta: dict | None = None, loss_type: str | None = None, source: str | None = None,
+    **overrides,
+) -> AlignDetrConfig:  # fmt: skip
+    """Read the architecture (backbone type, depths and widths, levels, layer counts, FFN sizes, queries, classes)
+    off the shapes, and the settings the weights do not show (loss, position encoding, frozen stages) from, in this
+    order: mmdetection's `meta['cfg']`, the model-zoo entry named by `source` (file name or URL), `loss_type` (the
+    loss the checkpoint was trained with), or the neck (a conv bias: Align-DETR's config; none: DINO's).
+    `overrides` win over everything (`drop_path_rate` goes to a Swin backbone's config).
     """
     sd = mmdet_state_dict
-    required = ["backbone.conv1.weight", "query_embedding.weight", "level_embed", "bbox_head.cls_branches.0.weight"]
+    required = ["query_embedding.weight", "level_embed", "bbox_head.cls_branches.0.weight"]
     missing = [key for key in required if key not in sd]
     if missing:
-        raise ConversionError(f"Not an mmdetection Align-DETR/DINO checkpoint: missing {missing}.")
+        raise ConversionError(f"Not an mmdetection Align-DETR/DINO checkpoint: missing {missing}. {describe_keys(sd)}")
 
     def count(pattern):
         return len({m.group(1) for key in sd if (m := re.match(pattern, key))})
 
-    stages = sorted({int(m.group(1)) for key in sd if (m := re.match(r"backbone\.layer(\d)\.", key))})
-    depths = [count(rf"backbone\.layer{s}\.(\d+)\.") for s in stages]
-    bottleneck = "backbone.layer1.0.conv3.weight" in sd
-    last_conv = "conv3" if bottleneck else "conv2"
-    hidden_sizes = [sd[f"backbone.layer{s}.0.{last_conv}.weight"].shape[0] for s in stages]
+    backbone = {k[len(_BACKBONE_PREFIX) :]: v for k, v in sd.items() if k.startswith(_BACKBONE_PREFIX)}
     neck_in = [sd[f"neck.convs.{i}.conv.weight"].shape[1] for i in range(count(r"neck\.convs\.(\d+)\."))]
-    out_features = [f"stage{hidden_sizes.index(c) + 1}" for c in neck_in]
+    backbone_config = backbone_config_from_state_dict(backbone, neck_in)
+    settings = _head_settings(sd, meta, loss_type, source, backbone_config["model_type"])
+    drop_path_rate = overrides.pop("drop_path_rate", settings.pop("drop_path_rate", SWIN_DROP_PATH_RATE))
+    if backbone_config["model_type"] == "swin":  # stochastic depth of the Swin blocks (training only)
+        backbone_config["drop_path_rate"] = drop_path_rate
     num_classes = sd["bbox_head.cls_branches.0.weight"].shape[0]
-    backbone_config = {
-        "model_type": "resnet",
-        "embedding_size": sd["backbone.conv1.weight"].shape[0],
-        "hidden_sizes": hidden_sizes,
-        "depths": depths,
-        "layer_type": "bottleneck" if bottleneck else "basic",
-        "out_features": out_features,
-    }
     kwargs = dict(
         backbone_config=backbone_config,
         d_model=sd["level_embed"].shape[1],
         num_feature_levels=sd["level_embed"].shape[0],
+        neck_bias="neck.convs.0.conv.bias" in sd,
         encoder_layers=count(r"encoder\.layers\.(\d+)\."),
         decoder_layers=count(r"decoder\.layers\.(\d+)\."),
         encoder_ffn_dim=sd["encoder.layers.0.ffn.layers.0.0.weight"].shape[0],
         decoder_ffn_dim=sd["decoder.layers.0.ffn.layers.0.0.weight"].shape[0],
         num_queries=sd["query_embedding.weight"].shape[0],
+        **settings,
     )
     if num_classes == len(COCO_CLASSES):
         kwargs["id2label"] = dict(enumerate(COCO_CLASSES))
@@ -176,6 +168,38 @@ def config_from_state_dict(mmdet_state_dict: dict, **overrides) -> AlignDetrConf
         kwargs["num_labels"] = num_classes
     kwargs.update(overrides)
     return AlignDetrConfig(**kwargs)
+
+
+def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, backbone_type: str) -> dict:
+    model_cfg = model_cfg_from_meta(meta)
+    entry = zoo_entry(source) if source else None
+    if model_cfg is not None:
+        settings, origin = settings_from_model_cfg(model_cfg), "its meta['cfg']"
+    elif entry is not None:
+        settings, origin = dict(entry.settings), f"mmdetection's model zoo ({entry.name})"
+    else:
+        inferred = loss_type or ("align_detr" if "neck.convs.0.conv.bias" in sd else "dino")
+        if inferred not in HEAD_SETTINGS:
+            raise ConversionError(f"loss_type must be one of {sorted(HEAD_SETTINGS)}, got {inferred!r}.")
+        settings, origin = dict(HEAD_SETTINGS[inferred]), "loss_type" if loss_type else "its neck"
+    if loss_type is not None and loss_type != settings["loss_type"]:
+        raise ConversionError(
+            f"loss_type={loss_type!r}, but the checkpoint was trained with {settings['loss_type']!r} (from {origin}). "
+            "To fine-tune with another loss, set `loss_type` on the converted model's config."
+        )
+    settings.setdefault("freeze_backbone_stages", FROZEN_STAGES[settings["loss_type"], backbone_type])
+    return settings
+
+
+def describe_keys(state_dict: dict) -> str:
+    """A guess at what a state dict that is not a supported detector is, from its top-level key names."""
+    tops = sorted({key.split(".")[0] for key in state_dict})
+    for name, backbone in BACKBONES.items():
+        if backbone.signature in state_dict:
+            return f"It looks like a bare {name} backbone (no detector keys)."
+    if any(key.startswith("transformer.") for key in state_dict) or "backbone.0.body.conv1.weight" in state_dict:
+        return "It looks like a checkpoint of the original DINO/Deformable-DETR code, not mmdetection's."
+    return f"Its top-level names are {tops[:12]}."
 
 
 def expected_sha256_prefix(path_or_url: str) -> str | None:

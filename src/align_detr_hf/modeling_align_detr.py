@@ -194,26 +194,62 @@ def _freeze_batch_norms(module: nn.Module) -> None:
             _freeze_batch_norms(child)
 
 
-class AlignDetrConvEncoder(nn.Module):
-    """Any `AutoBackbone` with frozen BatchNorms, its stem frozen, and `freeze_backbone_stages` stages frozen.
+def _resnet_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], list[nn.Module]]:
+    return backbone.embedder, [[stage] for stage in backbone.encoder.stages], []
 
-    The freezing policy is explicit: parameters of `embedder` (the stem) and of the first
-    `config.freeze_backbone_stages` entries of `encoder.stages` get `requires_grad=False`.
+
+def _swin_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], list[nn.Module]]:
+    # as mmdetection's SwinTransformer: a frozen stage freezes its output norm too; SwinModel's final LayerNorm
+    # feeds no feature map, so it never trains (and leaves no unused parameter for DistributedDataParallel)
+    norms = backbone.hidden_states_norms
+    stages = [
+        [layer] + ([norms[f"stage{i + 1}"]] if f"stage{i + 1}" in norms else [])
+        for i, layer in enumerate(backbone.swin.encoder.layers)
+    ]
+    return backbone.swin.embeddings, stages, [backbone.swin.layernorm]
+
+
+# per backbone model type: (stem, modules of each stage, modules that never train)
+_BACKBONE_PARTS = {"resnet": _resnet_parts, "swin": _swin_parts}
+
+
+class AlignDetrConvEncoder(nn.Module):
+    """Any `AutoBackbone` with frozen BatchNorms and mmdetection's `frozen_stages` policy.
+
+    `config.freeze_backbone_stages` = -1 trains everything, 0 freezes the stem, k the stem and the first k stages
+    (`requires_grad=False`). Which modules are the stem and the stages is known per backbone type (`_BACKBONE_PARTS`);
+    freezing any other type raises instead of silently training it.
     """
 
     def __init__(self, config: AlignDetrConfig):
         super().__init__()
         self.model = AutoBackbone.from_config(config.backbone_config)
         _freeze_batch_norms(self.model)
-        frozen = [getattr(self.model, "embedder", None)]
-        stages = getattr(getattr(self.model, "encoder", None), "stages", [])
-        frozen += list(stages)[: config.freeze_backbone_stages]
-        for module in frozen:
-            if module is not None:
-                module.requires_grad_(False)
+        self.model_type, self.frozen_stages = config.backbone_config.model_type, config.freeze_backbone_stages
+        self.freeze()
         self.channels = [
             self.model.num_features[self.model.stage_names.index(name)] for name in config.backbone_config.out_features
         ]
+
+    def freeze(self) -> None:
+        """Set `requires_grad=False` on the frozen parts (again after `from_pretrained`, which re-creates them)."""
+        model_type, num_stages = self.model_type, self.frozen_stages
+        parts = _BACKBONE_PARTS.get(model_type)
+        if parts is None:
+            if num_stages < 0:
+                return
+            raise ValueError(
+                f"freeze_backbone_stages={num_stages} but the stages of a {model_type!r} backbone are not known "
+                f"(known: {sorted(_BACKBONE_PARTS)}); use -1 to train the whole backbone."
+            )
+        stem, stages, never_trained = parts(self.model)
+        if num_stages > len(stages):
+            raise ValueError(f"freeze_backbone_stages={num_stages} but the backbone has {len(stages)} stages.")
+        frozen = list(never_trained)
+        if num_stages >= 0:
+            frozen += [stem] + [module for stage in stages[:num_stages] for module in stage]
+        for module in frozen:
+            module.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(pixel_values).feature_maps)
@@ -514,7 +550,7 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as error:
             if type(error).__name__ != "SafetensorError":
                 raise
@@ -522,6 +558,11 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
                 f"Could not read the weights in {pretrained_model_name_or_path}: a safetensors file is truncated or "
                 f"corrupted ({error}). Re-download or re-convert it."
             ) from error
+        # transformers re-creates every loaded parameter with requires_grad=True: freeze the backbone again
+        for module in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():
+            if isinstance(module, AlignDetrConvEncoder):
+                module.freeze()
+        return loaded
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips modules without parameters of their own for code outside its tree, which would skip
@@ -774,10 +815,13 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         in_channels = self.backbone.channels
         # 1x1 conv + GN per backbone level; extra levels: 3x3 stride-2 conv on the last backbone map, then on
         # the previous extra level (mmdetection's ChannelMapper)
-        projections = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in in_channels]
+        bias = config.neck_bias
+        projections = [nn.Sequential(nn.Conv2d(c, d, 1, bias=bias), nn.GroupNorm(32, d)) for c in in_channels]
         for extra in range(config.num_feature_levels - len(in_channels)):
             source = in_channels[-1] if extra == 0 else d
-            projections.append(nn.Sequential(nn.Conv2d(source, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            projections.append(
+                nn.Sequential(nn.Conv2d(source, d, 3, stride=2, padding=1, bias=bias), nn.GroupNorm(32, d))
+            )
         self.input_proj = nn.ModuleList(projections)
         self.level_embed = nn.Parameter(torch.empty(config.num_feature_levels, d))
         self.encoder = AlignDetrEncoder(config)
