@@ -32,6 +32,7 @@ written to a temporary folder and renamed into place, so a kill during a write l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from align_detr_hf.data import (
     load_train_val_datasets,
 )
 from align_detr_hf.evaluation import coco_summary
+from align_detr_hf.hub import push_folder_to_hub, training_card_kwargs, write_model_card
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
     apply_recipe_to_model,
@@ -440,12 +442,20 @@ def main(argv=None):
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         eval_image_processor(scale).save_pretrained(final_dir)
+        repo_id = args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None)
+        hyperparameters = {"recipe": recipe.name, **dataclasses.asdict(recipe), "num_processes":
+                           accelerator.num_processes, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                           "completed_steps": completed_steps, "seed": args.seed}
+        # README.md: base model, data, the last COCO evaluation, recipe, usage (the folder already holds our code)
+        write_model_card(final_dir, metrics=metrics, **training_card_kwargs(
+            model_name_or_path=args.model_name_or_path, dataset_name=args.dataset_name,
+            train_annotation=args.train_annotation, synthetic_shapes=args.synthetic_shapes, hub_model_id=repo_id,
+            hyperparameters=hyperparameters,
+        ))
         summary = {"completed_steps": completed_steps, "metrics": metrics, "recipe": recipe.name}
         (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2))
-        if args.push_to_hub:
-            repo_id = args.hub_model_id or final_dir.resolve().parent.name
-            unwrapped.push_to_hub(repo_id)
-            AlignDetrImageProcessor.from_pretrained(final_dir).push_to_hub(repo_id)
+        if args.push_to_hub:  # the final folder as it is: weights, processor, code and card in one commit
+            push_folder_to_hub(final_dir, repo_id, commit_message=f"Align-DETR after {completed_steps} steps")
     if args.with_tracking:
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -19,6 +19,7 @@ Trainer prefixes them with `eval_`). Detection models need `remove_unused_column
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -31,6 +32,7 @@ from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import build_eval_transforms, build_train_loader, collate_fn, default_num_workers
 from align_detr_hf.data import load_train_val_datasets
 from align_detr_hf.evaluation import build_compute_metrics
+from align_detr_hf.hub import ModelCardCallback, ModelCardTrainerMixin, training_card_kwargs
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
     TrainingRecipe,
@@ -111,7 +113,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class AlignDetrTrainer(Trainer):
+class AlignDetrTrainer(ModelCardTrainerMixin, Trainer):  # trainer.push_to_hub(): our model card
     """Trainer with the recipe's parameter groups, warm-up + step-decay schedule and training loader (aspect-ratio
     batches of (index, epoch) pairs, so augmentation follows the epoch in persistent worker processes)."""
 
@@ -231,6 +233,12 @@ def main(argv=None):
         greater_is_better=True,
         load_best_model_at_end=False,
     )
+    # README.md (base model, data, last COCO evaluation, recipe, usage) in every checkpoint, push and the final save
+    model_card = ModelCardCallback(**training_card_kwargs(
+        model_name_or_path=args.model_name_or_path, dataset_name=args.dataset_name,
+        train_annotation=args.train_annotation, synthetic_shapes=args.synthetic_shapes, hub_model_id=args.hub_model_id,
+        hyperparameters={"recipe": recipe.name, **dataclasses.asdict(recipe)},
+    ))
     trainer = AlignDetrTrainer(
         model=model,
         args=training_args,
@@ -240,17 +248,20 @@ def main(argv=None):
         processing_class=processor,
         compute_metrics=build_compute_metrics(val_set.coco_ground_truth()),
         recipe=recipe,
+        callbacks=[model_card],
     )
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(str(output_dir / "final"))
     metrics = dict(train_result.metrics)
     if args.eval_strategy != "no":
-        metrics.update(trainer.evaluate())
+        metrics.update(trainer.evaluate())  # before the final save, so that the model card shows it
     trainer.log_metrics("all", metrics)
+    final_dir = output_dir / "final"
+    # weights, processor and our code; with --push_to_hub, Trainer.save_model also pushes (trainer.push_to_hub: the
+    # output folder with our code and, through create_model_card, our card)
+    trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
+        model_card.write(final_dir)
         (output_dir / "all_results.json").write_text(json.dumps(metrics, indent=2))
-    if args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=args.model_name_or_path, tasks="object-detection")
     return metrics
 
 

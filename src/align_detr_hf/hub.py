@@ -42,8 +42,10 @@ __all__ = [
     "ModelCardTrainerMixin",
     "build_model_card",
     "copy_remote_code",
+    "push_folder_to_hub",
     "push_to_hub_with_model_card",
     "register_remote_code",
+    "training_card_kwargs",
     "write_model_card",
 ]
 
@@ -346,6 +348,41 @@ def push_to_hub_with_model_card(
             repo_id=repo_id, folder_path=work_dir, commit_message=commit_message or "Upload Align-DETR model",
             commit_description=commit_description, revision=revision, create_pr=create_pr,
         )
+
+
+def push_folder_to_hub(folder, repo_id: str, *, commit_message: str = "Upload Align-DETR model", private=None,
+                       token=None) -> str:
+    """Upload a saved folder (weights, config, processor, code, README.md) to `repo_id` as one commit."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+
+
+def training_card_kwargs(
+    *,
+    model_name_or_path: str | None = None,
+    dataset_name: str | None = None,
+    train_annotation: str | None = None,
+    synthetic_shapes: int = 0,
+    hub_model_id: str | None = None,
+    hyperparameters: dict | None = None,
+) -> dict:
+    """`write_model_card` arguments from a training script's flags (base model, data, Hub id, recipe)."""
+    if dataset_name:
+        datasets, readable = [dataset_name], dataset_name
+    elif synthetic_shapes:
+        datasets, readable = ["synthetic shapes (align_detr_hf.synthetic)"], "synthetic shapes (validation split)"
+    elif train_annotation:
+        datasets, readable = [train_annotation], "COCO-format data (validation split)"
+    else:
+        datasets, readable = None, None
+    return {
+        "model_name": hub_model_id,
+        "base_model": model_name_or_path,
+        "datasets": datasets,
+        "dataset_name": readable,
+        "hyperparameters": {k: v for k, v in (hyperparameters or {}).items() if v is not None},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ Trainer
