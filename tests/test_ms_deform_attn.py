@@ -145,6 +145,110 @@ def test_package_imports_without_triton():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Dispatch robustness: a kernel that cannot build or launch falls back (simulated on CPU), runtime switch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pretend_kernel_applies(monkeypatch):
+    """Pretend CPU tensors are ones the kernel serves, with fresh dispatch state; yields the module."""
+    from align_detr_hf import ms_deform_attn
+
+    monkeypatch.setattr(ms_deform_attn, "_FORCED_IMPL", None)
+    monkeypatch.setattr(ms_deform_attn, "_kernel_supports", lambda *tensors: True)
+    monkeypatch.setattr(ms_deform_attn, "_kernel_proven", False)
+    monkeypatch.setattr(ms_deform_attn, "_fallback_warned", False)
+    monkeypatch.setattr(ms_deform_attn, "_custom_kernels_enabled", True)
+    return ms_deform_attn
+
+
+def test_kernel_failing_on_first_call_warns_once_and_falls_back(pretend_kernel_applies, monkeypatch):
+    ms_deform_attn = pretend_kernel_applies
+    calls = []
+
+    def broken_kernel(*args):  # what an unsupported GPU / missing compiler looks like from Python
+        calls.append(1)
+        raise RuntimeError("triton.compiler.errors.CompilationError: PTX version not supported by the driver")
+
+    monkeypatch.setattr(ms_deform_attn, "_triton_impl", broken_kernel)
+    shapes = SHAPE_SETS["three_levels"]
+    value, locations, weights = make_inputs(shapes)
+    expected = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
+    with pytest.warns(RuntimeWarning, match="failed on its first call.*PTX version.*using the PyTorch path"):
+        first = multi_scale_deformable_attention(value, shapes, locations, weights)
+    torch.testing.assert_close(first, expected, atol=0, rtol=0)
+    assert implementation_for(value) == "pytorch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise here
+        second = multi_scale_deformable_attention(value, shapes, locations, weights)
+    torch.testing.assert_close(second, expected, atol=0, rtol=0)
+    assert len(calls) == 1  # the broken kernel is not retried
+
+
+def test_kernel_that_worked_once_is_trusted_and_later_errors_raise(pretend_kernel_applies, monkeypatch):
+    ms_deform_attn = pretend_kernel_applies
+    outcomes = iter(["ok", "fail"])
+
+    def flaky_kernel(value, shapes, locations, weights):
+        if next(outcomes) == "fail":
+            raise RuntimeError("illegal memory access")
+        return multi_scale_deformable_attention_pytorch(value, shapes, locations, weights) + 1.0
+
+    monkeypatch.setattr(ms_deform_attn, "_triton_impl", flaky_kernel)
+    shapes = SHAPE_SETS["three_levels"]
+    value, locations, weights = make_inputs(shapes)
+    expected = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights) + 1.0
+    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights), expected)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # a real error is not hidden
+        multi_scale_deformable_attention(value, shapes, locations, weights)
+
+
+def test_forced_kernel_and_out_of_memory_errors_are_not_swallowed(pretend_kernel_applies, monkeypatch):
+    ms_deform_attn = pretend_kernel_applies
+    shapes = SHAPE_SETS["three_levels"]
+    value, locations, weights = make_inputs(shapes)
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ms_deform_attn, "_triton_impl", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        multi_scale_deformable_attention(value, shapes, locations, weights)
+
+    def broken_kernel(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(ms_deform_attn, "_triton_impl", broken_kernel)
+    monkeypatch.setattr(ms_deform_attn, "_FORCED_IMPL", "triton")  # ALIGN_DETR_MSDA_IMPL=triton: asked for, so raise
+    with pytest.raises(RuntimeError, match="no compiler"):
+        multi_scale_deformable_attention(value, shapes, locations, weights)
+
+
+def test_runtime_switch_and_export_keep_the_kernel_out(pretend_kernel_applies, monkeypatch):
+    ms_deform_attn = pretend_kernel_applies
+
+    def marked_kernel(value, shapes, locations, weights):
+        return multi_scale_deformable_attention_pytorch(value, shapes, locations, weights) + 1.0
+
+    monkeypatch.setattr(ms_deform_attn, "_triton_impl", marked_kernel)
+    shapes = SHAPE_SETS["three_levels"]
+    value, locations, weights = make_inputs(shapes)
+    reference = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
+    assert implementation_for(value) == "triton"
+    with ms_deform_attn.custom_kernels_disabled():
+        assert implementation_for(value) == "pytorch"
+        torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights), reference)
+    assert ms_deform_attn.custom_kernels_enabled()
+    ms_deform_attn.set_custom_kernels_enabled(False)
+    assert implementation_for(value) == "pytorch"
+    ms_deform_attn.set_custom_kernels_enabled(True)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # what torch.export / the ONNX exporter set
+    assert implementation_for(value) == "pytorch"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Triton kernels in the interpreter (CPU)
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -19,16 +19,23 @@ Implementations, picked per call by `multi_scale_deformable_attention`:
 The environment variable `ALIGN_DETR_MSDA_IMPL` (read at import) forces one: "pytorch" never uses the kernel,
 "triton" also imports triton without CUDA (with `TRITON_INTERPRET=1` the kernels then run on CPU tensors, slowly:
 tests only). `TRITON_INTERPRET=1` alone makes triton importable on CPU too but the CPU default stays "pytorch".
+
+Runtime switch (like transformers' `disable_custom_kernels`, timm's `set_exportable`): `set_custom_kernels_enabled
+(False)` or `with custom_kernels_disabled():` makes every call take the PyTorch path. Exporters (ONNX, torch.export)
+also get the PyTorch path automatically, so the Triton kernel is never in an exported graph.
+
+Robustness: when the kernel fails to import, or raises on its first call (a Triton compile error, an old driver, an
+unsupported GPU), the module warns once (`RuntimeWarning`) and uses the PyTorch path from then on. Errors of later
+calls, out-of-memory errors, and any error under `ALIGN_DETR_MSDA_IMPL=triton` are raised as they are.
 """
 
 import importlib.util
-import logging
 import os
+import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 _FORCED_IMPL = os.environ.get("ALIGN_DETR_MSDA_IMPL", "").strip().lower() or None
 if _FORCED_IMPL not in (None, "pytorch", "triton"):
@@ -46,12 +53,49 @@ def _load_triton_impl():
     try:
         from . import ms_deform_attn_triton
     except Exception as error:  # a broken triton install must not break the model
-        logger.warning("Triton deformable attention unavailable, using the PyTorch path: %s", error)
+        _warn_fallback(f"the Triton kernel could not be imported ({type(error).__name__}: {error})")
         return None
     return ms_deform_attn_triton.multi_scale_deformable_attention_triton
 
 
+_fallback_warned = False
+
+
+def _warn_fallback(reason: str) -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            f"Align-DETR deformable attention: {reason}; using the PyTorch path (grid_sample) instead.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 _triton_impl = _load_triton_impl()
+_kernel_proven = False  # set by the first kernel call that returns; until then a failure falls back
+_custom_kernels_enabled = True
+
+
+def set_custom_kernels_enabled(enabled: bool) -> None:
+    """Allow (True, the default) or forbid (False) the Triton kernel for all later calls."""
+    global _custom_kernels_enabled
+    _custom_kernels_enabled = bool(enabled)
+
+
+def custom_kernels_enabled() -> bool:
+    return _custom_kernels_enabled
+
+
+@contextmanager
+def custom_kernels_disabled():
+    """Within this block every call takes the PyTorch path (exporting, debugging); restores the setting after."""
+    previous = _custom_kernels_enabled
+    set_custom_kernels_enabled(False)
+    try:
+        yield
+    finally:
+        set_custom_kernels_enabled(previous)
 
 
 def multi_scale_deformable_attention_pytorch(
@@ -89,16 +133,40 @@ def multi_scale_deformable_attention(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Dispatch: the Triton kernel where it can run these inputs, else the pure-PyTorch path."""
-    if _use_triton(value, sampling_locations, attention_weights):
+    if not _use_triton(value, sampling_locations, attention_weights):
+        return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    if _kernel_proven or _FORCED_IMPL == "triton" or torch.compiler.is_compiling():
+        # under torch.compile the op is only traced here; the eager first call is where a broken kernel shows
         return _triton_impl(value, spatial_shapes, sampling_locations, attention_weights)
-    return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    return _first_kernel_call(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _first_kernel_call(value, spatial_shapes, sampling_locations, attention_weights):
+    """Run the kernel once; if it cannot compile or launch here, warn once and switch to the PyTorch path."""
+    global _triton_impl, _kernel_proven
+    try:
+        output = _triton_impl(value, spatial_shapes, sampling_locations, attention_weights)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the inputs' fault, not the kernel's: the PyTorch path would need more memory still
+    except Exception as error:
+        _triton_impl = None
+        _warn_fallback(f"the Triton kernel failed on its first call ({type(error).__name__}: {error})")
+        return multi_scale_deformable_attention_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    _kernel_proven = True
+    return output
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def _use_triton(value, sampling_locations, attention_weights) -> bool:
-    if _triton_impl is None:
+    if _triton_impl is None or not _custom_kernels_enabled or _exporting():
         return False
-    if _FORCED_IMPL == "triton":
-        return True
+    return _FORCED_IMPL == "triton" or _kernel_supports(value, sampling_locations, attention_weights)
+
+
+def _kernel_supports(value, sampling_locations, attention_weights) -> bool:
     return (
         value.is_cuda
         and value.dtype in _KERNEL_DTYPES
