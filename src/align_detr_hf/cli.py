@@ -14,15 +14,11 @@ def _convert(args: argparse.Namespace) -> None:
     overrides = {}
     if args.num_denoising_queries is not None:
         overrides["num_denoising_queries"] = args.num_denoising_queries
-    config = None
-    if overrides:
-        from .convert_align_detr import config_from_state_dict, load_checkpoint
-
-        config = config_from_state_dict(load_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle), **overrides)
     convert_checkpoint(
         args.checkpoint,
         args.output_dir,
-        config=config,
+        loss_type=args.loss_type,
+        config_overrides=overrides,
         verify=args.verify,
         push_to_hub=args.push_to_hub,
         allow_pickle=args.allow_pickle,
@@ -225,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-detr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="convert an mmdetection Align-DETR checkpoint")
+    convert = commands.add_parser("convert", help="convert an mmdetection Align-DETR or DINO (R-50, Swin) checkpoint")
     convert.add_argument("--checkpoint", required=True, help="path or URL of the .pth file")
     convert.add_argument(
         "--output-dir",
@@ -243,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow full unpickling if weights_only loading fails (runs code from the file: trusted files only)",
     )
     convert.add_argument("--num-denoising-queries", type=int, default=None, help="training-only setting to record")
+    convert.add_argument(
+        "--loss-type",
+        choices=["align_detr", "dino"],
+        default=None,
+        help="the loss the checkpoint was trained with, for files whose meta does not say (mmdetection's files do); "
+        "picks that head's settings (position encoding, frozen stages)",
+    )
     convert.set_defaults(func=_convert)
 
     predict_parser = commands.add_parser(

@@ -23,6 +23,7 @@ import torch
 
 from .configuration_align_detr import COCO_CLASSES, AlignDetrConfig
 from .hub import saving_remote_code  # noqa: F401  (moved to hub.py; every save carries our code now)
+from .hub import write_model_card
 from .convert_mmdet_backbones import (
     BACKBONES,
     ConversionError,
@@ -37,6 +38,7 @@ from .mmdet_checkpoints import (
     FROZEN_STAGES,
     HEAD_SETTINGS,
     SWIN_DROP_PATH_RATE,
+    model_card_fields,
     model_cfg_from_meta,
     settings_from_model_cfg,
     zoo_entry,
@@ -47,7 +49,7 @@ from .modeling_align_detr import AlignDetrForObjectDetection
 def _detector_rules(num_decoder_layers: int, num_backbone_levels: int) -> list[Rule]:
     """mmdetection's detector names (all but `backbone.*`) -> ours. Box/class branch L (= the number of decoder
     layers) is the encoder-proposal head; the neck's extra convs come after the backbone levels."""
-    decoder = "model.decoder.layers.{0}."
+    decoder, reference_head = "model.decoder.layers.{0}.", "model.decoder.reference_points_head.layers.{0}.{1}"
 
     def class_branch(index, name):
         return f"class_embed.{index}.{name}" if int(index) < num_decoder_layers else f"model.enc_score_head.{name}"
@@ -89,9 +91,7 @@ def _detector_rules(num_decoder_layers: int, num_backbone_levels: int) -> list[R
         Rule(r"decoder\.layers\.(\d+)\.norms\.0\.(weight|bias)", decoder + "self_attn_layer_norm.{1}"),
         Rule(r"decoder\.layers\.(\d+)\.norms\.1\.(weight|bias)", decoder + "encoder_attn_layer_norm.{1}"),
         Rule(r"decoder\.layers\.(\d+)\.norms\.2\.(weight|bias)", decoder + "final_layer_norm.{1}"),
-        Rule(
-            r"decoder\.ref_point_head\.layers\.(\d)\.(weight|bias)", "model.decoder.reference_points_head.layers.{0}.{1}"
-        ),
+        Rule(r"decoder\.ref_point_head\.layers\.(\d)\.(weight|bias)", reference_head),
         Rule(r"decoder\.norm\.(weight|bias)", "model.decoder.layer_norm.{0}"),
         # heads
         Rule(r"bbox_head\.cls_branches\.(\d+)\.(weight|bias)", class_branch),
@@ -279,6 +279,13 @@ def _check_not_wrapped(path: str, state_dict: dict) -> None:
 def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read an mmdetection checkpoint (`{'meta', 'state_dict'}` or a bare state dict) from a path or URL, after
     checking the sha256 prefix of its file name when it has one."""
+    return load_checkpoint_and_meta(path_or_url, allow_pickle)[0]
+
+
+def load_checkpoint_and_meta(
+    path_or_url: str, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """`load_checkpoint`, and mmdetection's `meta` (training config text, dataset info) when the file has one."""
     path = str(path_or_url)
     if re.match(r"https?://", path):
         path = _download(path)
@@ -314,7 +321,8 @@ def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, t
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConversionError(f"{path} holds no state dict of tensors.")
     _check_not_wrapped(path, state_dict)
-    return state_dict
+    meta = checkpoint.get("meta") if state_dict is not checkpoint else None
+    return state_dict, meta if isinstance(meta, dict) else None
 
 
 def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None):
@@ -366,9 +374,13 @@ def convert_checkpoint(
     push_to_hub: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    loss_type: str | None = None,
+    config_overrides: dict | None = None,
 ):
-    """Convert `checkpoint` (path or URL) and write safetensors, `config.json`, the preprocessor config and our code
-    (for `trust_remote_code`) to `output_dir`. Nothing is written there unless everything (and `verify`) succeeds.
+    """Convert `checkpoint` (path or URL) and write safetensors, `config.json`, the preprocessor config, our code
+    (for `trust_remote_code`) and a model card to `output_dir`. Nothing is written there unless everything (and
+    `verify`) succeeds. Without `config`, it is read off the checkpoint (`config_from_state_dict` with its `meta`,
+    `loss_type` and `config_overrides`).
 
     `output_dir` is built in a staging folder beside it and swapped in by renames ([`file_io.atomic_directory`]).
     Refused before anything is read: an `output_dir` that is a file, holds the checkpoint or the current directory,
@@ -379,11 +391,16 @@ def convert_checkpoint(
     with atomic_directory(
         output_dir, overwrite=overwrite, is_replaceable=is_previous_conversion, protected=protected
     ) as staging:
-        state_dict = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+        state_dict, meta = load_checkpoint_and_meta(checkpoint, allow_pickle=allow_pickle)
+        if config is None:
+            config = config_from_state_dict(
+                state_dict, meta=meta, loss_type=loss_type, source=str(checkpoint), **(config_overrides or {})
+            )
         model = load_converted(state_dict, config)
         processor = AlignDetrImageProcessor()
         model.save_pretrained(staging)  # with our code and auto_map (align_detr_hf.hub)
         processor.save_pretrained(staging)
+        write_model_card(staging, **model_card_fields(zoo_entry(str(checkpoint)), model.config, str(checkpoint)))
         if verify:
             verify_conversion(state_dict, staging)
     if push_to_hub:

@@ -214,7 +214,7 @@ def model_card_fields(entry: ZooEntry | None, config, source: str | None) -> dic
         description += f" mmdetection reports {entry.box_ap} box AP on COCO val2017 for it ({entry.epochs} epochs)."
     fields = {
         "model_name": entry.name if entry else None,
-        "datasets": ["coco"],
+        "datasets": ["COCO train2017"],
         "source": entry.url if entry and entry.url else source,
         "license": "apache-2.0",  # mmdetection's license, which its model zoo is published under
         "citation": "\n\n".join(citations),
@@ -226,8 +226,9 @@ def model_card_fields(entry: ZooEntry | None, config, source: str | None) -> dic
             "num_queries": config.num_queries,
             "position_embedding_temperature": config.position_embedding_temperature,
             "position_embedding_offset": config.position_embedding_offset,
+            "freeze_backbone_stages": config.freeze_backbone_stages,
         },
     }
-    if entry is not None and entry.box_ap is not None:
-        fields.update(dataset_name="COCO val2017", metrics={"box AP": entry.box_ap})
+    if entry is not None and entry.box_ap is not None:  # the card's metrics are COCO's 0-1 scale
+        fields.update(dataset_name="COCO val2017 (as reported by mmdetection)", metrics={"map": entry.box_ap / 100})
     return fields
