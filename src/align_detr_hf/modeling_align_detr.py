@@ -1112,13 +1112,17 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
         cross-entropy loss). Settable like transformers' own: `model.loss_function = my_loss`.
         """
         custom = self.__dict__.get("_loss_function")
-        if custom is None:
-            custom = self._modules.get("loss_function")  # nn.Module registers a loss *module* as a submodule
         return custom if custom is not None else self._build_loss()
 
     @loss_function.setter
     def loss_function(self, value):
-        self.__dict__["_loss_function"] = value
+        self.__dict__["_loss_function"] = value  # None restores the default
+
+    def __setattr__(self, name, value):
+        if name == "loss_function":  # nn.Module would register a loss *module* as a submodule and bypass the setter
+            self.__dict__["_loss_function"] = value
+        else:
+            super().__setattr__(name, value)
 
     def _build_loss(self) -> nn.Module:
         """The loss for `self.config` (`config.loss_type`), built on demand (it holds no tensors, so building it is
