@@ -31,11 +31,10 @@ import json, sys, torch
 from PIL import Image
 sys.meta_path.insert(0, type("Block", (), {"find_spec": staticmethod(
     lambda name, *a: (_ for _ in ()).throw(ImportError("blocked")) if name.startswith("align_detr_hf") else None)})())
-from transformers import AutoModelForObjectDetection, pipeline
+from transformers import pipeline
 folder, io = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
-model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 detector = pipeline("object-detection", model=folder, trust_remote_code=True)
+assert type(detector.model).__module__.startswith("transformers_modules"), type(detector.model).__module__
 assert type(detector.image_processor).__name__ == "AlignDetrImageProcessor"
 images = [Image.fromarray(a.numpy()) for a in io["images"]]
 results = [detector(image, threshold=0.0) for image in images]
