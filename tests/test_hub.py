@@ -169,9 +169,10 @@ def test_trainer_card_in_checkpoint_final_and_push_folder(trained):
         assert 'pipeline("object-detection", model="someone/align-detr-shapes", trust_remote_code=True)' in card.text
     # trainer.push_to_hub() writes the card through create_model_card: ours, not the generic Trainer card
     (out / "README.md").unlink(missing_ok=True)
-    trainer.create_model_card(model_name="align-detr-shapes")
+    trainer.create_model_card(model_name="align-detr-shapes", finetuned_from="org/other-base", tasks="object-detection")
     card = ModelCard.load(out / "README.md")
     assert {r.metric_type for r in card.data.eval_results} == set(FIXED_METRICS)
+    assert card.data.base_model == "org/other-base" and card.data.datasets == ["cppe-5"]
     assert card.data.pipeline_tag == "object-detection" and card.data.license == "apache-2.0"
     # a push from a checkpoint copies only weights and config into output_dir: the callback adds the code
     for name in CODE_FILES:

@@ -456,9 +456,15 @@ class ModelCardTrainerMixin:
     """Mix into a `transformers.Trainer` subclass (before `Trainer`): `trainer.push_to_hub()` then writes our card,
     from the `ModelCardCallback` among the trainer's callbacks, instead of the generic Trainer card."""
 
-    def create_model_card(self, model_name=None, **kwargs):
+    def create_model_card(self, model_name=None, finetuned_from=None, dataset=None, license=None, **kwargs):
         callback = next((c for c in self.callback_handler.callbacks if isinstance(c, ModelCardCallback)), None)
         if callback is None:
-            return super().create_model_card(model_name=model_name, **kwargs)
+            return super().create_model_card(
+                model_name=model_name, finetuned_from=finetuned_from, dataset=dataset, license=license, **kwargs
+            )
         if self.is_world_process_zero():
-            callback.write(self.args.output_dir, default_model_name=self.args.hub_model_id or model_name)
+            # what `trainer.push_to_hub(finetuned_from=..., dataset=..., license=...)` says wins over the callback
+            overrides = {"base_model": finetuned_from, "license": license,
+                         "datasets": [dataset] if isinstance(dataset, str) else dataset}
+            callback.write(self.args.output_dir, default_model_name=self.args.hub_model_id or model_name,
+                           **{key: value for key, value in overrides.items() if value})
