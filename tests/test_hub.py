@@ -251,6 +251,15 @@ def test_model_push_to_hub_uploads_weights_code_and_our_card(tmp_path, monkeypat
     assert "demo" in card.data.tags and card.data.license == "apache-2.0"
     assert 'model="org/tiny"' in card.text
 
+    # a card already in the repository is kept (tags added), transformers' placeholder is replaced by ours
+    placeholder = "---\nlibrary_name: transformers\n---\nThis model card has been automatically generated.\n"
+    for existing, ours in [("---\nlicense: mit\n---\n# A hand-written card\n", False), (placeholder, True)]:
+        monkeypatch.setattr(hub.ModelCard, "load", staticmethod(lambda repo_id, token=None: ModelCard(existing)))
+        model.push_to_hub("org/tiny", tags=["demo"])
+        card = ModelCard(uploaded["README.md"].decode())
+        assert ("arXiv:2304.07527" in card.text) is ours and "demo" in card.data.tags
+        assert card.data.license == ("apache-2.0" if ours else "mit")
+
 
 def test_saving_remote_code_is_kept_for_backwards_compatibility(tmp_path):
     from align_detr_hf.convert_align_detr import saving_remote_code

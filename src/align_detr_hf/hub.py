@@ -58,6 +58,8 @@ AUTO_CLASSES = {
 }
 
 README = "README.md"
+# transformers' placeholder card (`create_and_tag_model_card`), e.g. from pushing the image processor first
+_GENERIC_CARD_TEXT = "This model card has been automatically generated."
 
 _METRIC_LABELS = {
     "map": "AP @ IoU 0.50:0.95",
@@ -328,8 +330,9 @@ def push_to_hub_with_model_card(
 ):
     """`model.push_to_hub`, with our model card: weights, config, code and README.md in one commit.
 
-    As transformers does, a card already in the repository is kept (only `tags` are added); otherwise ours is built
-    from `card_kwargs` (see `build_model_card`) and the model's config (`_name_or_path` as the base model)."""
+    As transformers does, a card already in the repository is kept (only `tags` are added), unless it is
+    transformers' placeholder; otherwise ours is built from `card_kwargs` (see `build_model_card`) and the model's
+    config (`_name_or_path` as the base model)."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as work_dir:
@@ -337,6 +340,8 @@ def push_to_hub_with_model_card(
         try:
             card = ModelCard.load(repo_id, token=token)
         except EntryNotFoundError:
+            card = None
+        if card is None or _GENERIC_CARD_TEXT in card.text:  # none, or transformers' placeholder (processor pushed first)
             card_kwargs.setdefault("base_model", getattr(model.config, "_name_or_path", None) or None)
             card = write_model_card(work_dir, model_name=repo_id, **card_kwargs)
         for tag in tags or []:
