@@ -275,7 +275,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the augmentation draws (call before each epoch, in the main process; workers are re-created)."""
+        """The epoch of plain integer indices (in this process). Loaders with persistent worker processes should
+        index with `(index, epoch)` pairs instead, as [`AspectRatioBatchSampler`] does."""
         self.epoch = int(epoch)
 
     def with_transforms(self, transforms: Callable | None) -> DetectionDataset:
@@ -503,7 +504,7 @@ def load_hf_dataset(
     image_column: str = "image",
 ) -> DetectionDataset:
     """A `datasets.Dataset` with `image` and `objects = {"bbox": [[x, y, w, h]], "category": [...], ("area",
-    "iscrowd")}` columns (optional `image_id`, `width`, `height`).
+    "iscrowd", "ignore")}` columns (optional `image_id`, `width`, `height`).
 
     Categories: if `objects.category` is a `ClassLabel`, its names give `id2label` and the ids are used as they are;
     otherwise the distinct values are sorted and mapped to 0..K-1 (names from `id2label` if given, else the values).
@@ -547,6 +548,7 @@ def load_hf_dataset(
                         "area": float(objects["area"][j]) if "area" in objects else
                         float(objects["bbox"][j][2] * objects["bbox"][j][3]),
                         "iscrowd": int(objects["iscrowd"][j]) if "iscrowd" in objects else 0,
+                        "ignore": bool(objects["ignore"][j]) if "ignore" in objects else False,
                     }
                     for j in range(n)
                 ],
