@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import FIXTURES, SMALL, fixture_targets, tiny_config
+from conftest import FIXTURES, fixture_targets, fixture_weights, tiny_config
 
 from align_detr_hf import AlignDetrForObjectDetection
 from align_detr_hf.cli import main as cli
@@ -75,6 +75,24 @@ def test_swin_dino_train_outputs_and_losses_match_mmdetection(swin_model, small_
     assert set(out.loss_dict) == set(recorded["losses"])
     for name, value in recorded["losses"].items():
         assert out.loss_dict[name].item() == pytest.approx(value, rel=LOSS_RTOL), name
+
+
+def test_plain_conversion_of_mmdetections_dino_r50_matches_its_eval_outputs(small_inputs):
+    """dino_small through `config_from_state_dict` with nothing but the weights: the bias-free neck and the counters
+    say DINO, so position encoding 20/0 and frozen stage 1 follow, and the outputs are mmdetection's."""
+    folder = FIXTURES / "dino_small"
+    sd = fixture_weights.generate_state_dict(
+        fixture_weights.read_manifest(folder / "manifest.tsv"), seed=0, num_heads=8, num_points=4
+    )
+    model = load_converted(sd)
+    assert (model.config.loss_type, model.config.position_embedding_temperature, model.config.neck_bias) == (
+        "dino", 20, False)  # fmt: skip
+    reference = torch.load(folder / "outputs.pt", weights_only=True)
+    with torch.no_grad():
+        out = model(small_inputs["pixel_values"], small_inputs["pixel_mask"].long())
+    assert torch.equal(out.enc_topk_indices, reference["enc_topk_indices"])
+    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ key lists of real checkpoints
@@ -274,7 +292,7 @@ def test_cli_converts_a_swin_dino_checkpoint_with_meta_and_writes_a_model_card(s
     meta = {"cfg": mmengine_text(SWIN / "model_config.txt"), "epoch": 12}
     checkpoint = _save_like_mmdet(swin_small_state_dict, tmp_path, "dino-5scale_swin-l_8xb2-12e_coco_20230228", meta)
     out = tmp_path / "converted"
-    cli(["convert", "--checkpoint", str(checkpoint), "--output-dir", str(out)])
+    cli(["convert", "--checkpoint", str(checkpoint), "--output-dir", str(out), "--verify"])
     model = AlignDetrForObjectDetection.from_pretrained(out)
     assert (model.config.loss_type, model.config.num_feature_levels, model.config.num_denoising_queries) == ("dino", 5, 20)
     assert model.config.backbone_config.drop_path_rate == 0.0  # from meta, not the zoo's 0.2
