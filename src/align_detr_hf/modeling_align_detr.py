@@ -1042,7 +1042,8 @@ def _check_inputs(pixel_values, pixel_mask, model_dtype):
 def _is_tracing() -> bool:
     compiler = getattr(torch, "compiler", None)
     exporting = getattr(compiler, "is_exporting", lambda: False)()
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or compiler.is_compiling() or exporting
+    onnx_export = torch.onnx.is_in_onnx_export()
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or compiler.is_compiling() or exporting or onnx_export
 
 
 def _check_pixel_mask(pixel_mask: torch.Tensor) -> None:
