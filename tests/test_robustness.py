@@ -205,7 +205,8 @@ def _tiny_model():
 def _fake_conversion(ctx):
     import align_detr_hf.convert_align_detr as convert
 
-    ctx.monkeypatch.setattr(convert, "load_checkpoint", lambda path, allow_pickle=False: {"w": torch.zeros(1)})
+    ctx.monkeypatch.setattr(convert, "load_checkpoint_and_meta", lambda path, allow_pickle=False: ({}, {}))
+    ctx.monkeypatch.setattr(convert, "config_from_state_dict", lambda state_dict, **kwargs: tiny_config())
     ctx.monkeypatch.setattr(convert, "load_converted", lambda state_dict, config=None: _tiny_model())
 
 
@@ -983,3 +984,76 @@ def summary() -> str:
 
 if __name__ == "__main__":
     print(summary())
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_folder_for_real(tmp_path, capsys):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    image = tmp_path / "a.png"
+    Image.fromarray(_rgb()).save(image)
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["convert", "--checkpoint", str(image), "--output-dir", str(folder / "out")])
+        assert exit_info.value.code == 2 and "permission denied" in capsys.readouterr().err.lower()
+        with pytest.raises(SystemExit):
+            cli_main(["predict", str(image), "--model", str(tmp_path), "--output", str(folder)])
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        folder.chmod(0o700)
+    assert list(folder.iterdir()) == []
+
+
+def test_atomic_directory_property(tmp_path):
+    """Random existing folders x overwrite x outcome: a refused or failed write leaves every byte as it was, a
+    successful one leaves exactly the new content, nothing beside the folder changes, no staging is left."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from align_detr_hf.file_io import OutputPathError, atomic_directory
+
+    names = st.sampled_from(["config.json", "model.safetensors", "notes.txt", "sub/x.bin", "a.py"])
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(existing=st.one_of(st.none(), st.dictionaries(names, st.binary(max_size=8), max_size=4)),
+           new=st.dictionaries(names, st.binary(max_size=8), min_size=1, max_size=3),
+           overwrite=st.booleans(), fail=st.booleans(), replaceable=st.booleans())  # fmt: skip
+    def check(existing, new, overwrite, fail, replaceable):
+        root = Path(tempfile.mkdtemp(dir=tmp_path))
+        (root / "beside.txt").write_bytes(b"neighbour")
+        out = root / "out"
+        if existing is not None:
+            out.mkdir()
+            for name, data in existing.items():
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / name).write_bytes(data)
+        before = snapshot(root)
+        outcome = "written"
+        try:
+            with atomic_directory(out, overwrite=overwrite, is_replaceable=lambda folder: replaceable) as staging:
+                for name, data in new.items():
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    (staging / name).write_bytes(data)
+                if fail:
+                    raise RuntimeError("simulated failure while writing")
+        except OutputPathError:
+            outcome = "refused"
+        except RuntimeError:
+            outcome = "failed"
+        after = snapshot(root)
+        assert after["beside.txt"] == before["beside.txt"]
+        assert not [p for p in after if LEFTOVER.search(p)]
+        if outcome != "written":
+            assert after == before
+            non_empty = bool(existing)
+            assert outcome == ("failed" if (not non_empty or overwrite or replaceable) else "refused")
+        else:
+            assert not fail
+            assert {p: d for p, d in after.items() if p.startswith("out/") and d != "<dir>"} == {
+                f"out/{name}": hashlib.sha256(data).hexdigest() for name, data in new.items()}
+
+    check()
