@@ -1,4 +1,4 @@
-"""The `align-detr` command: `convert` (mmdetection checkpoint -> Hugging Face folder), `predict`, `demo`."""
+"""The `align-detr` command: `convert` (mmdetection checkpoint -> Hugging Face folder), `predict`, `export`, `demo`."""
 
 import argparse
 import json
@@ -217,6 +217,24 @@ def _demo(argv: list[str]) -> None:
         raise SystemExit(result)
 
 
+# ------------------------------------------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export_align_detr import export_onnx, load_for_export
+
+    model = load_for_export(args.model)
+    path = export_onnx(
+        model,
+        args.output,
+        opset=args.opset,
+        fp16=args.fp16,
+        with_postprocess=args.with_postprocess,
+        top_k=args.top_k,
+    )
+    print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-detr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--top-k", type=int, default=100, help="detections per image before thresholding")
     predict_parser.add_argument("--no-draw", action="store_true", help="write only the JSON, no PNG drawings")
     predict_parser.set_defaults(func=_predict)
+
+    export_parser = commands.add_parser(
+        "export",
+        help="export to ONNX (inputs pixel_values, pixel_mask; outputs logits, pred_boxes)",
+        description="Export the detector to an ONNX file with dynamic batch, height and width. Inputs pixel_values "
+        "(B, 3, H, W) as the image processor makes them and pixel_mask (B, H, W); outputs logits and pred_boxes. "
+        "See align_detr_hf/export_align_detr.py for the preprocessing steps a consumer must do.",
+    )
+    export_parser.add_argument("--model", required=True, help="model folder (save_pretrained / convert) or Hub id")
+    export_parser.add_argument("--output", required=True, help="the .onnx file to write (its folder must exist)")
+    export_parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
+    export_parser.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU runtimes)")
+    export_parser.add_argument(
+        "--with-postprocess",
+        action="store_true",
+        help="also take target_sizes (B, 2) = original (height, width) and return top-k scores, labels and "
+        "boxes (xyxy pixels)",
+    )
+    export_parser.add_argument("--top-k", type=int, default=300, help="detections per image with --with-postprocess")
+    export_parser.set_defaults(func=_export)
 
     # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help
     commands.add_parser("demo", help="run the demo (arguments are passed on: `align-detr demo --help`)", add_help=False)

@@ -1,0 +1,286 @@
+"""Deployment exports: ONNX run by ONNX Runtime's CPU provider and torch.export, against PyTorch eager.
+
+Tolerances (CPU float32; measured max differences, fixture model, in the comments where they are asserted):
+logits 1e-4 and boxes 1e-5 absolute, the same as the mmdetection parity tests of tests/test_modeling.py, since the
+exported graph runs the same float32 maths with other kernels. Two runtimes may order near-tied encoder top-k picks
+(or equal scores) differently, which permutes queries without changing any of them; so queries are compared per
+match: each exported query is paired with the eager query of nearest box, and every query must find a partner
+within the tolerances (the fraction matched and the largest differences are in the assertion messages).
+
+The exports are slow (tens of seconds each on 2 cores): each is made once per module and reused.
+"""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor
+from align_detr_hf.export_align_detr import (
+    AlignDetrExportWrapper,
+    _write_atomically,
+    export_onnx,
+    export_program,
+)
+
+ort = pytest.importorskip("onnxruntime", reason="the `export` extra (pip install -e '.[dev]') brings onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+LOGITS_ATOL, BOXES_ATOL, PIXELS_ATOL = 1e-4, 1e-5, 1e-2
+TOP_K = 50
+
+
+def session(path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def padded_batch(batch, height, width, seed):
+    """Random normalised images; the last one covers only the top-left 3/4 x 2/3 (padding elsewhere)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, 3, height, width, generator=generator)
+    pixel_mask = torch.ones(batch, height, width, dtype=torch.long)
+    if batch > 1:
+        pixel_mask[-1, height * 3 // 4 :] = 0
+        pixel_mask[-1, :, width * 2 // 3 :] = 0
+        pixel_values[-1] *= pixel_mask[-1]
+    return pixel_values, pixel_mask
+
+
+def match_queries(logits, boxes, ref_logits, ref_boxes):
+    """Pair each query of one runtime with the reference query of nearest box (one to one, per image).
+
+    Returns (fraction of queries whose partner is within the tolerances, max |logit| diff, max |box| diff) over
+    the paired queries, and how many sit at the same index in both."""
+    matched = same_index = total = 0
+    max_logit = max_box = 0.0
+    for image in range(logits.shape[0]):
+        free = torch.ones(ref_boxes.shape[1], dtype=torch.bool)
+        for query in range(logits.shape[1]):
+            box_diff = (ref_boxes[image] - boxes[image, query]).abs().amax(-1)
+            logit_diff = (ref_logits[image] - logits[image, query]).abs().amax(-1)
+            cost = torch.where(free, box_diff + logit_diff, torch.inf)
+            partner = int(cost.argmin())
+            free[partner] = False
+            total += 1
+            same_index += partner == query
+            max_logit, max_box = max(max_logit, float(logit_diff[partner])), max(max_box, float(box_diff[partner]))
+            matched += bool(logit_diff[partner] <= LOGITS_ATOL and box_diff[partner] <= BOXES_ATOL)
+    return matched / total, max_logit, max_box, same_index / total
+
+
+def assert_queries_match(logits, boxes, ref_logits, ref_boxes):
+    logits, boxes = torch.as_tensor(np.asarray(logits)), torch.as_tensor(np.asarray(boxes))
+    assert logits.shape == ref_logits.shape and boxes.shape == ref_boxes.shape
+    fraction, max_logit, max_box, in_place = match_queries(logits, boxes, ref_logits, ref_boxes)
+    report = f"matched {fraction:.3f}, max logit diff {max_logit:.2e}, max box diff {max_box:.2e}, in place {in_place:.3f}"
+    assert fraction == 1.0, report
+    print(report)  # the measured figures, shown with `pytest -s`
+    return report
+
+
+@pytest.fixture(scope="module")
+def small_exports(small_model, tmp_path_factory):
+    """The reference fixture model exported once (with post-processing), from training mode on purpose."""
+    small_model.train()
+    try:
+        with pytest.warns(UserWarning, match="training mode; it is exported in eval mode"):
+            program = export_program(small_model, with_postprocess=True, top_k=TOP_K)
+        assert small_model.training  # restored
+    finally:
+        small_model.eval()
+    path = tmp_path_factory.mktemp("onnx") / "small.onnx"
+    export_onnx(small_model, path, with_postprocess=True, top_k=TOP_K, program=program)
+    return program, path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config(encoder_layers=1, decoder_layers=1)).eval()
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def eager(model, pixel_values, pixel_mask, target_sizes):
+    with torch.no_grad():
+        return AlignDetrExportWrapper(model, TOP_K)(pixel_values, pixel_mask, target_sizes)
+
+
+def test_onnx_equals_mmdetection_fixture_outputs(small_exports, small_inputs, small_outputs):
+    """ORT on the fixture images against mmdetection's own numbers (the export example was 2 x 256 x 320)."""
+    _, path = small_exports
+    sizes = np.array([meta["ori_shape"] for meta in small_inputs["metainfo"]], dtype=np.float32)
+    logits, boxes, *_ = session(path).run(
+        None,
+        {
+            "pixel_values": small_inputs["pixel_values"].numpy(),
+            "pixel_mask": small_inputs["pixel_mask"].long().numpy(),
+            "target_sizes": sizes,
+        },
+    )
+    # measured: max logit diff ~2e-6, max box diff ~2e-7, every query at its own index
+    assert_queries_match(logits, boxes, small_outputs["dec_logits"], small_outputs["dec_boxes"])
+
+
+@pytest.mark.parametrize("batch, height, width", [(1, 224, 288), (3, 192, 160)])
+def test_onnx_equals_eager_at_other_sizes(small_exports, small_model, batch, height, width):
+    _, path = small_exports
+    pixel_values, pixel_mask = padded_batch(batch, height, width, seed=batch)
+    target_sizes = torch.tensor([[300.0, 400.0]] * batch)
+    expected = eager(small_model, pixel_values, pixel_mask, target_sizes)
+    outputs = session(path).run(
+        None,
+        {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy(), "target_sizes": target_sizes.numpy()},
+    )
+    assert_queries_match(outputs[0], outputs[1], expected[0], expected[1])
+    # post-processing: the same detections as the image processor's, paired by label, score and box
+    detections = AlignDetrImageProcessor().post_process_object_detection(
+        {"logits": expected[0], "pred_boxes": expected[1]}, target_sizes=target_sizes, top_k=TOP_K
+    )
+    scores, labels, boxes = outputs[2:]
+    assert scores.shape == (batch, TOP_K) and labels.dtype == np.int64 and boxes.shape == (batch, TOP_K, 4)
+    for image, reference in enumerate(detections):
+        unpaired = list(zip(reference["labels"].tolist(), reference["scores"].tolist(), reference["boxes"]))
+        for label, score, box in zip(labels[image], scores[image], torch.from_numpy(boxes[image])):
+            partner = next(
+                i for i, (l, s, b) in enumerate(unpaired)
+                if l == label and abs(s - score) < 1e-5 and (b - box).abs().max() < PIXELS_ATOL
+            )  # fmt: skip
+            unpaired.pop(partner)
+        assert unpaired == []
+
+
+def test_exported_program_equals_eager(small_exports, small_model):
+    program, _ = small_exports
+    module = program.module()
+    pixel_values, pixel_mask = padded_batch(3, 208, 176, seed=7)  # exported at 2 x 256 x 320
+    sizes = torch.tensor([[208.0, 176.0]] * 3)
+    expected = eager(small_model, pixel_values, pixel_mask, sizes)
+    with torch.no_grad():
+        exported = module(pixel_values, pixel_mask, sizes)
+    for got, want in zip(exported, expected):
+        # measured: bit-identical (same kernels, same order)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_onnx_graph_is_standard_ops_with_named_dynamic_axes(small_exports):
+    _, path = small_exports
+    model = onnx.load(str(path))
+    op_types = {node.op_type for node in model.graph.node}
+    assert "GridSample" in op_types  # the deformable attention, as a standard op
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    dims = {
+        value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        for value in list(model.graph.input) + list(model.graph.output)
+    }
+    assert dims == {
+        "pixel_values": ["batch", 3, "height", "width"],
+        "pixel_mask": ["batch", "height", "width"],
+        "target_sizes": ["batch", 2],
+        "logits": ["batch", "queries", 80],
+        "pred_boxes": ["batch", "queries", 4],
+        "scores": ["batch", "detections"],
+        "labels": ["batch", "detections"],
+        "boxes": ["batch", "detections", 4],
+    }
+
+
+@pytest.mark.slow  # a second export: ~75 s of CPU; the fixture model's export above is the CI parity check
+def test_cli_exports_a_saved_tiny_model(tiny_folder, tmp_path, capsys):
+    from align_detr_hf.cli import main
+
+    model, folder = tiny_folder
+    output = tmp_path / "tiny.onnx"
+    main(["export", "--model", str(folder), "--output", str(output), "--opset", "18"])
+    assert f"Wrote {output}" in capsys.readouterr().out
+    runtime = session(output)
+    assert [i.name for i in runtime.get_inputs()] == ["pixel_values", "pixel_mask"]
+    assert [o.name for o in runtime.get_outputs()] == ["logits", "pred_boxes"]
+    for batch, height, width in [(1, 96, 128), (4, 144, 112)]:
+        pixel_values, pixel_mask = padded_batch(batch, height, width, seed=height)
+        with torch.no_grad():
+            expected = model(pixel_values, pixel_mask)
+        logits, boxes = runtime.run(None, {"pixel_values": pixel_values.numpy(), "pixel_mask": pixel_mask.numpy()})
+        assert_queries_match(logits, boxes, expected.logits, expected.pred_boxes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_folder):
+    return tiny_folder[0]
+
+
+@pytest.mark.parametrize("opset", [16, 17, 999])
+def test_unsupported_opset_is_refused(tiny_model, tmp_path, opset):
+    with pytest.raises(ValueError, match=f"opset {opset} is not supported: use 18 to"):
+        export_onnx(tiny_model, tmp_path / "model.onnx", opset=opset)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_output_in_a_missing_folder_or_a_folder_is_refused(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="output folder .*missing.* does not exist"):
+        export_onnx(tiny_model, tmp_path / "missing" / "model.onnx")
+    with pytest.raises(ValueError, match="is a folder; give a file name"):
+        export_onnx(tiny_model, tmp_path)
+
+
+def test_a_model_that_is_not_align_detr_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="needs an AlignDetrForObjectDetection, got Linear"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match="needs an AlignDetrForObjectDetection, got Linear"):
+        export_program(torch.nn.Linear(2, 2))
+
+
+def test_cli_reports_bad_input_in_one_line(tiny_folder, tmp_path, capsys):
+    from align_detr_hf.cli import main
+
+    _, folder = tiny_folder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(folder), "--output", str(tmp_path / "nope" / "m.onnx")])
+    assert exit_info.value.code == 2
+    assert "align-detr export: error: output folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(tmp_path / "no_such_model"), "--output", str(tmp_path / "m.onnx")])
+    assert "model folder not found" in capsys.readouterr().err
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous export")
+    with pytest.raises(TypeError):
+        _write_atomically(path, object())  # not bytes: fails half-way, after the temporary file was created
+    assert path.read_bytes() == b"previous export"
+    assert os.listdir(tmp_path) == ["model.onnx"]
+    _write_atomically(path, b"new export")
+    assert path.read_bytes() == b"new export" and os.listdir(tmp_path) == ["model.onnx"]
+
+
+@pytest.mark.slow
+def test_fp16_export_is_a_valid_float16_graph(tiny_model, tmp_path):
+    path = export_onnx(tiny_model, tmp_path / "fp16.onnx", fp16=True)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    elem_type = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
+    assert elem_type["pixel_values"] == onnx.TensorProto.FLOAT16
+    assert next(tiny_model.parameters()).dtype == torch.float32  # the caller's model is untouched
+    pixel_values, pixel_mask = padded_batch(2, 96, 128, seed=0)
+    try:
+        runtime = session(path)
+    except Exception as error:  # ORT's CPU provider has no float16 kernel for some ops: a GPU provider runs it
+        warnings.warn(f"ONNX Runtime CPU cannot run the float16 graph: {error}")
+        pytest.skip("ONNX Runtime's CPU provider cannot run this float16 graph; it is meant for GPU providers")
+    logits, boxes = runtime.run(None, {"pixel_values": pixel_values.half().numpy(), "pixel_mask": pixel_mask.numpy()})
+    with torch.no_grad():
+        expected = tiny_model(pixel_values, pixel_mask)
+    assert np.abs(boxes.astype(np.float32) - expected.pred_boxes.numpy()).max() < 2e-2
+    assert np.abs(logits.astype(np.float32) - expected.logits.numpy()).max() < 5e-2
