@@ -400,7 +400,8 @@ def convert_checkpoint(
         processor = AlignDetrImageProcessor()
         model.save_pretrained(staging)  # with our code and auto_map (align_detr_hf.hub)
         processor.save_pretrained(staging)
-        write_model_card(staging, **model_card_fields(zoo_entry(str(checkpoint)), model.config, str(checkpoint)))
+        card = model_card_fields(zoo_entry(str(checkpoint)), model.config, str(checkpoint), model_name=push_to_hub)
+        write_model_card(staging, **card)
         if verify:
             verify_conversion(state_dict, staging)
     if push_to_hub:

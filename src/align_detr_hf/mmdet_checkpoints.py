@@ -197,15 +197,17 @@ def settings_from_model_cfg(model_cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- model card
 
 
-def model_card_fields(entry: ZooEntry | None, config, source: str | None) -> dict:
-    """Keyword arguments of `hub.write_model_card` for a folder converted from `source` (a zoo entry if known)."""
+def model_card_fields(entry: ZooEntry | None, config, source: str | None, model_name: str | None = None) -> dict:
+    """Keyword arguments of `hub.write_model_card` for a folder converted from `source` (a zoo entry if known);
+    `model_name` is the Hub id when the folder is pushed (the card's usage snippet loads it)."""
     loss = "Align-DETR" if config.loss_type == "align_detr" else "DINO"
     backbone = entry.backbone if entry else config.backbone_config.model_type
     citations = [ALIGN_DETR_CITATION, DINO_CITATION] if config.loss_type == "align_detr" else [DINO_CITATION]
     if config.backbone_config.model_type == "swin":
         citations.append(SWIN_CITATION)
     description = (
-        f"{loss} ({config.num_feature_levels}-scale, {backbone} backbone) converted from the mmdetection checkpoint "
+        (f"mmdetection's `{entry.name}`: " if entry else "")
+        + f"{loss} ({config.num_feature_levels}-scale, {backbone} backbone) converted from the mmdetection checkpoint "
         f"`{os.path.basename(urllib.parse.urlparse(str(source)).path) if source else 'unknown'}` with "
         "`align-detr convert`; the weights are unchanged, the outputs equal mmdetection's (see the project's parity "
         "tests)."
@@ -213,7 +215,7 @@ def model_card_fields(entry: ZooEntry | None, config, source: str | None) -> dic
     if entry is not None and entry.box_ap is not None:
         description += f" mmdetection reports {entry.box_ap} box AP on COCO val2017 for it ({entry.epochs} epochs)."
     fields = {
-        "model_name": entry.name if entry else None,
+        "model_name": model_name,
         "datasets": ["COCO train2017"],
         "source": entry.url if entry and entry.url else source,
         "license": "apache-2.0",  # mmdetection's license, which its model zoo is published under
