@@ -213,7 +213,9 @@ def test_loss_type_flag_decides_without_meta_and_conflicts_are_refused(small_sta
         config_from_state_dict(small_state_dict, meta=meta, loss_type="align_detr")
     with pytest.raises(ConversionError, match=r"trained with a 'DeformableDETRHead' head"):
         config_from_state_dict(small_state_dict, meta={"cfg": meta["cfg"].replace("DINOHead", "DeformableDETRHead")})
-    assert model_cfg_from_meta({"cfg": "model = dict(type='DINO'"}) is None  # unreadable text: not executed, ignored
+    assert model_cfg_from_meta({"cfg": "model = dict(type='DINO'"}) is None  # unreadable text: ignored
+    assert model_cfg_from_meta({"cfg": "import os\nmodel = os.system('exit 3')"}) is None  # never executed
+    assert model_cfg_from_meta({"cfg": {"model": {"type": "DINO"}}}) == {"type": "DINO"}
 
 
 def test_what_is_not_a_supported_detector_is_named(small_state_dict, swin_small_state_dict):

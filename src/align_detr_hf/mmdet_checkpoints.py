@@ -126,6 +126,8 @@ def model_cfg_from_meta(meta) -> dict | None:
     The text is Python; it is read with `ast` (literals and `dict(...)` only), never executed.
     """
     text = meta.get("cfg") if isinstance(meta, dict) else None
+    if isinstance(text, dict):  # a config saved as a plain dict rather than text
+        return text.get("model") if isinstance(text.get("model"), dict) else None
     if not isinstance(text, str):
         return None
     try:
