@@ -6,8 +6,8 @@ transformers' DeformableDetrForObjectDetection (eager), side by side; writes BEN
 
 Models: full-size R-50 (benchmarks/common.py `build_model`), random weights (seed 0, the same weights for the ONNX
 file and our eager model), no downloads. Each measurement runs in a fresh worker process: one warm-up forward at
-256x320 (kernels, ONNX Runtime's session and arena), then `repeats` timed forwards at the measured size. Rounds
-alternate the order of the three runtimes, so slow phases of a shared machine hit all of them; the latency is the
+256x320 (kernels, ONNX Runtime's session and arena), then `repeats` timed forwards at the measured size. Cases and
+rounds rotate the order of the three runtimes, so slow phases of a shared machine hit all of them; the latency is the
 median of every timed forward over all rounds. Peak memory: resident set size (psutil RSS) polled every
 millisecond during the timed forwards, above the level after loading and warm-up, maximum over rounds.
 """
@@ -101,7 +101,8 @@ def worker(case):
 
 
 def run_worker(case, timeout):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO / "src"), os.environ.get("PYTHONPATH")] if p)}
+    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     try:
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", json.dumps(case)], capture_output=True, text=True, env=env,
@@ -155,14 +156,15 @@ def main():
         export_s = export_model(onnx_path)
         print(f"exported {onnx_path} in {export_s:.0f} s", flush=True)
 
-    cases = [(size, batch) for size in args.sizes for batch in args.batches]
+    # cheapest first, so that a run stopped early has written the cases it finished
+    cases = sorted(((size, batch) for size in args.sizes for batch in args.batches), key=_cost)
     results = {(size, batch, runtime): {"times_s": [], "peaks": [], "errors": []} for size, batch in cases
                for runtime in RUNTIMES}
     for round_index in range(args.rounds):
-        for size, batch in cases:
+        for case_index, (size, batch) in enumerate(cases):
             height, width = (int(v) for v in size.split("x"))
             large = batch * height * width >= 8 * 512 * 640
-            shift = round_index % len(RUNTIMES)
+            shift = (round_index + case_index) % len(RUNTIMES)
             for runtime in RUNTIMES[shift:] + RUNTIMES[:shift]:  # alternate who goes first
                 case = {
                     "runtime": runtime, "batch": batch, "height": height, "width": width, "threads": args.threads,
@@ -179,11 +181,22 @@ def main():
                 print(f"round {round_index} {size} b{batch} {runtime}: "
                       f"{[round(t * 1e3) for t in result['times_s']]} ms, peak {result['peak_bytes'] / 2**20:.0f} MiB",
                       flush=True)
-    text = render(args, cases, results, export_s, started, load_before)
-    write_section("export", text, args.output)
-    if args.readme:
-        write_section("export", render_summary(cases, results, started), args.readme)
+            # rewrite the tables after every case: what is written is always what has been measured so far
+            done = len(cases) * round_index + cases.index((size, batch)) + 1
+            progress = "" if done == len(cases) * args.rounds else (
+                f"Partial: {done} of {len(cases) * args.rounds} case-rounds measured so far (the run continues)."
+            )
+            text = render(args, cases, results, export_s, started, load_before, progress)
+            write_section("export", text, args.output)
+            if args.readme:
+                write_section("export", render_summary(cases, results, started, progress), args.readme)
     print(text)
+
+
+def _cost(case):
+    size, batch = case
+    height, width = (int(v) for v in size.split("x"))
+    return batch * height * width
 
 
 def _cell(entry):
@@ -192,16 +205,17 @@ def _cell(entry):
     return statistics.median(entry["times_s"]), min(entry["times_s"]), len(entry["times_s"]), max(entry["peaks"])
 
 
-def render(args, cases, results, export_s, started, load_before):
+def render(args, cases, results, export_s, started, load_before, progress=""):
     info = machine_info()
     load_after = os.getloadavg()
     lines = [
         "## Deployment: ONNX Runtime vs PyTorch eager (CPU)",
         "",
+        *([progress, ""] if progress else []),
         f"Written by `{command_line()}`, started {started}. {info['cpu']}, {info['cpu_cores']} cores, "
         f"{args.threads} intra-op threads for every runtime; torch {info['torch']}, transformers "
         f"{info['transformers']}, onnxruntime {_version('onnxruntime')}, commit {info['git_commit']}. "
-        f"Load average (1/5/15 min) at start {_load(load_before)}, at the end {_load(load_after)}: "
+        f"Load average (1/5/15 min) at start {_load(load_before)}, at this write {_load(load_after)}: "
         "the machine is shared, so absolute times carry that load; the ratios compare runtimes measured "
         "alternately in the same period.",
         "",
@@ -210,9 +224,10 @@ def render(args, cases, results, export_s, started, load_before):
         + (f", exported in {export_s:.0f} s." if export_s is not None else ", reused from an earlier export.")
         + " Inputs: random pixels, no padding.",
         "",
-        "Latency: median of every timed forward over all rounds (each round a fresh process per runtime, "
-        "one warm-up forward at 256x320 first), min in brackets, n = timed forwards. Peak memory: psutil RSS "
-        "polled every 1 ms during the timed forwards, above the level after loading and warm-up (max over rounds).",
+        "Latency: median of every timed forward over all rounds (each a fresh process per runtime, runtimes in "
+        "rotating order, one warm-up forward at 256x320 first), min in brackets, n = timed forwards. "
+        "Peak memory: psutil RSS polled every 1 ms during the timed forwards, above the level after loading and "
+        "warm-up (max over rounds).",
         "",
         "| input | batch | runtime | latency ms (min) | n | peak RSS MiB | time vs Deformable DETR |",
         "|---|---|---|---|---|---|---|",
@@ -224,8 +239,11 @@ def render(args, cases, results, export_s, started, load_before):
             entry = results[(size, batch, runtime)]
             cell = _cell(entry)
             if cell is None:
-                error = (entry["errors"] or ["not run"])[-1].strip().splitlines()[-1][:120]
-                lines.append(f"| {size} | {batch} | {LABELS[runtime]} | error: {error} | 0 | | |")
+                if entry["errors"]:
+                    status = "error: " + entry["errors"][-1].strip().splitlines()[-1][:120]
+                else:
+                    status = "not measured yet"
+                lines.append(f"| {size} | {batch} | {LABELS[runtime]} | {status} | 0 | | |")
                 continue
             median, fastest, count, peak = cell
             vs = f"{median / theirs[0]:.2f}x" if theirs else "n/a"
@@ -242,12 +260,14 @@ def render(args, cases, results, export_s, started, load_before):
     return "\n".join(lines)
 
 
-def render_summary(cases, results, started):
+def render_summary(cases, results, started, progress=""):
     """The README's short table: median latencies and the ratio the goal is about."""
     lines = [
+        *([progress, ""] if progress else []),
         f"CPU, 2 threads, full-size R-50, random weights, measured {started} on a shared machine:",
         "",
-        "| input | batch | ONNX Runtime ms | ours eager ms | Deformable DETR eager ms | ONNX Runtime / Deformable DETR |",
+        "| input | batch | ONNX Runtime ms | ours eager ms | Deformable DETR eager ms "
+        "| ONNX Runtime / Deformable DETR |",
         "|---|---|---|---|---|---|",
     ]
     for size, batch in cases:

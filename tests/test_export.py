@@ -77,7 +77,10 @@ def assert_queries_match(logits, boxes, ref_logits, ref_boxes):
     logits, boxes = torch.as_tensor(np.asarray(logits)), torch.as_tensor(np.asarray(boxes))
     assert logits.shape == ref_logits.shape and boxes.shape == ref_boxes.shape
     fraction, max_logit, max_box, in_place = match_queries(logits, boxes, ref_logits, ref_boxes)
-    report = f"matched {fraction:.3f}, max logit diff {max_logit:.2e}, max box diff {max_box:.2e}, in place {in_place:.3f}"
+    report = (
+        f"matched {fraction:.3f}, max logit diff {max_logit:.2e}, max box diff {max_box:.2e}, "
+        f"in place {in_place:.3f}"
+    )
     assert fraction == 1.0, report
     print(report)  # the measured figures, shown with `pytest -s`
     return report
