@@ -608,7 +608,7 @@ def processor_typo_in_call(ctx):
 
 def _loaded_config_is_right(result, ctx):
     assert result.do_normalize is False and result.size == {"shortest_edge": 320, "longest_edge": 512}
-    assert not hasattr(result, "image_processor_type") and not hasattr(result, "auto_map")
+    assert result.to_dict()["image_processor_type"] == "AlignDetrImageProcessor"
 
 
 @case("processor", Ok(_loaded_config_is_right))

@@ -31,7 +31,7 @@ ALIGN_DETR_STD = [58.395, 57.12, 57.375]
 # Nearest is torch's legacy "nearest" (floor(dst * in / out)), which is what cv2 INTER_NEAREST (mmcv) does.
 _RESAMPLE_TO_TORCH_MODE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _PIL_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
-# Keys transformers itself writes into (or passes with) a saved preprocessor config; accepted and ignored.
+# Keys transformers itself writes into a saved preprocessor config: accepted (auto_map is kept, as transformers does).
 _BOOKKEEPING_KEYS = ("image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map")
 _CHANNELS_FIRST = ("channels_first", "first")
 _CHANNELS_LAST = ("channels_last", "last")
@@ -202,11 +202,10 @@ class AlignDetrImageProcessor(BaseImageProcessor):
     ) -> None:
         # transformers' legacy DETR keyword; accept it so old configs still load.
         max_size = kwargs.pop("max_size", None)
-        for key in _BOOKKEEPING_KEYS:
-            kwargs.pop(key, None)
-        if kwargs:  # a typo such as do_normalise=False would otherwise be stored and silently ignored
-            raise TypeError(self._unknown_arguments_message(kwargs, "AlignDetrImageProcessor()"))
-        super().__init__()
+        unknown = set(kwargs) - set(_BOOKKEEPING_KEYS)
+        if unknown:  # a typo such as do_normalise=False would otherwise be stored and silently ignored
+            raise TypeError(self._unknown_arguments_message(unknown, "AlignDetrImageProcessor()"))
+        super().__init__(**kwargs)
         if size is None:
             size = {"shortest_edge": 800, "longest_edge": 1333 if max_size is None else max_size}
         self.do_resize = do_resize
