@@ -1018,7 +1018,7 @@ def test_atomic_directory_property(tmp_path):
 
     names = st.sampled_from(["config.json", "model.safetensors", "notes.txt", "sub/x.bin", "a.py"])
 
-    @settings(max_examples=60, deadline=None, database=None)
+    @settings(max_examples=40, deadline=None, database=None)
     @given(existing=st.one_of(st.none(), st.dictionaries(names, st.binary(max_size=8), max_size=4)),
            new=st.dictionaries(names, st.binary(max_size=8), min_size=1, max_size=3),
            overwrite=st.booleans(), fail=st.booleans(), replaceable=st.booleans())  # fmt: skip
@@ -1057,3 +1057,38 @@ def test_atomic_directory_property(tmp_path):
                 f"out/{name}": hashlib.sha256(data).hexdigest() for name, data in new.items()}
 
     check()
+
+
+def test_atomic_directory_swap_failure_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from align_detr_hf.file_io import atomic_directory
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real_replace = os.replace
+
+    def fail_on_staging(src, dst):
+        if ".staging-" in str(src):
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_staging)
+    with pytest.raises(OSError, match="I/O error"):
+        with atomic_directory(out, is_replaceable=lambda folder: True) as staging:
+            (staging / "config.json").write_text("new")
+    assert snapshot(tmp_path) == {"out": "<dir>", "out/config.json": hashlib.sha256(b"old").hexdigest()}
+
+
+def test_atomic_directory_old_copy_that_cannot_be_removed_is_a_warning(tmp_path, monkeypatch):
+    import shutil
+
+    from align_detr_hf.file_io import atomic_directory
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (_ for _ in ()).throw(OSError(16, "busy")))
+    with pytest.warns(UserWarning, match=r"out was replaced, but its previous content, moved to .*\.out\.old-"):
+        with atomic_directory(out, is_replaceable=lambda folder: True) as staging:
+            (staging / "config.json").write_text("new")
+    assert (out / "config.json").read_text() == "new"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,8 +179,12 @@ def atomic_directory(
                 old.rmdir()
             raise
         _fsync_directory(parent)
-        if old is not None:
-            shutil.rmtree(old)
+        if old is not None:  # the new folder is in place: failing to delete the old copy is only worth a warning
+            try:
+                shutil.rmtree(old)
+            except OSError as error:
+                warnings.warn(f"{output_dir} was replaced, but its previous content, moved to {old}, could not be "
+                              f"removed ({error}); delete it yourself.", stacklevel=3)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
