@@ -683,6 +683,10 @@ def build_train_loader(
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=persistent_workers,
+        # the loader draws its workers' base seed when an iterator is created, which persistent workers do once
+        # and a resumed run once more: drawn from the global RNG, that extra draw would shift the denoising noise
+        # after a resume (Trainer). Augmentation does not use it (per-item generators).
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
