@@ -1,5 +1,6 @@
 """The Align-DETR loss on transformers' own detectors (`align_detr_hf.loss_adapters`)."""
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -127,6 +128,12 @@ def test_forward_gradients_and_trainer_step(name, tmp_path):
     result = Trainer(model=model, args=args, train_dataset=_TwoImages(), data_collator=_collate).train()
     assert result.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+    # eval mode with labels (a validation loss): no denoising terms; D-FINE passes its last layer alone
+    model.eval()
+    with torch.no_grad():
+        eval_keys = set(model(pixel_values=_pixels(), labels=_labels()).loss_dict)
+    assert eval_keys == (_keys(["", "enc_"]) if name == "d_fine" else {k for k in EXPECTED_KEYS[name] if "dn_" not in k})
 
 
 def _spy_on_loss_inputs(model):
@@ -296,6 +303,20 @@ def test_remove_gives_the_models_own_loss_back():
     assert "loss_ce" in output.loss_dict and "loss_cls" not in output.loss_dict
     with pytest.raises(ValueError, match="does not use the Align-DETR loss"):
         remove_align_detr_loss(model)
+
+
+def test_a_deep_copy_keeps_the_loss_and_its_encoder_hook():
+    model = build("deformable_detr_two_stage").eval()
+    use_align_detr_loss(model)
+    copied = copy.deepcopy(model)  # e.g. an EMA model
+    assert copied.loss_function is not model.loss_function
+    with torch.no_grad():
+        original = model(pixel_values=_pixels(), labels=_labels()).loss_dict
+        # the copy's hook feeds the copy's adapter (else: "without the encoder outputs")
+        again = copied(pixel_values=_pixels(), labels=_labels()).loss_dict
+    assert "enc_loss_cls" in again and list(again) == list(original)
+    for key in original:
+        torch.testing.assert_close(again[key], original[key], rtol=0, atol=0)
 
 
 def test_clear_errors():

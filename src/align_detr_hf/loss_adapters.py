@@ -108,6 +108,7 @@ class AdaptedPredictions:
     dn_logits: torch.Tensor | None = None  # (L, B, D, C)
     dn_boxes: torch.Tensor | None = None
     denoising_meta: dict | None = None  # {"num_groups": G, "max_gt": M}
+    only_last_layer: bool = False  # the model passes its last layer alone by design (D-FINE in eval mode)
 
 
 def _decoder_layer_names(num_layers: int) -> list[str]:
@@ -138,6 +139,13 @@ class AlignDetrLossAdapter:
         self._losses: dict[tuple, AlignDetrLoss] = {}
         self.hook_handle = None  # the encoder-output hook (Deformable DETR two-stage)
 
+    def __getstate__(self):  # deepcopy / pickle (e.g. an EMA copy of the model): not the thread-local slot
+        return {k: v for k, v in self.__dict__.items() if k not in ("_captured", "_losses")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._captured, self._losses = threading.local(), {}
+
     # ---------------------------------------------------------------------------------------------------- hooks
 
     def capture_encoder_outputs(self, module, args, output) -> None:
@@ -151,8 +159,10 @@ class AlignDetrLossAdapter:
         predictions = self.adapt(logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
         loss_dict = self.align_detr_losses(predictions, labels, config)
         if self.options.keep_terms:
+            # D-FINE in eval mode computes no distribution losses: nothing to keep is not an error there
             loss_dict.update(self._kept_own_terms(
-                logits, labels, device, pred_boxes, config, outputs_class, outputs_coord, **kwargs))
+                not predictions.only_last_layer, logits, labels, device, pred_boxes, config, outputs_class,
+                outputs_coord, **kwargs))
         loss = sum(loss_dict.values())
         auxiliary_outputs = [{"logits": lg, "pred_boxes": bx}
                              for lg, bx in zip(predictions.logits[:-1], predictions.boxes[:-1])]
@@ -186,7 +196,7 @@ class AlignDetrLossAdapter:
                              f"is {config.num_labels}; the Align-DETR loss needs one sigmoid logit per class.")
         if self.family in ("deformable_detr", "conditional_detr"):
             return self._adapt_detr_family(logits, pred_boxes, outputs_class, outputs_coord)
-        return self._adapt_rt_detr_family(outputs_class, outputs_coord, **kwargs)
+        return self._adapt_rt_detr_family(config, outputs_class, outputs_coord, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -214,8 +224,8 @@ class AlignDetrLossAdapter:
                 predictions.encoder_boxes = encoder_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
         return predictions
 
-    def _adapt_rt_detr_family(self, outputs_class, outputs_coord, enc_topk_logits=None, enc_topk_bboxes=None,
-                              denoising_meta_values=None, **kwargs) -> AdaptedPredictions:
+    def _adapt_rt_detr_family(self, config, outputs_class, outputs_coord, enc_topk_logits=None,
+                              enc_topk_bboxes=None, denoising_meta_values=None, **kwargs) -> AdaptedPredictions:
         # RT-DETR / D-FINE: outputs_class (B, L, D + Q, C) batch-first, denoising queries first.
         all_logits, all_boxes = outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1)
         if self.family == "d_fine":
@@ -228,14 +238,20 @@ class AlignDetrLossAdapter:
             dn_boxes, all_boxes = all_boxes.split([num_dn, num_queries], dim=2)
             denoising_meta = {"num_groups": num_groups, "max_gt": num_dn // (2 * num_groups)}
         names = _decoder_layer_names(all_logits.shape[0])
-        if self.family == "d_fine":  # entry 0 is the first layer's initial prediction (pre_bbox_head)
+        # D-FINE in training: entry 0 is the first layer's initial prediction (pre_bbox_head); in eval mode it
+        # passes its evaluation layer alone
+        with_pre = self.family == "d_fine" and all_logits.shape[0] == config.decoder_layers + 1
+        if with_pre:
             names = ["pre."] + _decoder_layer_names(all_logits.shape[0] - 1)
+        only_last_layer = self.family == "d_fine" and all_logits.shape[0] == 1
         return AdaptedPredictions(all_logits, all_boxes, names, enc_topk_logits, enc_topk_bboxes,
-                                  dn_logits, dn_boxes, denoising_meta)
+                                  dn_logits, dn_boxes, denoising_meta, only_last_layer)
 
     def _select_layers(self, predictions: AdaptedPredictions, config) -> tuple[AdaptedPredictions, list[int]]:
         """The prediction layers the loss covers and their k, from `decoder_num_gt_repeat` (see the options)."""
         requested = self.options.decoder_num_gt_repeat
+        if predictions.only_last_layer:
+            return predictions, [requested[-1] if requested else 1]
         has_pre = predictions.layer_names[0] == "pre."  # D-FINE: the pre prediction takes the first layer's k
         num_layers = predictions.logits.shape[0] - has_pre
         auxiliary_off = " (auxiliary outputs are off: set config.auxiliary_loss=True)" if num_layers == 1 else ""
@@ -301,14 +317,14 @@ class AlignDetrLossAdapter:
                              "intermediate_pred_boxes": predictions.encoder_boxes[None]}, agnostic)[1]
         return {f"enc_{key}": value for key, value in loss_dict.items()}
 
-    def _kept_own_terms(self, *args, **kwargs) -> dict:
+    def _kept_own_terms(self, must_match: bool, *args, **kwargs) -> dict:
         own_dict = self.own_loss_function(*args, **kwargs)[1]
         config = args[4]
         kept = {}
         for key, value in own_dict.items():
             if any(key == term or key.startswith(term + "_") for term in self.options.keep_terms):
                 kept[f"own.{key}"] = value * self._own_weight(key, config)
-        if not kept:
+        if not kept and must_match:
             raise ValueError(f"keep_terms={list(self.options.keep_terms)} matched none of the model's own loss terms "
                              f"{sorted(own_dict)}.")
         return kept
