@@ -552,8 +552,10 @@ _IMPOSSIBLE_DEMO_ARGS = {
     "batch_size_0": (("--batch_size", "0"), r"--batch_size must be at least 1, got 0"),
     "d_model_not_multiple_of_32": (("--d_model", "48"), r"--d_model must be a positive multiple of 32 .*GroupNorm"),
     "d_model_negative": (("--d_model", "-32"), r"--d_model must be a positive multiple of 32"),
+    "d_model_32_small_images": (("--d_model", "32", "--image_size", "64"),
+                                r"--d_model 32 needs --image_size of at least 128 \(got 64\)"),
     "negative_steps": (("--steps", "-1"), r"--steps must be at least 0"),
-    "tiny_images": (("--image_size", "8"), r"--image_size must be at least 32"),
+    "tiny_images": (("--image_size", "32"), r"--image_size must be at least 64, got 32"),
     "zero_lr": (("--lr", "0"), r"--lr must be a positive number"),
     "nan_lr": (("--lr", "nan"), r"--lr must be a positive number"),
     "no_time_budget": (("--time_budget_s", "0"), r"--time_budget_s must be positive"),
@@ -586,7 +588,7 @@ def _demo_trained(result, ctx):
 def demo_fewer_images_than_one_batch_ends(ctx):
     """4 training images, batch size 8: the loader used to drop its only (short) batch and the loop never ended."""
     return _demo(ctx, "--num_train_images", "4", "--batch_size", "8", "--steps", "3", "--num_val_images", "2",
-                 "--image_size", "32", "--d_model", "32", "--num_queries", "5", "--threads", "1")  # fmt: skip
+                 "--image_size", "64", "--d_model", "64", "--num_queries", "5", "--threads", "1")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ image processor
@@ -1092,3 +1094,20 @@ def test_atomic_directory_old_copy_that_cannot_be_removed_is_a_warning(tmp_path,
         with atomic_directory(out, is_replaceable=lambda folder: True) as staging:
             (staging / "config.json").write_text("new")
     assert (out / "config.json").read_text() == "new"
+
+
+def test_demo_disk_full_while_writing_outputs_is_one_line(tmp_path, monkeypatch, capsys):
+    import align_detr_hf.demo as demo
+
+    def disk_full(path, text, encoding="utf-8"):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(demo, "atomic_write_text", disk_full)
+    with time_limit(CASE_TIME_LIMIT_S), pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "--output_dir", str(tmp_path / "demo"), "--quiet", "--num_train_images", "2",
+                  "--num_val_images", "1", "--steps", "1", "--image_size", "64", "--d_model", "64",
+                  "--num_queries", "3", "--threads", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert re.search(r"align-detr demo: error: No space left on device: .*metrics\.json", err)
+    assert not (tmp_path / "demo" / "metrics.json").exists()

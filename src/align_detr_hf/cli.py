@@ -212,7 +212,13 @@ def _demo(argv: list[str]) -> None:
                 f"align-detr demo: error: the demo needs a package that is not installed: {error.name}"
             ) from error
         raise SystemExit("align-detr demo: error: this installation has no align_detr_hf.demo module.") from error
-    result = demo.main(argv)
+    from .file_io import OutputPathError
+
+    try:
+        result = demo.main(argv)
+    except (OutputPathError, OSError) as error:  # e.g. the disk filled up while writing outputs
+        print(f"align-detr demo: error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from error
     if isinstance(result, int) and result != 0:
         raise SystemExit(result)
 

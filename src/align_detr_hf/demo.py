@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError (one line, naming the flag) for arguments the demo cannot run with."""
-    at_least = {"num_train_images": 1, "num_val_images": 1, "image_size": 32, "steps": 0, "batch_size": 1,
+    # image_size >= 64: the backbone's stride-32 stage keeps >= 2x2 pixels, which BatchNorm needs in a batch of one
+    at_least = {"num_train_images": 1, "num_val_images": 1, "image_size": 64, "steps": 0, "batch_size": 1,
                 "warmup_steps": 0, "num_queries": 1, "threads": 0}
     for name, low in at_least.items():
         if getattr(args, name) < low:
@@ -76,6 +77,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.d_model <= 0 or args.d_model % 32:
         raise ValueError(
             f"--d_model must be a positive multiple of 32 (the neck's GroupNorm has 32 groups), got {args.d_model}."
+        )
+    if args.d_model == 32 and args.image_size < 128:  # one channel per group on a 1x1 stride-64 level: one value
+        raise ValueError(
+            f"--d_model 32 needs --image_size of at least 128 (got {args.image_size}): GroupNorm(32) on the 1x1 "
+            "smallest feature level would normalise a single value; use --d_model 64 or larger images."
         )
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}.")
