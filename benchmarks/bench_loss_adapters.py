@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-from align_detr_hf.data import Compose, RandomHorizontalFlip, build_eval_transforms, collate_fn, load_coco_folder  # noqa: E402
+from align_detr_hf.data import (  # noqa: E402
+    Compose,
+    RandomHorizontalFlip,
+    build_eval_transforms,
+    collate_fn,
+    load_coco_folder,
+)
 from align_detr_hf.evaluation import evaluate_model  # noqa: E402
 from align_detr_hf.loss_adapters import use_align_detr_loss  # noqa: E402
 from align_detr_hf.synthetic import SHAPE_CLASSES, generate_shapes_dataset  # noqa: E402

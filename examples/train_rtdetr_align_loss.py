@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor, Trainer, TrainingArguments
 
-from align_detr_hf.data import Compose, RandomHorizontalFlip, collate_fn, load_train_val_datasets, resize_image_and_boxes
+from align_detr_hf.data import (
+    Compose,
+    RandomHorizontalFlip,
+    collate_fn,
+    load_train_val_datasets,
+    resize_image_and_boxes,
+)
 from align_detr_hf.evaluation import evaluate_model
 from align_detr_hf.image_processing_align_detr import ALIGN_DETR_MEAN, ALIGN_DETR_STD
 from align_detr_hf.loss_adapters import use_align_detr_loss

@@ -86,7 +86,9 @@ class AlignDetrLossOptions:
     def __post_init__(self):
         unknown = sorted(set(self.loss_overrides) - set(LOSS_HYPER_PARAMETERS))
         if unknown:
-            raise ValueError(f"Unknown Align-DETR loss hyper-parameters {unknown}; known: {list(LOSS_HYPER_PARAMETERS)}.")
+            raise ValueError(
+                f"Unknown Align-DETR loss hyper-parameters {unknown}; known: {list(LOSS_HYPER_PARAMETERS)}."
+            )
         if self.decoder_num_gt_repeat is not None:
             self.decoder_num_gt_repeat = [int(k) for k in self.decoder_num_gt_repeat]
             if not self.decoder_num_gt_repeat or min(self.decoder_num_gt_repeat) < 1:
@@ -103,12 +105,13 @@ class AdaptedPredictions:
     logits: torch.Tensor  # (L, B, Q, C), decoder layers first to last
     boxes: torch.Tensor  # (L, B, Q, 4) sigmoid cxcywh
     layer_names: list[str]  # loss-name prefix of each of the L layers
-    encoder_logits: torch.Tensor | None = None  # (B, K, C) or (B, K, 1) for a class-agnostic encoder term
+    encoder_logits: torch.Tensor | None = None  # (B, K, C), or (B, K, 1) with class_agnostic_encoder
     encoder_boxes: torch.Tensor | None = None
     dn_logits: torch.Tensor | None = None  # (L, B, D, C)
     dn_boxes: torch.Tensor | None = None
     denoising_meta: dict | None = None  # {"num_groups": G, "max_gt": M}
     only_last_layer: bool = False  # the model passes its last layer alone by design (D-FINE in eval mode)
+    class_agnostic_encoder: bool = False  # the encoder term treats every GT as class 0 (Deformable DETR)
 
 
 def _decoder_layer_names(num_layers: int) -> list[str]:
@@ -172,8 +175,7 @@ class AlignDetrLossAdapter:
         """The Align-DETR terms of adapted predictions, named as mmdetection names them."""
         predictions, decoder_k = self._select_layers(predictions, config)
         encoder_k = self._encoder_num_gt_repeat(predictions)
-        class_agnostic_encoder = predictions.encoder_logits is not None and predictions.encoder_logits.shape[-1] == 1
-        with_encoder = encoder_k > 0 and not class_agnostic_encoder
+        with_encoder = encoder_k > 0 and not predictions.class_agnostic_encoder
         loss_fn = self._loss(predictions.logits.shape[-1], decoder_k + [encoder_k or 1])
         loss_dict = loss_fn({
             "intermediate_logits": predictions.logits,
@@ -185,7 +187,7 @@ class AlignDetrLossAdapter:
             "denoising_meta": predictions.denoising_meta,
         }, labels)[1]
         loss_dict = self._rename_layers(loss_dict, predictions.layer_names)
-        if encoder_k > 0 and class_agnostic_encoder:
+        if encoder_k > 0 and predictions.class_agnostic_encoder:
             loss_dict.update(self._class_agnostic_encoder_losses(predictions, labels, encoder_k))
         return loss_dict
 
@@ -222,6 +224,7 @@ class AlignDetrLossAdapter:
                 topk = encoder_class[..., 0].topk(num_proposals, dim=1)[1]
                 predictions.encoder_logits = encoder_class.gather(1, topk[..., None])
                 predictions.encoder_boxes = encoder_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
+                predictions.class_agnostic_encoder = True
         return predictions
 
     def _adapt_rt_detr_family(self, config, outputs_class, outputs_coord, enc_topk_logits=None,
@@ -292,7 +295,8 @@ class AlignDetrLossAdapter:
         key = (num_labels, tuple(num_gt_repeat))
         if key not in self._losses:
             config = AlignDetrConfig(num_labels=num_labels, decoder_layers=len(num_gt_repeat) - 1,
-                                     num_gt_repeat=list(num_gt_repeat), **self.options.loss_overrides)
+                                     num_gt_repeat=list(num_gt_repeat), loss_type="align_detr",
+                                     **self.options.loss_overrides)
             self._losses[key] = AlignDetrLoss(config)
         return self._losses[key]
 
