@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -135,6 +136,17 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
+def _paired_difference(results: list[dict], model_name: str) -> str:
+    """Align-DETR minus own mAP, per seed (same seed = same init and batches), mean ± sample std."""
+    by_seed = {(r["loss"], r["seed"]): r["map"] for r in results if r["model"] == model_name}
+    diffs = [by_seed[("align_detr", s)] - by_seed[("own", s)] for (loss, s) in by_seed
+             if loss == "own" and ("align_detr", s) in by_seed]
+    if not diffs:
+        return "-"
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f"{statistics.mean(diffs):+.3f} ± {spread:.3f}"
+
+
 def render(results: list[dict], args, seconds: float) -> str:
     lines = [
         "## Align-DETR loss on transformers' detectors (`benchmarks/bench_loss_adapters.py`)",
@@ -144,10 +156,11 @@ def render(results: list[dict], args, seconds: float) -> str:
         f"with the Align-DETR loss (`use_align_detr_loss(model)`, defaults). Same tiny widths (demo ResNet backbone "
         f"16-128 channels, d_model {args.d_model}, {args.num_layers} encoder + {args.num_layers} decoder layers, "
         f"{args.num_queries} queries), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr}, grad clip "
-        f"0.1, flip augmentation, seeds {args.seeds}. COCO bbox metrics on the val set: mean ± sample std over seeds.",
+        f"0.1, flip augmentation, seeds {args.seeds}. COCO bbox metrics on the val set: mean ± sample std over seeds; "
+        f"Δ mAP: Align-DETR minus own, paired by seed.",
         "",
-        "| model | loss | mAP | AP50 | AP75 | train s / run |",
-        "|---|---|---|---|---|---|",
+        "| model | loss | seeds | mAP | AP50 | AP75 | Δ mAP | train s / run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model_name in args.models:
         for loss in LOSSES:
@@ -155,12 +168,20 @@ def render(results: list[dict], args, seconds: float) -> str:
             if not runs:
                 continue
             cells = [_mean_spread([r[k] for r in runs]) for k in ("map", "map_50", "map_75")]
+            delta = _paired_difference(results, model_name) if loss == "align_detr" else ""
             mean_time = statistics.mean(r["train_seconds"] for r in runs)
-            lines.append(f"| {model_name} | {loss} ({len(runs)} seeds) | {' | '.join(cells)} | {mean_time:.0f} |")
+            lines.append(f"| {model_name} | {loss} | {len(runs)} | {' | '.join(cells)} | {delta} | {mean_time:.0f} |")
     expected = len(args.models) * len(LOSSES) * len(args.seeds)
     if len(results) < expected:
-        lines += ["", f"**Partial: {len(results)} of {expected} runs finished so far.**"]
-    lines += ["", f"Command: `{common.command_line()}`; {seconds / 60:.1f} min of wall time in this invocation.",
+        lines += ["", f"**Partial: {len(results)} of {expected} runs finished.**"]
+    best = max((r["map"] for r in results), default=0.0)
+    if best < 0.1:
+        lines += ["", f"At this size every run is far from converged (best mAP {best:.3f}): a Δ within its spread is seed "
+                      f"noise, and none of these figures predicts converged accuracy; `--full` runs are needed for that."]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines += ["", f"Command: `{common.command_line()}`; {seconds / 60:.1f} min of wall time in this invocation. "
+                  f"Train times are wall-clock on a machine shared with other jobs (1-min load average at writing: "
+                  f"{load:.1f} on {os.cpu_count()} cores).",
               f"Machine: {json.dumps(common.machine_info())}"]
     if not args.full:
         lines.append("GPU (`--full`) figures: pending (no GPU run yet).")
@@ -189,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="JSON lines of finished runs (default: <work_dir>/runs.jsonl)")
     p.add_argument("--output", default=str(common.REPO / "BENCHMARKS.md"))
     p.add_argument("--no_write", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: rewrite the BENCHMARKS.md section from the runs in --results")
     return p
 
 
@@ -212,8 +235,11 @@ def main(argv=None) -> list[dict]:
     done = []
     if results_path.exists():
         done = [r for r in map(json.loads, results_path.read_text().splitlines()) if r.get("settings") == settings]
-    train_set, val_set = make_data(work / "data", args)
     start = time.perf_counter()
+    if args.report_only:
+        common.write_section("loss_adapters", render(done, args, 0.0), args.output)
+        return done
+    train_set, val_set = make_data(work / "data", args)
     for seed in args.seeds:
         for model_name in args.models:
             for loss in LOSSES:
