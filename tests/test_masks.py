@@ -106,8 +106,8 @@ def _bad_masks():
     letterbox[1, :8], letterbox[1, -8:] = 0, 0
     hole = _mask()
     hole[1, 10:20, 10:20] = 0
-    half, two, nan = good.float(), good.clone(), good.float()
-    half[1, 0, 0], two[1, 5, 5], nan[1, 3, 3] = 0.5, 2, float("nan")
+    half, two, minus, nan = good.float(), good.clone(), good.clone(), good.float()
+    half[1, 0, 0], two[1, 5, 5], minus[1, 2, 2], nan[1, 3, 3] = 0.5, 2, -1, float("nan")
     top_left = "top-left pixel is padding"
     inverted = "Is it inverted\\? Here 1 marks real pixels"
     return [
@@ -120,6 +120,7 @@ def _bad_masks():
         ("detr_convention_unpadded_batch", torch.zeros_like(good), "all zeros .* for every image.*" + inverted),
         ("value_half", half, "only 1 \\(real pixel\\) and 0 \\(padding\\); image 1 holds 0.5"),
         ("value_two", two, "image 1 holds 2"),
+        ("value_minus_one", minus, "image 1 holds -1"),
         ("value_nan", nan, "image 1 holds nan"),
     ]
 

@@ -1048,15 +1048,22 @@ def _is_tracing() -> bool:
 
 def _check_pixel_mask(pixel_mask: torch.Tensor) -> None:
     """Raise a ValueError naming the image and the problem for a mask the model cannot honour (see `_check_inputs`)."""
+    # a few elementwise passes over the mask (as large as the images), one device read
     batch, height, width = pixel_mask.shape
+    flat = pixel_mask.view(batch, -1) if pixel_mask.is_contiguous() else pixel_mask.reshape(batch, -1)
     if pixel_mask.dtype == torch.bool:
         valid, non_binary = pixel_mask, torch.zeros(batch, dtype=torch.bool, device=pixel_mask.device)
+    elif pixel_mask.is_floating_point():
+        valid = pixel_mask == 1
+        non_binary = ~((flat == 0) | (flat == 1)).all(1)  # NaN and fractions too
     else:
         valid = pixel_mask == 1
-        non_binary = (~valid & (pixel_mask != 0)).flatten(1).any(1)
+        low, high = torch.aminmax(flat, dim=1)
+        non_binary = (low < 0) | (high > 1)
     rectangle = _top_left_rectangle(valid)
-    not_rectangle = (valid != rectangle).flatten(1).any(1)
-    empty = ~valid.flatten(1).any(1)
+    not_rectangle = (valid != rectangle).view(batch, -1).any(1)
+    # with the mask a rectangle, it is empty when its first row or column is
+    empty = ~(valid[:, 0, 0])
     problems = torch.cat([torch.stack([non_binary, not_rectangle], 1).flatten(), empty.all()[None]]).tolist()
     for image in range(batch):  # the line above is the one device read
         if problems[2 * image]:
