@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from .configuration_align_detr import AlignDetrConfig
-from .loss_align_detr import AlignDetrLoss, validate_labels
+from .loss_align_detr import validate_labels
 from .loss_dino import build_loss
 from .ms_deform_attn import multi_scale_deformable_attention
 
