@@ -15,6 +15,7 @@ millisecond during the timed forwards, above the level after loading and warm-up
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -143,9 +144,16 @@ def main():
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     parser.add_argument("--readme", default=str(REPO / "README.md"), help="gets the short table ('' = not)")
+    parser.add_argument(
+        "--render-from-log", metavar="LOG",
+        help="do not measure: write the tables from the per-worker lines of a stopped run's output",
+    )
+    parser.add_argument("--started", default="unknown", help="with --render-from-log: when that run started")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.render_from_log:
+        return render_from_log(args)
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = os.getloadavg()
@@ -190,6 +198,34 @@ def main():
             write_section("export", text, args.output)
             if args.readme:
                 write_section("export", render_summary(cases, results, started, progress), args.readme)
+    print(text)
+
+
+_LOG_LINE = re.compile(r"^round (\d+) (\d+x\d+) b(\d+) (\w+): \[([\d, ]*)\] ms, peak (\d+) MiB$")
+
+
+def render_from_log(args):
+    """Tables of a run stopped before its end, from the lines it printed (ms and MiB as printed)."""
+    cases = sorted(((size, batch) for size in args.sizes for batch in args.batches), key=_cost)
+    results = {(size, batch, runtime): {"times_s": [], "peaks": [], "errors": []} for size, batch in cases
+               for runtime in RUNTIMES}
+    done = set()
+    for line in Path(args.render_from_log).read_text().splitlines():
+        match = _LOG_LINE.match(line.strip())
+        if match and (match[2], int(match[3]), match[4]) in results:
+            entry = results[(match[2], int(match[3]), match[4])]
+            entry["times_s"] += [int(v) / 1e3 for v in match[5].split(",") if v.strip()]
+            entry["peaks"].append(int(match[6]) * 2**20)
+            done.add((match[1], match[2], match[3], match[4]))
+    total = len(cases) * args.rounds * len(RUNTIMES)
+    progress = (
+        f"Stopped before the end: {len(done)} of {total} measurements (case x round x runtime) were made; the "
+        "others are marked not measured. Memory as printed by the run (whole MiB)."
+    )
+    text = render(args, cases, results, None, args.started, None, progress)
+    write_section("export", text, args.output)
+    if args.readme:
+        write_section("export", render_summary(cases, results, args.started, progress), args.readme)
     print(text)
 
 
@@ -242,7 +278,7 @@ def render(args, cases, results, export_s, started, load_before, progress=""):
                 if entry["errors"]:
                     status = "error: " + entry["errors"][-1].strip().splitlines()[-1][:120]
                 else:
-                    status = "not measured yet"
+                    status = "not measured"
                 lines.append(f"| {size} | {batch} | {LABELS[runtime]} | {status} | 0 | | |")
                 continue
             median, fastest, count, peak = cell
@@ -272,7 +308,10 @@ def render_summary(cases, results, started, progress=""):
     ]
     for size, batch in cases:
         cells = [_cell(results[(size, batch, runtime)]) for runtime in RUNTIMES]
-        times = [f"{cell[0] * 1e3:,.0f}" if cell else "error" for cell in cells]
+        times = [
+            f"{cell[0] * 1e3:,.0f}" if cell else ("error" if entry["errors"] else "not measured")
+            for cell, entry in zip(cells, (results[(size, batch, runtime)] for runtime in RUNTIMES))
+        ]
         ratio = f"{cells[0][0] / cells[2][0]:.2f}x" if cells[0] and cells[2] else "n/a"
         lines.append(f"| {size} | {batch} | {' | '.join(times)} | {ratio} |")
     lines += ["", "Goal: at most 0.50x. GPU figures (--fp16, ONNX Runtime CUDA provider): pending."]
@@ -280,7 +319,7 @@ def render_summary(cases, results, started, progress=""):
 
 
 def _load(values):
-    return "/".join(f"{v:.1f}" for v in values)
+    return "not recorded" if values is None else "/".join(f"{v:.1f}" for v in values)
 
 
 def _version(name):
