@@ -36,8 +36,6 @@ A model in training mode is exported in eval mode (inference has no denoising qu
 says so, and the model's own mode is restored afterwards.
 """
 
-import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +44,7 @@ import torch
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy
+from .file_io import atomic_write_bytes
 from .ms_deform_attn import custom_kernels_disabled
 
 INPUT_NAMES = ("pixel_values", "pixel_mask")
@@ -197,8 +196,8 @@ def export_onnx(
 ) -> Path:
     """Write the detector as an ONNX file at `output` (atomically: a failed export leaves no file) and return its path.
 
-    fp16 exports a float16 copy of the model (float16 pixel_values, logits and pred_boxes; meant for GPU runtimes,
-    ONNX Runtime's CPU provider lacks float16 kernels for several of its ops). `program`: reuse an ExportedProgram
+    fp16 exports a float16 copy of the model (float16 pixel_values, logits and pred_boxes; meant for GPU runtimes;
+    ONNX Runtime's CPU provider runs it too, see tests/test_export.py). `program`: reuse an ExportedProgram
     from `export_program` with the same `with_postprocess` and `top_k` (saves the tracing time).
     """
     _check_model(model)
@@ -265,23 +264,8 @@ def _check_graph(onnx_model) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    try:
-        from .file_io import atomic_write_bytes
-    except ImportError:
-        atomic_write_bytes = None
-    if atomic_write_bytes is not None:
-        atomic_write_bytes(path, data)
-        return
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Temporary sibling, fsync, rename: a failed export leaves no file and keeps an older one."""
+    atomic_write_bytes(path, data)
 
 
 def load_for_export(model: str):
