@@ -29,8 +29,10 @@ Feeding the graph, what `AlignDetrImageProcessor` does (so a consumer needs no P
 
 The deformable attention is exported as standard ops (GridSample, opset >= 16): the Triton kernel is switched off
 for the export (`ms_deform_attn.custom_kernels_disabled`). The exporter is PyTorch's torch.export-based one
-(`torch.onnx.export(..., dynamo=True)`): the TorchScript tracer would freeze values computed from the feature-map
-sizes (valid ratios, proposal grids) as constants of the example size, giving wrong outputs at other sizes.
+(`torch.onnx.export(..., dynamo=True)`, the default since torch 2.9), from the same ExportedProgram that
+`export_program` returns. The deprecated TorchScript tracer records Python decisions on sizes as constants (the
+query count min(num_queries, encoder positions), size-1 feature maps): traced at 96x128 it gave logits off by up to
+0.4 on 64x64 inputs without an error, where torch.export checks its size assumptions and refuses such inputs.
 
 A model in training mode is exported in eval mode (inference has no denoising queries and no loss): a warning
 says so, and the model's own mode is restored afterwards.
