@@ -12,9 +12,9 @@ Graph contract (both exports):
              scores (B, K), labels (B, K) int64, boxes (B, K, 4) xyxy in original-image pixels: only
              with_postprocess; the image processor's `post_process_object_detection` before its threshold
              (sigmoid over all Q x C pairs, top-K, clamped to the image), K = min(top_k, Q * C)
-B, H and W are dynamic: B from 1, H and W from 65 to 8192 pixels (below 65 the coarsest feature level, stride 64,
-would be a single cell, a case torch.export specialises away). Images this small are never what the image
-processor produces (shortest edge 800).
+B, H and W are dynamic. The ExportedProgram checks B >= 1 and H, W in 65..8192 pixels (the export reasons about
+sizes where the coarsest feature level, stride 64, has more than one cell); the ONNX graph carries no such check
+and matches eager below that too (tested down to 40x48 on a tiny model). The image processor makes 800+ pixels.
 
 Feeding the graph, what `AlignDetrImageProcessor` does (so a consumer needs no Python):
     1. RGB, channels first.
@@ -32,7 +32,7 @@ for the export (`ms_deform_attn.custom_kernels_disabled`). The exporter is PyTor
 (`torch.onnx.export(..., dynamo=True)`, the default since torch 2.9), from the same ExportedProgram that
 `export_program` returns. The deprecated TorchScript tracer records Python decisions on sizes as constants (the
 query count min(num_queries, encoder positions), size-1 feature maps): traced at 96x128 it gave logits off by up to
-0.4 on 64x64 inputs without an error, where torch.export checks its size assumptions and refuses such inputs.
+0.4 on 64x64 inputs without an error; the graph from torch.export matches eager there.
 
 A model in training mode is exported in eval mode (inference has no denoising queries and no loss): a warning
 says so, and the model's own mode is restored afterwards.
