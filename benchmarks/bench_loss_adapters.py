@@ -149,7 +149,9 @@ def _paired_difference(results: list[dict], model_name: str) -> str:
 
 def render(results: list[dict], args, seconds: float) -> str:
     lines = [
-        "## Align-DETR loss on transformers' detectors (`benchmarks/bench_loss_adapters.py`)",
+        f"## Align-DETR loss on transformers' detectors: "
+        f"{'all supported models' if set(args.models) == set(MODELS) else ', '.join(args.models)}, {args.steps} steps "
+        f"(`benchmarks/bench_loss_adapters.py`)",
         "",
         f"Each model trained twice from random init on the synthetic shapes ({args.num_train_images} train / "
         f"{args.num_val_images} val images, {args.image_size} px, {args.num_classes} classes): with its own loss and "
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="JSON lines of finished runs (default: <work_dir>/runs.jsonl)")
     p.add_argument("--output", default=str(common.REPO / "BENCHMARKS.md"))
     p.add_argument("--no_write", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--section", default="loss_adapters",
+                   help="BENCHMARKS.md section to write (another name keeps a second table, e.g. longer runs)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: rewrite the BENCHMARKS.md section from the runs in --results")
     return p
@@ -240,7 +244,7 @@ def main(argv=None) -> list[dict]:
         done = [r for r in map(json.loads, results_path.read_text().splitlines()) if r.get("settings") == settings]
     start = time.perf_counter()
     if args.report_only:
-        common.write_section("loss_adapters", render(done, args, 0.0), args.output)
+        common.write_section(args.section, render(done, args, 0.0), args.output)
         return done
     train_set, val_set = make_data(work / "data", args)
     for seed in args.seeds:
@@ -255,7 +259,7 @@ def main(argv=None) -> list[dict]:
                 with results_path.open("a") as f:
                     f.write(json.dumps(result) + "\n")
                 if not args.no_write:  # after every run: an interrupted benchmark still leaves its table
-                    common.write_section("loss_adapters", render(done, args, time.perf_counter() - start),
+                    common.write_section(args.section, render(done, args, time.perf_counter() - start),
                                          args.output)
                 print(f"[bench] {model_name:26s} {loss:10s} seed {seed}: mAP {result['map']:.3f} AP50 "
                       f"{result['map_50']:.3f} AP75 {result['map_75']:.3f} ({result['train_seconds']:.0f}s train, "
