@@ -85,6 +85,12 @@ def test_stem_is_trained_only_from_scratch():
 
     assert stem_trainable(FROM_SCRATCH) is True
     assert stem_trainable(FINETUNE) is False
+    model = AlignDetrForObjectDetection(tiny_config())
+    apply_recipe_to_model(model, FROM_SCRATCH)
+    assert model.config.freeze_backbone_stages == -1  # recorded in the config: reloads with the stem trainable
+    assert all(p.requires_grad for p in model.model.backbone.parameters())
+    with pytest.raises(ValueError, match="frozen stages"):
+        apply_recipe_to_model(AlignDetrForObjectDetection(tiny_config(freeze_backbone_stages=1)), FROM_SCRATCH)
 
 
 def test_flip_recipe_keeps_native_size_and_reference_recipe_rescales(tmp_path):

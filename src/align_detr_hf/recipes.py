@@ -227,13 +227,22 @@ def eval_image_processor(scale: float) -> AlignDetrImageProcessor:
 
 
 def apply_recipe_to_model(model: nn.Module, recipe: TrainingRecipe) -> None:
-    """Unfreeze the backbone stem if the recipe trains it (the model freezes it, as the reference does)."""
-    if recipe.train_stem:
-        backbone = model.model.backbone.model
-        stem = getattr(backbone, "embedder", None)
-        if stem is None:
-            raise ValueError(f"train_stem: no stem (`embedder`) found on backbone {type(backbone).__name__}.")
-        stem.requires_grad_(True)
+    """If the recipe trains the stem, set the model's `freeze_backbone_stages` to -1 (train the whole backbone, as
+    mmdetection's `frozen_stages=-1`) and unfreeze it; the config then records it, so a saved from-scratch model
+    reloads with its stem trainable. Models freeze the stem by default (0), as the reference does."""
+    if not recipe.train_stem:
+        return
+    frozen_stages = model.config.freeze_backbone_stages
+    if frozen_stages > 0:
+        raise ValueError(
+            f"train_stem=True but the model freezes the stem and {frozen_stages} stage(s) "
+            "(freeze_backbone_stages); the stem cannot train under frozen stages. Use --no-train_stem."
+        )
+    encoder = model.model.backbone
+    model.config.freeze_backbone_stages = -1
+    encoder.frozen_stages = -1
+    encoder.model.requires_grad_(True)
+    encoder.freeze()  # re-freezes what never trains (e.g. Swin's unused final norm)
 
 
 def build_model(
