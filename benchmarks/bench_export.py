@@ -157,6 +157,7 @@ def main():
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = os.getloadavg()
+    print(f"started {started}, load {_load(load_before)}", flush=True)
     onnx_path = Path(args.onnx)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     export_s = None
@@ -209,8 +210,11 @@ def render_from_log(args):
     cases = sorted(((size, batch) for size in args.sizes for batch in args.batches), key=_cost)
     results = {(size, batch, runtime): {"times_s": [], "peaks": [], "errors": []} for size, batch in cases
                for runtime in RUNTIMES}
-    done = set()
+    done, started, load_before = set(), args.started, None
     for line in Path(args.render_from_log).read_text().splitlines():
+        if line.startswith("started ") and ", load " in line:
+            started, load = line[len("started "):].split(", load ")
+            load_before = tuple(float(v) for v in load.split("/"))
         match = _LOG_LINE.match(line.strip())
         if match and (match[2], int(match[3]), match[4]) in results:
             entry = results[(match[2], int(match[3]), match[4])]
@@ -218,14 +222,15 @@ def render_from_log(args):
             entry["peaks"].append(int(match[6]) * 2**20)
             done.add((match[1], match[2], match[3], match[4]))
     total = len(cases) * args.rounds * len(RUNTIMES)
-    progress = (
-        f"Stopped before the end: {len(done)} of {total} measurements (case x round x runtime) were made; the "
-        "others are marked not measured. Memory as printed by the run (whole MiB)."
+    progress = "Written from the run's printed lines (ms, whole MiB)" + (
+        "." if len(done) == total else
+        f"; it stopped before the end: {len(done)} of {total} measurements (case x round x runtime) were made, the "
+        "others are marked not measured."
     )
-    text = render(args, cases, results, None, args.started, None, progress)
+    text = render(args, cases, results, None, started, load_before, progress)
     write_section("export", text, args.output)
     if args.readme:
-        write_section("export", render_summary(cases, results, args.started, progress), args.readme)
+        write_section("export", render_summary(cases, results, started, progress), args.readme)
     print(text)
 
 
