@@ -256,7 +256,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_class):
         (out.loss if model_class is AlignDetrForObjectDetection else _base_model_objective(out)).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    plain = gradients()
+    # the same output flags on both sides: output_attentions switches self-attention to its explicit-softmax path
+    plain = gradients(output_attentions=True, output_hidden_states=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         checkpointed = gradients(output_attentions=True, output_hidden_states=True)

@@ -194,8 +194,10 @@ def _freeze_batch_norms(module: nn.Module) -> None:
             _freeze_batch_norms(child)
 
 
-def _resnet_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], list[nn.Module]]:
-    return backbone.embedder, [[stage] for stage in backbone.encoder.stages], []
+def _staged_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], list[nn.Module]]:
+    # ResNet names its stem `embedder`, ConvNeXt `embeddings`; both keep their stages in `encoder.stages`
+    stem = backbone.embedder if hasattr(backbone, "embedder") else backbone.embeddings
+    return stem, [[stage] for stage in backbone.encoder.stages], []
 
 
 def _swin_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], list[nn.Module]]:
@@ -210,7 +212,7 @@ def _swin_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], 
 
 
 # per backbone model type: (stem, modules of each stage, modules that never train)
-_BACKBONE_PARTS = {"resnet": _resnet_parts, "swin": _swin_parts}
+_BACKBONE_PARTS = {"resnet": _staged_parts, "convnext": _staged_parts, "convnextv2": _staged_parts, "swin": _swin_parts}
 
 
 class AlignDetrConvEncoder(nn.Module):
