@@ -294,3 +294,17 @@ def test_saving_remote_code_is_kept_for_backwards_compatibility(tmp_path):
         AlignDetrImageProcessor().save_pretrained(tmp_path)
     assert (tmp_path / "image_processing_align_detr.py").is_file()
     assert AlignDetrImageProcessor._auto_class == "AutoImageProcessor"  # registration stays on afterwards
+
+
+def test_model_card_describes_the_saved_network_and_loss(tmp_path):
+    """The card's architecture sentence comes from the folder's config: a DINO-loss Swin 5-level model says so."""
+    config = tiny_config(loss_type="dino", num_feature_levels=5, backbone_config={
+        "model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4,
+        "out_features": ["stage1", "stage2", "stage3", "stage4"]})
+    AlignDetrForObjectDetection(config).save_pretrained(tmp_path / "swin")
+    text = write_model_card(tmp_path / "swin").text
+    assert "DINO-5scale" in text and "Swin Transformer backbone" in text and "DINO's loss" in text
+    assert "Align-DETR loss" not in text
+    AlignDetrForObjectDetection(tiny_config()).save_pretrained(tmp_path / "resnet")
+    text = write_model_card(tmp_path / "resnet").text
+    assert "ResNet backbone" in text and "the Align-DETR loss" in text

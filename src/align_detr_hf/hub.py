@@ -89,9 +89,7 @@ _TEMPLATE = """---
 
 {{ description }}
 
-Align-DETR is a DINO-style detector (ResNet backbone, 4-scale deformable encoder and decoder, two-stage query
-selection, contrastive denoising, box refinement) trained with the Align-DETR loss (IoU-aware BCE, mixed matching,
-prime-sample weighting). This checkpoint is stored as a Hugging Face `transformers` model; the folder also holds
+{{ architecture }} This checkpoint is stored as a Hugging Face `transformers` model; the folder also holds
 the model's code, so it loads with `trust_remote_code=True` where the `align-detr-hf` package is not installed.
 
 {% if base_model %}- **Base model:** {{ base_model }}
@@ -213,6 +211,7 @@ def build_model_card(
     citation: str | None = None,
     description: str | None = None,
     id2label: dict[int, str] | None = None,
+    architecture: str | None = None,
 ) -> ModelCard:
     """An Align-DETR model card: metadata (license, base model, datasets, tags, model-index with the COCO metrics)
     from `ModelCardData` / `EvalResult`, and a body with a usage snippet, the metrics and the hyper-parameters.
@@ -267,6 +266,7 @@ def build_model_card(
         dataset_name=dataset_name,
         hyperparameters=[(str(k), v) for k, v in (hyperparameters or {}).items()],
         citation=citation or ALIGN_DETR_CITATION,
+        architecture=architecture or describe_architecture({}),
     )
 
 
@@ -290,10 +290,12 @@ def write_model_card(
     if save_directory.exists() and not save_directory.is_dir():
         raise NotADirectoryError(f"write_model_card needs a folder, got the file {save_directory}.")
     save_directory.mkdir(parents=True, exist_ok=True)
+    config_file = save_directory / "config.json"
+    folder_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     card = build_model_card(
         model_name=model_name, base_model=base_model, datasets=datasets, metrics=metrics, dataset_name=dataset_name,
         hyperparameters=hyperparameters, source=source, license=license, citation=citation, description=description,
-        id2label=_folder_id2label(save_directory),
+        id2label=_folder_id2label(folder_config), architecture=describe_architecture(folder_config),
     )
     fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=save_directory)
     try:
@@ -306,12 +308,21 @@ def write_model_card(
     return card
 
 
-def _folder_id2label(folder: Path) -> dict[int, str] | None:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        return None
-    id2label = json.loads(config_file.read_text(encoding="utf-8")).get("id2label") or {}
-    return {int(k): v for k, v in id2label.items()} or None
+def _folder_id2label(config: dict) -> dict[int, str] | None:
+    return {int(k): v for k, v in (config.get("id2label") or {}).items()} or None
+
+
+def describe_architecture(config: dict) -> str:
+    """One sentence on the network and its training loss, from a saved `config.json` (defaults where it is empty)."""
+    backbone = (config.get("backbone_config") or {}).get("model_type", "resnet")
+    backbone = {"resnet": "ResNet", "swin": "Swin Transformer", "convnext": "ConvNeXt"}.get(backbone, backbone)
+    levels = config.get("num_feature_levels", 4)
+    if config.get("loss_type", "align_detr") == "dino":
+        loss = "DINO's loss (sigmoid focal loss, one-to-one Hungarian matching)"
+    else:
+        loss = "the Align-DETR loss (IoU-aware BCE, mixed one-to-k matching, prime-sample weighting)"
+    return (f"A DINO-{levels}scale detector ({backbone} backbone, {levels}-level deformable encoder and decoder, "
+            f"two-stage query selection, contrastive denoising, look-forward-twice box refinement) trained with {loss}.")
 
 
 def push_to_hub_with_model_card(
