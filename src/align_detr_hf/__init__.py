@@ -16,6 +16,7 @@ from .hub import (
     write_model_card,
 )
 from .image_processing_align_detr import AlignDetrImageProcessor
+from .loss_adapters import remove_align_detr_loss, use_align_detr_loss
 from .loss_align_detr import AlignDetrLoss
 from .loss_dino import DinoLoss
 from .modeling_align_detr import (
@@ -39,6 +40,8 @@ __all__ = [
     "ModelCardCallback",
     "ModelCardTrainerMixin",
     "build_model_card",
+    "remove_align_detr_loss",
+    "use_align_detr_loss",
     "write_model_card",
 ]
 
