@@ -1111,3 +1111,18 @@ def test_demo_disk_full_while_writing_outputs_is_one_line(tmp_path, monkeypatch,
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert re.search(r"align-detr demo: error: No space left on device: .*metrics\.json", err)
     assert not (tmp_path / "demo" / "metrics.json").exists()
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Temporary files and folders are private (0600/0700); what lands must look like any new file or folder."""
+    from align_detr_hf.file_io import atomic_directory, atomic_write_bytes
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "model.onnx", b"graph")
+        with atomic_directory(tmp_path / "converted", overwrite=False) as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "converted").stat().st_mode & 0o777 == 0o755

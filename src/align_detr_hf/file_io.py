@@ -77,6 +77,12 @@ def check_output_folder(folder: str | os.PathLike, what: str = "output folder", 
     return folder
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path` (atomic on POSIX).
@@ -93,6 +99,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise OutputPathError(f"cannot write {path}: {error.strerror or error}.") from error
     os.close(fd)
     temp = Path(temp_name)
+    os.chmod(temp, 0o666 & ~_current_umask())  # mkstemp makes 0600; the result should look like any new file
     try:
         yield temp
         with open(temp, "rb") as f:
@@ -162,6 +169,7 @@ def atomic_directory(
     parent = check_output_folder(target.parent, "parent of the output folder")
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=parent))
+        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes 0700
     except OSError as error:
         raise OutputPathError(f"output folder {output_dir}: cannot write in {parent} ({error.strerror}).") from error
     try:
