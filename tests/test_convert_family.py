@@ -260,12 +260,20 @@ def test_swin_freezing_follows_mmdetections_frozen_stages(tmp_path):
 
 
 def test_freezing_an_unknown_backbone_type_is_refused():
-    backbone = {"model_type": "convnext", "hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1],
-                "out_features": ["stage2", "stage3", "stage4"]}  # fmt: skip
-    with pytest.raises(ValueError, match="stages of a 'convnext' backbone are not known"):
+    backbone = {"model_type": "swinv2", "embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+                "window_size": 4, "out_features": ["stage2", "stage3", "stage4"]}  # fmt: skip
+    with pytest.raises(ValueError, match="stages of a 'swinv2' backbone are not known"):
         AlignDetrForObjectDetection(tiny_config(backbone_config=backbone, freeze_backbone_stages=0))
     model = AlignDetrForObjectDetection(tiny_config(backbone_config=backbone, freeze_backbone_stages=-1))
     assert frozen_names(model) == set()
+
+
+def test_convnext_freezes_its_stem_and_stages():
+    backbone = {"model_type": "convnext", "hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1],
+                "out_features": ["stage2", "stage3", "stage4"]}  # fmt: skip
+    frozen = frozen_names(AlignDetrForObjectDetection(tiny_config(backbone_config=backbone, freeze_backbone_stages=1)))
+    assert frozen and all(n.startswith(("embeddings.", "encoder.stages.0.")) for n in frozen)
+    assert any(n.startswith("embeddings.") for n in frozen) and any(n.startswith("encoder.stages.0.") for n in frozen)
 
 
 # ------------------------------------------------------------------------------------- zoo, model card, command line
