@@ -194,7 +194,7 @@ def test_onnx_graph_is_standard_ops_with_named_dynamic_axes(small_exports):
     }
 
 
-@pytest.mark.slow  # a second export: ~75 s of CPU; the fixture model's export above is the CI parity check
+# a second export (~60 s on 2 quiet cores): the one command, end to end, on a tiny model saved to a folder
 def test_cli_exports_a_saved_tiny_model(tiny_folder, tmp_path, capsys):
     from align_detr_hf.cli import main
 
