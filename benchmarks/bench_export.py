@@ -19,15 +19,13 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, build_model, command_line, machine_info, model_description, write_section  # noqa: E402
+from common import REPO, PeakMemory, build_model, command_line, machine_info, model_description, write_section  # noqa: E402
 
-import psutil  # noqa: E402
 import torch  # noqa: E402
 
 RUNTIMES = ("onnxruntime", "ours", "theirs")
@@ -37,29 +35,6 @@ LABELS = {
     "theirs": "transformers Deformable DETR, PyTorch eager",
 }
 WARMUP_SIZE = (256, 320)
-
-
-class PeakRss:
-    """Peak resident set size above the level at entry, polled every millisecond by a thread."""
-
-    def __enter__(self):
-        self._process = psutil.Process()
-        self._base = self._max = self._process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self._max = max(self._max, self._process.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = self._max - self._base
-        return False
 
 
 def _inputs(batch, height, width):
@@ -93,7 +68,7 @@ def worker(case):
     forward(*_inputs(1, *WARMUP_SIZE))
     pixels, mask = _inputs(case["batch"], case["height"], case["width"])
     times = []
-    with PeakRss() as memory:
+    with PeakMemory("cpu", process_peak=False) as memory:  # RSS above the level after warm-up
         for _ in range(case["repeats"]):
             start = time.perf_counter()
             forward(pixels, mask)

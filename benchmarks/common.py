@@ -125,8 +125,9 @@ class PeakMemory:
     every millisecond by a thread and checked against getrusage's process peak (exact when the process peak is
     reached inside the block, which is why every measurement runs in a fresh worker process)."""
 
-    def __init__(self, device):
+    def __init__(self, device, process_peak: bool = True):
         self.device = torch.device(device)
+        self.process_peak = process_peak  # CPU: also take getrusage's process maximum (needs a fresh process)
         self.peak_bytes = 0
 
     def __enter__(self):
@@ -155,7 +156,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if self.process_peak else 0  # KiB
             self.peak_bytes = max(self._max, max_rss) - self._base
         return False
 
