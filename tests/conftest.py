@@ -102,3 +102,18 @@ def fixture_targets(losses):
         boxes = gt["bboxes"] / torch.tensor([width, height, width, height], dtype=torch.float32)
         targets.append({"class_labels": gt["labels"], "boxes": box_xyxy_to_cxcywh(boxes)})
     return targets
+
+
+def assert_train_outputs_match(out, head: dict, num_dn: int, losses: dict, logits_atol: float, boxes_atol: float,
+                               loss_rtol: float) -> None:
+    """A train-mode forward (mmdetection's denoising queries injected) against mmdetection's recorded head outputs
+    and loss terms: identical encoder top-k, denoising and matching parts of every layer, every loss term."""
+    assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
+    scores, boxes = head["all_layers_cls_scores"], head["all_layers_bbox_preds"]
+    torch.testing.assert_close(out.dn_logits, scores[:, :, :num_dn], atol=logits_atol, rtol=0)
+    torch.testing.assert_close(out.intermediate_logits, scores[:, :, num_dn:], atol=logits_atol, rtol=0)
+    torch.testing.assert_close(out.dn_pred_boxes, boxes[:, :, :num_dn], atol=boxes_atol, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, boxes[:, :, num_dn:], atol=boxes_atol, rtol=0)
+    assert set(out.loss_dict) == set(losses)
+    for name, value in losses.items():
+        assert out.loss_dict[name].item() == pytest.approx(value, rel=loss_rtol), name

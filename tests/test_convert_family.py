@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import FIXTURES, fixture_targets, fixture_weights, tiny_config
+from conftest import assert_train_outputs_match, FIXTURES, fixture_targets, fixture_weights, tiny_config
 
 from align_detr_hf import AlignDetrForObjectDetection
 from align_detr_hf.cli import main as cli
@@ -66,15 +66,7 @@ def test_swin_dino_train_outputs_and_losses_match_mmdetection(swin_model, small_
                          labels=fixture_targets(recorded), denoising_queries=injected)  # fmt: skip
     finally:
         swin_model.eval()
-    num_dn = dn["num_denoising_queries"]
-    assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
-    torch.testing.assert_close(out.dn_logits, head["all_layers_cls_scores"][:, :, :num_dn], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_logits, head["all_layers_cls_scores"][:, :, num_dn:], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.dn_pred_boxes, head["all_layers_bbox_preds"][:, :, :num_dn], atol=BOXES_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, head["all_layers_bbox_preds"][:, :, num_dn:], atol=BOXES_ATOL, rtol=0)
-    assert set(out.loss_dict) == set(recorded["losses"])
-    for name, value in recorded["losses"].items():
-        assert out.loss_dict[name].item() == pytest.approx(value, rel=LOSS_RTOL), name
+    assert_train_outputs_match(out, head, dn["num_denoising_queries"], recorded["losses"], LOGITS_ATOL, BOXES_ATOL, LOSS_RTOL)
 
 
 def test_plain_conversion_of_mmdetections_dino_r50_matches_its_eval_outputs(small_inputs):

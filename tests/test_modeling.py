@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import fixture_targets, tiny_config
+from conftest import assert_train_outputs_match, fixture_targets, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
 
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor, AlignDetrModel
@@ -94,15 +94,7 @@ def test_train_forward_matches_mmdet_head_outputs_and_loss(small_model, small_in
         )
     finally:
         small_model.eval()
-    num_dn = dn["num_denoising_queries"]
-    assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
-    torch.testing.assert_close(out.dn_logits, head["all_layers_cls_scores"][:, :, :num_dn], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_logits, head["all_layers_cls_scores"][:, :, num_dn:], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.dn_pred_boxes, head["all_layers_bbox_preds"][:, :, :num_dn], atol=BOXES_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, head["all_layers_bbox_preds"][:, :, num_dn:], atol=BOXES_ATOL, rtol=0)
-    assert set(out.loss_dict) == set(small_losses["losses"])
-    for name, value in small_losses["losses"].items():
-        assert out.loss_dict[name].item() == pytest.approx(value, rel=1e-4), name
+    assert_train_outputs_match(out, head, dn["num_denoising_queries"], small_losses["losses"], LOGITS_ATOL, BOXES_ATOL, 1e-4)
     assert out.loss.item() == pytest.approx(small_losses["total_loss"], rel=1e-5)
 
 
