@@ -168,8 +168,9 @@ def test_exported_program_equals_eager(small_exports, small_model):
     with torch.no_grad():
         exported = module(pixel_values, pixel_mask, sizes)
     for got, want in zip(exported, expected):
-        # measured: bit-identical (same kernels, same order)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        # measured: max diff ~3e-6 in logits, relative ~4e-7 in pixel boxes (eager samples with the CPU gather, the program with the grid_sample reference:
+        # the same maths in another summation order)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
 def test_onnx_graph_is_standard_ops_with_named_dynamic_axes(small_exports):

@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention: the PyTorch reference, the Triton kernel and its dispatch, torch.compile.
+"""Multi-scale deformable attention: the PyTorch reference, the CPU gather, the Triton kernel and their dispatch,
+torch.compile.
 
 The Triton kernels are checked on CPU by Triton's interpreter: `test_triton_kernels_in_interpreter` re-runs this
 file's `interpret`-marked tests in a subprocess with `TRITON_INTERPRET=1` set before triton is imported (those
@@ -17,11 +18,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from align_detr_hf import ms_deform_attn_gather
 from align_detr_hf.ms_deform_attn import (
     implementation_for,
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_pytorch,
 )
+from align_detr_hf.ms_deform_attn_gather import multi_scale_deformable_attention_gather
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -112,15 +115,68 @@ def test_pytorch_reference_gradients_are_correct():
     )
 
 
-def test_dispatch_uses_pytorch_on_cpu():
+@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
+def test_gather_matches_point_by_point_sampling(shapes):
+    value, locations, weights = make_inputs(shapes, queries=4, dtype=torch.float64)
+    locations = special_locations(locations.double(), shapes)
+    expected = naive_reference(value, shapes, locations, weights)
+    got = multi_scale_deformable_attention_gather(value, shapes, locations, weights)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+def test_gather_float64_indices_for_big_tables(monkeypatch):
+    """Above FLOAT32_EXACT_LIMIT table rows the indices are built in float64: same result."""
+    shapes = SHAPE_SETS["four_levels_with_1x1"]
+    value, locations, weights = make_inputs(shapes, queries=9)
+    locations = special_locations(locations, shapes)
+    expected = multi_scale_deformable_attention_gather(value, shapes, locations, weights)
+    monkeypatch.setattr(ms_deform_attn_gather, "FLOAT32_EXACT_LIMIT", 8)
+    torch.testing.assert_close(multi_scale_deformable_attention_gather(value, shapes, locations, weights), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gather_half_precision_on_cpu(dtype):
     shapes = SHAPE_SETS["three_levels"]
     value, locations, weights = make_inputs(shapes)
-    if os.environ.get("ALIGN_DETR_MSDA_IMPL") != "triton":
+    expected = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
+    got = multi_scale_deformable_attention_gather(value.to(dtype), shapes, locations.to(dtype), weights.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_dispatch_on_cpu_gather_without_autograd_reference_with_it():
+    shapes = SHAPE_SETS["three_levels"]
+    value, locations, weights = make_inputs(shapes)
+    reference = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
+    forced = os.environ.get("ALIGN_DETR_MSDA_IMPL")
+    if forced is None:
+        assert implementation_for(value) == "gather"
+        with torch.inference_mode():
+            assert implementation_for(value) == "gather"
+        assert implementation_for(value.clone().requires_grad_()) == "pytorch"  # the gather's backward is slower
+        with torch.no_grad():
+            assert implementation_for(value.clone().requires_grad_()) == "gather"
+    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights), reference)
+    inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    out = multi_scale_deformable_attention(inputs[0], shapes, inputs[1], inputs[2])
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out, reference)
+
+
+def test_dispatch_never_gathers_when_exporting_compiling_or_forced(monkeypatch):
+    from align_detr_hf import ms_deform_attn
+
+    value, _, _ = make_inputs(SHAPE_SETS["three_levels"])
+    monkeypatch.setattr(ms_deform_attn, "_FORCED_IMPL", None)
+    assert implementation_for(value) == "gather"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_exporting", lambda: True)
         assert implementation_for(value) == "pytorch"
-    torch.testing.assert_close(
-        multi_scale_deformable_attention(value, shapes, locations, weights),
-        multi_scale_deformable_attention_pytorch(value, shapes, locations, weights),
-    )
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert implementation_for(value) == "pytorch"
+    monkeypatch.setattr(ms_deform_attn, "_FORCED_IMPL", "pytorch")  # ALIGN_DETR_MSDA_IMPL=pytorch
+    assert implementation_for(value) == "pytorch"
 
 
 def test_package_imports_without_triton():
@@ -177,13 +233,13 @@ def test_kernel_failing_on_first_call_warns_once_and_falls_back(pretend_kernel_a
     with pytest.warns(RuntimeWarning, match="failed on its first call.*PTX version.*using the PyTorch path"):
         first = multi_scale_deformable_attention(value, shapes, locations, weights)
     torch.testing.assert_close(first, expected, atol=0, rtol=0)
-    assert implementation_for(value) == "pytorch"
+    assert implementation_for(value) == "gather"  # the CPU path without the kernel (these inputs need no grad)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise here
         second = multi_scale_deformable_attention(value, shapes, locations, weights)
-    torch.testing.assert_close(second, expected, atol=0, rtol=0)
+    torch.testing.assert_close(second, expected)
     assert len(calls) == 1  # the broken kernel is not retried
 
 
@@ -238,11 +294,11 @@ def test_runtime_switch_and_export_keep_the_kernel_out(pretend_kernel_applies, m
     reference = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
     assert implementation_for(value) == "triton"
     with ms_deform_attn.custom_kernels_disabled():
-        assert implementation_for(value) == "pytorch"
+        assert implementation_for(value) == "gather"  # the CPU path without the kernel
         torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights), reference)
     assert ms_deform_attn.custom_kernels_enabled()
     ms_deform_attn.set_custom_kernels_enabled(False)
-    assert implementation_for(value) == "pytorch"
+    assert implementation_for(value) == "gather"
     ms_deform_attn.set_custom_kernels_enabled(True)
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # what torch.export / the ONNX exporter set
     assert implementation_for(value) == "pytorch"
