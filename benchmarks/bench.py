@@ -156,6 +156,12 @@ def run_op_case(case):
         def op(v, loc, w):
             return multi_scale_deformable_attention_pytorch(v, shapes, loc, w)
 
+    elif case["impl"] == "ours-gather":
+        from align_detr_hf.ms_deform_attn_gather import multi_scale_deformable_attention_gather
+
+        def op(v, loc, w):
+            return multi_scale_deformable_attention_gather(v, shapes, loc, w)
+
     elif case["impl"] == "ours-triton":
         from align_detr_hf.ms_deform_attn_triton import multi_scale_deformable_attention_triton
 
@@ -235,18 +241,27 @@ def ratio(a, b, key="median_s"):
     return f"{a[key] / b[key]:.2f}x"
 
 
+TRAIN_MODELS = ("ours", "ours-frozen-backbone", "ours-frozen-backbone-no-dn", "theirs")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    parser.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
+                        help="inference input size, repeatable (default: 512 640 and 800 1333)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="inference batch sizes")
-    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--train-case", type=int, nargs=3, action="append", metavar=("H", "W", "BATCH"),
+                        help="training-step case, repeatable (default: 512 640 1, 512 640 8, 800 1333 1)")
+    parser.add_argument("--train-models", nargs="+", default=list(TRAIN_MODELS), choices=TRAIN_MODELS)
     parser.add_argument("--op-batch", type=int, default=2)
     parser.add_argument("--op-queries", type=int, default=0, help="0: as many queries as values (encoder)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     parser.add_argument("--gpu-dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions on CPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per round on CPU")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="ours and theirs alternate this many times per case, each in a fresh process; the "
+                             "timed repetitions of all rounds are pooled")
     parser.add_argument("--gpu-warmup", type=int, default=3)
     parser.add_argument("--gpu-repeats", type=int, default=20)
     parser.add_argument("--skip", nargs="*", default=[], choices=["infer", "train", "op"])
@@ -255,51 +270,73 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    args.size = args.size or [[512, 640], [800, 1333]]
+    args.train_case = args.train_case or [[512, 640, 1], [512, 640, 8], [800, 1333, 1]]
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    height, width = args.size
     started = time.perf_counter()
     rows = {"infer": [], "train": [], "op": []}
     for device in devices:
         dtypes = ["fp32"] if device == "cpu" else args.gpu_dtypes
         warmup, repeats = (args.warmup, args.repeats) if device == "cpu" else (args.gpu_warmup, args.gpu_repeats)
-        base = {"device": device, "height": height, "width": width, "warmup": warmup, "repeats": repeats}
+        base = {"device": device, "warmup": warmup, "repeats": repeats}
         for dtype in dtypes:
             if "infer" not in args.skip:
-                for batch in args.batch:
-                    pair = {}
-                    for model in ("ours", "theirs"):
-                        case = {**base, "kind": "infer", "model": model, "dtype": dtype, "batch": batch}
-                        pair[model] = run_worker(case, args.timeout)
-                        print(f"infer {device} {dtype} b{batch} {model}: {ms(pair[model])} ms", flush=True)
-                    rows["infer"].append((device, dtype, batch, pair))
+                for height, width in args.size:
+                    for batch in args.batch:
+                        case = {**base, "kind": "infer", "dtype": dtype, "batch": batch, "height": height,
+                                "width": width}
+                        pair = run_alternating(case, ("ours", "theirs"), args.rounds, args.timeout)
+                        rows["infer"].append((device, dtype, f"{height}x{width}", batch, pair))
             if "train" not in args.skip:
-                pair = {}
-                for model in ("ours", "ours-frozen-backbone", "ours-frozen-backbone-no-dn", "theirs"):
-                    case = {**base, "kind": "train", "model": model, "dtype": dtype, "batch": args.train_batch}
-                    pair[model] = run_worker(case, args.timeout)
-                    print(f"train {device} {dtype} b{args.train_batch} {model}: {ms(pair[model])} ms", flush=True)
-                rows["train"].append((device, dtype, args.train_batch, pair))
+                for height, width, batch in args.train_case:
+                    case = {**base, "kind": "train", "dtype": dtype, "batch": batch, "height": height,
+                            "width": width}
+                    pair = run_alternating(case, args.train_models, args.rounds, args.timeout)
+                    rows["train"].append((device, dtype, f"{height}x{width}", batch, pair))
             if "op" not in args.skip:
-                impls = ["ours-pytorch", "transformers-pytorch"]
+                height, width = args.size[0]
+                impls = ["ours-pytorch", "ours-gather", "transformers-pytorch"]
                 if device == "cuda":
-                    impls.insert(0, "ours-triton")
+                    impls = ["ours-triton", "ours-pytorch", "transformers-pytorch"]
                 for direction in ("forward", "backward"):
                     results = {}
                     for impl in impls:
+                        if impl == "ours-gather" and direction == "backward":
+                            continue  # the gather serves calls without autograd only
                         case = {**base, "kind": "op", "impl": impl, "dtype": dtype, "direction": direction,
-                                "batch": args.op_batch, "queries": args.op_queries}
+                                "batch": args.op_batch, "queries": args.op_queries, "height": height, "width": width}
                         results[impl] = run_worker(case, args.timeout)
                         print(f"op {device} {dtype} {direction} {impl}: {ms(results[impl])} ms", flush=True)
-                    rows["op"].append((device, dtype, direction, results))
+                    rows["op"].append((device, dtype, f"{height}x{width}", direction, results))
     total = time.perf_counter() - started
     common.write_section("bench", render(args, devices, rows, total), args.output)
     print(f"wrote {args.output} ({total:.0f}s)")
 
 
+def run_alternating(case, models, rounds, timeout) -> dict:
+    """Each model `rounds` times, alternating (A B A B ...), each run a fresh worker; timings pooled."""
+    results = {model: [] for model in models}
+    for _ in range(rounds):
+        for model in models:
+            result = run_worker({**case, "model": model}, timeout)
+            results[model].append(result)
+            label = f"{case['kind']} {case['device']} {case['dtype']} {case['height']}x{case['width']} b{case['batch']}"
+            print(f"{label} {model}: {ms(result)} ms", flush=True)
+    pooled = {}
+    for model, runs in results.items():
+        good = [r for r in runs if "error" not in r]
+        if len(good) < len(runs):
+            pooled[model] = next(r for r in runs if "error" in r)
+            continue
+        times = [t for r in good for t in r["times_s"]]
+        pooled[model] = {**good[0], **common.summary(times), "peak_bytes": max(r["peak_bytes"] for r in good)}
+    return pooled
+
+
 def render(args, devices, rows, total):
     info = common.machine_info()
-    height, width = args.size
+    sizes = ", ".join(f"{h}x{w}" for h, w in args.size)
     lines = [
         "# Benchmarks",
         "",
@@ -317,9 +354,10 @@ def render(args, devices, rows, total):
         "",
         f"    {common.command_line()}",
         "",
-        f"Total wall time {total:.0f} s. Devices: {', '.join(devices)}. Input {height}x{width}, random pixels, "
-        f"full pixel mask. CPU: {args.warmup} warm-up + {args.repeats} timed repetitions; GPU: {args.gpu_warmup} "
-        f"+ {args.gpu_repeats}.",
+        f"Total wall time {total:.0f} s. Devices: {', '.join(devices)}. Random pixels, full pixel mask. CPU: "
+        f"{args.warmup} warm-up + {args.repeats} timed repetitions per round, {args.rounds} round(s) in which the "
+        f"models alternate, each run a fresh process, repetitions pooled; GPU: {args.gpu_warmup} + "
+        f"{args.gpu_repeats}. Inference sizes {sizes}.",
         "",
         "## Models",
         "",
@@ -334,15 +372,16 @@ def render(args, devices, rows, total):
         lines += [
             "## Inference (eval mode, `torch.inference_mode`, no loss)",
             "",
-            "| device | dtype | batch | ours ms | theirs ms | ours/theirs time | ours img/s | theirs img/s "
+            "| device | dtype | input | batch | ours ms | theirs ms | ours/theirs time | ours img/s | theirs img/s "
             "| ours peak MiB | theirs peak MiB | ours/theirs memory |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for device, dtype, batch, pair in rows["infer"]:
+        for device, dtype, size, batch, pair in rows["infer"]:
             ours, theirs = pair["ours"], pair["theirs"]
             tput = lambda r: f"{batch / r['median_s']:.2f}" if "median_s" in r else "error"  # noqa: E731
             lines.append(
-                f"| {device} | {dtype} | {batch} | {ms(ours)} | {ms(theirs)} | {ratio(ours, theirs)} | {tput(ours)} "
+                f"| {device} | {dtype} | {size} | {batch} | {ms(ours)} | {ms(theirs)} | {ratio(ours, theirs)} "
+                f"| {tput(ours)} "
                 f"| {tput(theirs)} | {mib(ours.get('peak_bytes', 0))} | {mib(theirs.get('peak_bytes', 0))} "
                 f"| {ratio(ours, theirs, 'peak_bytes')} |"
             )
@@ -355,25 +394,26 @@ def render(args, devices, rows, total):
             "+ encoder proposals; theirs Hungarian matching and focal/L1/GIoU loss on 6 layers + the two-stage "
             "proposals. 6 boxes per image. bf16 rows use autocast.",
             "",
-            "| device | dtype | batch | ours ms | theirs ms | ours/theirs time | ours peak MiB | theirs peak MiB "
-            "| ours/theirs memory | trainable params ours / theirs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| device | dtype | input | batch | ours ms | theirs ms | ours/theirs time | ours peak MiB "
+            "| theirs peak MiB | ours/theirs memory | trainable params ours / theirs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for device, dtype, batch, pair in rows["train"]:
-            for variant in ("ours", "ours-frozen-backbone", "ours-frozen-backbone-no-dn"):
+        for device, dtype, size, batch, pair in rows["train"]:
+            for variant in [name for name in pair if name != "theirs"]:
                 ours, theirs = pair[variant], pair["theirs"]
                 lines.append(
-                    f"| {device} | {dtype} | {batch} | {variant}: {ms(ours)} | {ms(theirs)} | {ratio(ours, theirs)} "
+                    f"| {device} | {dtype} | {size} | {batch} | {variant}: {ms(ours)} | {ms(theirs)} "
+                    f"| {ratio(ours, theirs)} "
                     f"| {mib(ours.get('peak_bytes', 0))} | {mib(theirs.get('peak_bytes', 0))} "
                     f"| {ratio(ours, theirs, 'peak_bytes')} | {ours.get('params', 0) / 1e6:.1f}M / "
                     f"{theirs.get('params', 0) / 1e6:.1f}M |"
                 )
         lines.append("")
         lines += ["### Host synchronisations in our loss (one training step)", ""]
-        for device, dtype, batch, pair in rows["train"]:
-            syncs = pair["ours"].get("syncs")
+        for device, dtype, size, batch, pair in rows["train"]:
+            syncs = next((r.get("syncs") for name, r in pair.items() if name.startswith("ours")), None)
             if syncs is not None:
-                lines.append(f"- {device} {dtype}: {json.dumps(syncs)}")
+                lines.append(f"- {device} {dtype} {size} batch {batch}: {json.dumps(syncs)}")
         lines += [
             "",
             "`sync_like_calls` counts, by name, the calls inside `AlignDetrLoss.forward` that would synchronise "
@@ -391,7 +431,7 @@ def render(args, devices, rows, total):
             "| device | dtype | direction | implementation | ms | vs ours-pytorch | peak MiB |",
             "|---|---|---|---|---|---|---|",
         ]
-        for device, dtype, direction, results in rows["op"]:
+        for device, dtype, size, direction, results in rows["op"]:
             reference = results.get("ours-pytorch", {})
             for impl, result in results.items():
                 op_shapes = op_shapes or (result.get("shapes"), result.get("queries"))
@@ -402,18 +442,19 @@ def render(args, devices, rows, total):
         lines += [
             "",
             f"Shapes: batch {args.op_batch}, 8 heads x 32 channels, 4 points, levels {op_shapes[0] if op_shapes else '?'}"
-            f" (the encoder's at {height}x{width}), {op_shapes[1] if op_shapes else '?'} queries. 'backward' is "
-            "forward + backward w.r.t. value, locations and weights. transformers-pytorch is "
-            "`MultiScaleDeformableAttention` of transformers' Deformable DETR (its pure-PyTorch path). "
+            f" (the encoder's at {args.size[0][0]}x{args.size[0][1]}), {op_shapes[1] if op_shapes else '?'} queries. "
+            "'backward' is forward + backward w.r.t. value, locations and weights. transformers-pytorch is "
+            "`MultiScaleDeformableAttention` of transformers' Deformable DETR (its pure-PyTorch path). ours-gather "
+            "is `ms_deform_attn_gather.py`, which the model uses on CPU for calls without autograd (inference). "
             "ours-pytorch rows in bf16 cast the locations to bf16 (grid_sample needs one dtype); ours-triton keeps "
             "them float32.",
             "",
         ]
     errors = [
-        (kind, row[:3], name, result["error"])
+        (kind, row[:4], name, result["error"])
         for kind in rows
         for row in rows[kind]
-        for name, result in row[3].items()
+        for name, result in row[4].items()
         if "error" in result
     ]
     if errors:
