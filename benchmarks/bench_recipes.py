@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=float, default=0.05, help="allowed |mAP - demo mAP| (absolute)")
     p.add_argument("--output_dir", default="/tmp/bench_recipes")
     p.add_argument("--no_write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--report_only", action="store_true",
+                   help="no training: rewrite the table from OUTPUT_DIR/results.json of an earlier run")
     return p.parse_args(argv)
 
 
@@ -78,10 +80,12 @@ def model_dir(job: str, out: Path) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     root = Path(args.output_dir)
+    if args.report_only:
+        return rerender(root / "results.json", args.no_write)
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "TOKENIZERS_PARALLELISM": "false"}
-    running, results = {}, {}
+    running, results, finished = {}, {}, {}
     for job in args.jobs:
         out = root / job
         cmd = job_command(job, args, out)
@@ -91,6 +95,7 @@ def main(argv=None):
                         time.perf_counter(), cmd, log)
         if args.sequential:
             running[job][0].wait()
+            finished[job] = time.perf_counter()
     while len(results) < len(running):
         for job, (proc, start, cmd, log) in running.items():
             if job in results or proc.poll() is None:
@@ -98,7 +103,8 @@ def main(argv=None):
             log.close()
             shown = ["python" if c == sys.executable else os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c
                      for c in cmd]
-            results[job] = {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
+            wall = finished.get(job, time.perf_counter()) - start
+            results[job] = {"returncode": proc.returncode, "wall_s": round(wall, 1),
                             "command": " ".join(shown)}
             print(f"[bench_recipes] {job} finished (rc {proc.returncode}, {results[job]['wall_s']:.0f}s)", flush=True)
             if proc.returncode != 0:
@@ -124,39 +130,57 @@ def main(argv=None):
         model = AlignDetrForObjectDetection.from_pretrained(path)
         result["metrics"] = evaluate_model(model, loader, val_set.coco_ground_truth())
         print(f"[bench_recipes] {job}: mAP {result['metrics']['map']:.3f}", flush=True)
-    (root / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    text = report(args, results, len(val_set))
+    (root / "results.json").write_text(json.dumps(
+        {"args": vars(args), "results": results, "num_val": len(val_set), "command": common.command_line()}, indent=2
+    ))
+    text = report(args, results, len(val_set), common.command_line())
     print(text)
     if not args.no_write:
         common.write_section("recipes", text)
     return results
 
 
-def report(args, results: dict, num_val: int) -> str:
+def rerender(path: Path, no_write: bool) -> dict:
+    saved = json.loads(path.read_text())
+    args = argparse.Namespace(**saved["args"])
+    defaults = vars(parse_args([]))
+    flags = [f"--{k}" if v is True else f"--{k} {v}" for k, v in saved["args"].items()
+             if v != defaults.get(k) and k not in ("report_only", "no_write") and v is not False]
+    command = saved.get("command") or " ".join(["python benchmarks/bench_recipes.py", *flags])
+    command += "; the table re-rendered from its results.json with --report_only"
+    # the demo's validation set has 100 images (results.json of older runs did not record it)
+    text = report(args, saved["results"], saved.get("num_val", 100), command)
+    print(text)
+    if not no_write:
+        common.write_section("recipes", text)
+    return saved["results"]
+
+
+def report(args, results: dict, num_val: int, command: str) -> str:
     demo_map = results.get("demo", {}).get("metrics", {}).get("map")
     lines = [
         "## Recipes: the example scripts from scratch vs the CPU demo",
         "",
-        f"Written by `benchmarks/bench_recipes.py` ({common.command_line()}). Same data for all: "
+        f"Written by `benchmarks/bench_recipes.py` ({command}). Same data for all: "
         f"{args.num_train_images} generated train images of {args.image_size} px (3 shape classes, seed {args.seed}), "
         f"{args.steps} optimisation steps (the demo's default is {FROM_SCRATCH.max_train_steps}), each job's default "
         f"recipe (the scripts choose `from_scratch`), {args.threads} torch thread(s) per job, jobs run "
-        f"{'one at a time' if args.sequential else 'concurrently'} on a shared machine (wall times are not speeds). "
+        f"{'one at a time' if args.sequential else 'concurrently'} on a shared machine. "
         f"All final models evaluated by the same code on the demo's {num_val} validation images (COCO mAP, "
         f"maxDets 100). Margin: |mAP - demo mAP| <= {args.margin}.",
         "",
-        "| job | mAP | AP50 | AP75 | mAP - demo | within margin | wall (s) | command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| job | mAP | AP50 | AP75 | mAP - demo | within margin | command |",
+        "|---|---|---|---|---|---|---|",
     ]
     for job, r in results.items():
         m = r.get("metrics")
         if m is None:
-            lines.append(f"| {job} | failed (rc {r['returncode']}) | | | | | {r['wall_s']:.0f} | `{r['command']}` |")
+            lines.append(f"| {job} | failed (rc {r['returncode']}) | | | | | `{r['command']}` |")
             continue
         delta = "" if demo_map is None else f"{m['map'] - demo_map:+.3f}"
         within = "" if demo_map is None else ("yes" if abs(m["map"] - demo_map) <= args.margin else "**no**")
         lines.append(f"| {job} | {m['map']:.3f} | {m['map_50']:.3f} | {m['map_75']:.3f} | {delta} | {within} | "
-                     f"{r['wall_s']:.0f} | `{r['command']}` |")
+                     f"`{r['command']}` |")
     info = common.machine_info()
     lines += ["", f"Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}, transformers "
                   f"{info['transformers']}, commit {info['git_commit']}."]
