@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 
-def profile_model(name, mode, batch, height, width, top, sort_by):
+def profile_model(name, mode, batch, height, width, top, sort_by, by_shape=False):
     torch.manual_seed(0)
     model = common.build_model(name)
     pixels, mask, labels = common.make_batch(batch, height, width, "cpu")
@@ -42,16 +42,20 @@ def profile_model(name, mode, batch, height, width, top, sort_by):
 
     step()  # warm-up
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
         step()
     wall = time.perf_counter() - start
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=60)
+    averages = prof.key_averages(group_by_input_shape=by_shape)
+    table = averages.table(sort_by=sort_by, row_limit=top, max_name_column_width=60, max_shapes_column_width=70)
     return wall, table
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["ours"], choices=["ours", "theirs"])
+    parser.add_argument("--models", nargs="+", default=["ours"],
+                        choices=["ours", "ours-frozen-backbone", "ours-frozen-backbone-no-dn", "theirs"])
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument("--by-shape", action="store_true", help="one row per op and input shapes")
     parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     parser.add_argument("--infer-batch", type=int, default=1)
     parser.add_argument("--train-batch", type=int, default=2)
@@ -74,7 +78,9 @@ def main():
     ]
     for name in args.models:
         for mode, batch in (("infer", args.infer_batch), ("train", args.train_batch)):
-            wall, table = profile_model(name, mode, batch, height, width, args.top, args.sort_by)
+            if mode not in args.modes:
+                continue
+            wall, table = profile_model(name, mode, batch, height, width, args.top, args.sort_by, args.by_shape)
             print(f"{name} {mode} b{batch}: {wall:.2f}s under the profiler", flush=True)
             lines += [f"## {name}, {mode}, batch {batch}, {height}x{width} ({wall:.2f} s under the profiler)", "",
                       "```", table, "```", ""]
