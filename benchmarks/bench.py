@@ -310,7 +310,10 @@ def main():
                         print(f"op {device} {dtype} {direction} {impl}: {ms(results[impl])} ms", flush=True)
                     rows["op"].append((device, dtype, f"{height}x{width}", direction, results))
     total = time.perf_counter() - started
-    common.write_section("bench", render(args, devices, rows, total), args.output)
+    if rows["infer"] or rows["op"]:
+        common.write_section("bench", render(args, devices, rows, total), args.output)
+    if rows["train"]:
+        common.write_section("bench-train", render_train(args, rows, total), args.output)
     print(f"wrote {args.output} ({total:.0f}s)")
 
 
@@ -386,43 +389,6 @@ def render(args, devices, rows, total):
                 f"| {ratio(ours, theirs, 'peak_bytes')} |"
             )
         lines.append("")
-    if rows["train"]:
-        lines += [
-            "## Training step (train mode: forward with labels + loss + backward + AdamW step)",
-            "",
-            "Ours includes contrastive denoising (100 queries) and Align-DETR's matching/loss on 6 decoder layers "
-            "+ encoder proposals; theirs Hungarian matching and focal/L1/GIoU loss on 6 layers + the two-stage "
-            "proposals. 6 boxes per image. bf16 rows use autocast.",
-            "",
-            "| device | dtype | input | batch | ours ms | theirs ms | ours/theirs time | ours peak MiB "
-            "| theirs peak MiB | ours/theirs memory | trainable params ours / theirs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for device, dtype, size, batch, pair in rows["train"]:
-            for variant in [name for name in pair if name != "theirs"]:
-                ours, theirs = pair[variant], pair["theirs"]
-                lines.append(
-                    f"| {device} | {dtype} | {size} | {batch} | {variant}: {ms(ours)} | {ms(theirs)} "
-                    f"| {ratio(ours, theirs)} "
-                    f"| {mib(ours.get('peak_bytes', 0))} | {mib(theirs.get('peak_bytes', 0))} "
-                    f"| {ratio(ours, theirs, 'peak_bytes')} | {ours.get('params', 0) / 1e6:.1f}M / "
-                    f"{theirs.get('params', 0) / 1e6:.1f}M |"
-                )
-        lines.append("")
-        lines += ["### Host synchronisations in our loss (one training step)", ""]
-        for device, dtype, size, batch, pair in rows["train"]:
-            syncs = next((r.get("syncs") for name, r in pair.items() if name.startswith("ours")), None)
-            if syncs is not None:
-                lines.append(f"- {device} {dtype} {size} batch {batch}: {json.dumps(syncs)}")
-        lines += [
-            "",
-            "`sync_like_calls` counts, by name, the calls inside `AlignDetrLoss.forward` that would synchronise "
-            "with a GPU (item, tolist, cpu, nonzero, ... through a TorchFunctionMode); on CPU they only mark the "
-            "places (`cpu` on an already-host tensor is free on GPU too; `.to` is counted only from an accelerator to "
-            "the host). `cuda_sync_debug_warnings` (CUDA only) counts the real ones via "
-            "`torch.cuda.set_sync_debug_mode('warn')`.",
-            "",
-        ]
     if rows["op"]:
         op_shapes = None
         lines += [
@@ -468,6 +434,53 @@ def render(args, devices, rows, total):
             "GPU rows (inference fp32/bf16, training step, Triton kernel forward/backward) are pending: no CUDA "
             "device on the machine that wrote this file. On a GPU machine run `python benchmarks/bench.py` (or with "
             "`--devices cuda --size 800 1333`) to add them.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def render_train(args, rows, total) -> str:
+    """The training-step table: its own BENCHMARKS.md section, so inference can be re-measured on its own."""
+    lines = [
+        "## Training step (train mode: forward with labels + loss + backward + AdamW step)",
+        "",
+        f"Written by `benchmarks/bench.py` ({common.command_line()}), {total:.0f} s in all; machine and models as in "
+        f"the section above. {args.warmup} warm-up + {args.repeats} timed steps per round, {args.rounds} round(s).",
+        "",
+    ]
+    if rows["train"]:
+        lines += [
+            "Ours includes contrastive denoising (100 queries) and Align-DETR's matching/loss on 6 decoder layers "
+            "+ encoder proposals; theirs Hungarian matching and focal/L1/GIoU loss on 6 layers + the two-stage "
+            "proposals. 6 boxes per image. bf16 rows use autocast.",
+            "",
+            "| device | dtype | input | batch | ours ms | theirs ms | ours/theirs time | ours peak MiB "
+            "| theirs peak MiB | ours/theirs memory | trainable params ours / theirs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for device, dtype, size, batch, pair in rows["train"]:
+            for variant in [name for name in pair if name != "theirs"]:
+                ours, theirs = pair[variant], pair["theirs"]
+                lines.append(
+                    f"| {device} | {dtype} | {size} | {batch} | {variant}: {ms(ours)} | {ms(theirs)} "
+                    f"| {ratio(ours, theirs)} "
+                    f"| {mib(ours.get('peak_bytes', 0))} | {mib(theirs.get('peak_bytes', 0))} "
+                    f"| {ratio(ours, theirs, 'peak_bytes')} | {ours.get('params', 0) / 1e6:.1f}M / "
+                    f"{theirs.get('params', 0) / 1e6:.1f}M |"
+                )
+        lines.append("")
+        lines += ["### Host synchronisations in our loss (one training step)", ""]
+        for device, dtype, size, batch, pair in rows["train"]:
+            syncs = next((r.get("syncs") for name, r in pair.items() if name.startswith("ours")), None)
+            if syncs is not None:
+                lines.append(f"- {device} {dtype} {size} batch {batch}: {json.dumps(syncs)}")
+        lines += [
+            "",
+            "`sync_like_calls` counts, by name, the calls inside `AlignDetrLoss.forward` that would synchronise "
+            "with a GPU (item, tolist, cpu, nonzero, ... through a TorchFunctionMode); on CPU they only mark the "
+            "places (`cpu` on an already-host tensor is free on GPU too; `.to` is counted only from an accelerator to "
+            "the host). `cuda_sync_debug_warnings` (CUDA only) counts the real ones via "
+            "`torch.cuda.set_sync_debug_mode('warn')`.",
             "",
         ]
     return "\n".join(lines)

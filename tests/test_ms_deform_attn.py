@@ -134,6 +134,20 @@ def test_gather_float64_indices_for_big_tables(monkeypatch):
     torch.testing.assert_close(multi_scale_deformable_attention_gather(value, shapes, locations, weights), expected)
 
 
+def test_gather_non_finite_locations_stay_in_their_query():
+    """A NaN/inf location (from a NaN image) must not index outside the table; the other queries are unaffected."""
+    shapes = SHAPE_SETS["three_levels"]
+    value, locations, weights = make_inputs(shapes)
+    locations[0, 1] = float("nan")
+    locations[1, 2, 0, 0, 0] = torch.tensor([float("inf"), float("-inf")])
+    got = multi_scale_deformable_attention_gather(value, shapes, locations, weights)
+    reference = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
+    assert got[0, 1].isnan().all()
+    clean = torch.ones(got.shape[:2], dtype=torch.bool)
+    clean[0, 1] = clean[1, 2] = False
+    torch.testing.assert_close(got[clean], reference[clean])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gather_half_precision_on_cpu(dtype):
     shapes = SHAPE_SETS["three_levels"]

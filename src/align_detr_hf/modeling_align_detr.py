@@ -1,8 +1,9 @@
 """Align-DETR: DINO-4scale (deformable encoder/decoder, two-stage query selection, contrastive denoising,
 look-forward-twice box refinement) with the Align-DETR training loss, as mmdetection codes it.
 
-Reading order: output dataclasses, building blocks, the denoising query generator, encoder, decoder,
-`AlignDetrModel`, `AlignDetrForObjectDetection`. Module names follow transformers' DETR family; the converter in
+Reading order: output dataclasses, building blocks, encoder, decoder, `AlignDetrModel`,
+`AlignDetrForObjectDetection`. The backbone wrapper is in `backbone_align_detr.py`, the denoising query generator in
+`denoising_align_detr.py`. Module names follow transformers' DETR family; the converter in
 `convert_align_detr.py` maps mmdetection's names onto them.
 """
 
@@ -13,13 +14,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoBackbone, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .backbone_align_detr import AlignDetrConvEncoder, AlignDetrFrozenBatchNorm2d  # noqa: F401 (public here too)
+from .box_ops import inverse_sigmoid
 from .configuration_align_detr import AlignDetrConfig
+from .denoising_align_detr import AlignDetrDenoisingQueries, build_denoising_queries
 from .loss_align_detr import validate_labels
 from .loss_dino import build_loss
 from .ms_deform_attn import multi_scale_deformable_attention
@@ -137,124 +140,9 @@ AlignDetrConfig.keys_to_ignore_at_inference = [
 ]
 
 
-@dataclass
-class AlignDetrDenoisingQueries:
-    """Contrastive denoising queries for one batch (training only).
-
-    Args:
-        label_query (`(B, D, d_model)`): content queries, the label embedding of noisy labels (zeros = padding).
-        box_query_unact (`(B, D, 4)`): inverse-sigmoid noisy cxcywh boxes (zeros = padding, i.e. a centred box).
-        attn_mask (`(D + Q, D + Q)` bool): True where a query may not attend (matching -> denoising, across groups).
-        num_groups (`int`): G. Group g holds queries [2Mg, 2M(g+1)): M positives, then M negatives.
-        max_gt (`int`): M, the most ground-truth boxes of one image in the batch.
-    """
-
-    label_query: torch.Tensor
-    box_query_unact: torch.Tensor
-    attn_mask: torch.Tensor
-    num_groups: int
-    max_gt: int
-
-    @property
-    def num_queries(self) -> int:
-        return self.label_query.shape[1]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class AlignDetrFrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters, all buffers (never trained, never updated)."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)  # present in BatchNorm checkpoints, meaningless here
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])  # one pass over x
-
-
-def _freeze_batch_norms(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, AlignDetrFrozenBatchNorm2d(child.num_features, child.eps))
-        else:
-            _freeze_batch_norms(child)
-
-
-def _staged_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], list[nn.Module]]:
-    # ResNet names its stem `embedder`, ConvNeXt `embeddings`; both keep their stages in `encoder.stages`
-    stem = backbone.embedder if hasattr(backbone, "embedder") else backbone.embeddings
-    return stem, [[stage] for stage in backbone.encoder.stages], []
-
-
-def _swin_parts(backbone: nn.Module) -> tuple[nn.Module, list[list[nn.Module]], list[nn.Module]]:
-    # as mmdetection's SwinTransformer: a frozen stage freezes its output norm too; SwinModel's final LayerNorm
-    # feeds no feature map, so it never trains (and leaves no unused parameter for DistributedDataParallel)
-    norms = backbone.hidden_states_norms
-    stages = [
-        [layer] + ([norms[f"stage{i + 1}"]] if f"stage{i + 1}" in norms else [])
-        for i, layer in enumerate(backbone.swin.encoder.layers)
-    ]
-    return backbone.swin.embeddings, stages, [backbone.swin.layernorm]
-
-
-# per backbone model type: (stem, modules of each stage, modules that never train)
-_BACKBONE_PARTS = {"resnet": _staged_parts, "convnext": _staged_parts, "convnextv2": _staged_parts, "swin": _swin_parts}
-
-
-class AlignDetrConvEncoder(nn.Module):
-    """Any `AutoBackbone` with frozen BatchNorms and mmdetection's `frozen_stages` policy.
-
-    `config.freeze_backbone_stages` = -1 trains everything, 0 freezes the stem, k the stem and the first k stages
-    (`requires_grad=False`). Which modules are the stem and the stages is known per backbone type (`_BACKBONE_PARTS`);
-    freezing any other type raises instead of silently training it.
-    """
-
-    def __init__(self, config: AlignDetrConfig):
-        super().__init__()
-        self.model = AutoBackbone.from_config(config.backbone_config)
-        _freeze_batch_norms(self.model)
-        self.model_type, self.frozen_stages = config.backbone_config.model_type, config.freeze_backbone_stages
-        self.freeze()
-        self.channels = [
-            self.model.num_features[self.model.stage_names.index(name)] for name in config.backbone_config.out_features
-        ]
-
-    def freeze(self) -> None:
-        """Set `requires_grad=False` on the frozen parts (again after `from_pretrained`, which re-creates them)."""
-        model_type, num_stages = self.model_type, self.frozen_stages
-        parts = _BACKBONE_PARTS.get(model_type)
-        if parts is None:
-            if num_stages < 0:
-                return
-            raise ValueError(
-                f"freeze_backbone_stages={num_stages} but the stages of a {model_type!r} backbone are not known "
-                f"(known: {sorted(_BACKBONE_PARTS)}); use -1 to train the whole backbone."
-            )
-        stem, stages, never_trained = parts(self.model)
-        if num_stages > len(stages):
-            raise ValueError(f"freeze_backbone_stages={num_stages} but the backbone has {len(stages)} stages.")
-        frozen = list(never_trained)
-        if num_stages >= 0:
-            frozen += [stem] + [module for stage in stages[:num_stages] for module in stage]
-        for module in frozen:
-            module.requires_grad_(False)
-
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(pixel_values).feature_maps)
 
 
 class AlignDetrMLP(nn.Module):
@@ -462,77 +350,6 @@ class AlignDetrDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.encoder_attn_layer_norm(hidden_states + self.dropout(attended))
         ffn = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
         return self.final_layer_norm(hidden_states + self.dropout(ffn)), self_attention, cross_attention
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Contrastive denoising
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def build_denoising_queries(
-    targets: list[dict],
-    label_embedding: nn.Embedding,
-    num_labels: int,
-    num_matching_queries: int,
-    num_denoising_queries: int,
-    label_noise_ratio: float,
-    box_noise_scale: float,
-) -> AlignDetrDenoisingQueries:
-    """DINO's contrastive denoising groups, drawn as mmdetection's `CdnQueryGenerator` draws them.
-
-    With M = the most GT boxes of an image in the batch, there are G = max(1, num_denoising_queries // M) groups of
-    2M queries: a positive copy of every GT (corners jittered by less than half the box size) then a negative one
-    (jittered by 1 to 2 halves). Labels are re-drawn uniformly with probability label_noise_ratio / 2. The random
-    draws happen in mmdetection's order, so the same seed gives the same queries.
-    """
-    device = label_embedding.weight.device
-    batch = len(targets)
-    num_gt = [len(t["class_labels"]) for t in targets]
-    max_gt = max(num_gt, default=0)
-    num_groups = max(1, num_denoising_queries // max_gt) if max_gt > 0 else 1
-    total = 2 * max_gt * num_groups
-    d_model = label_embedding.embedding_dim
-    label_query = torch.zeros(batch, total, d_model, device=device, dtype=label_embedding.weight.dtype)
-    box_query = torch.zeros(batch, total, 4, device=device)
-    if max_gt > 0:
-        # int64 whatever integer type the caller used (int32/uint8 labels would fail in scatter)
-        labels = torch.cat([t["class_labels"] for t in targets]).to(device=device, dtype=torch.long)
-        boxes = box_cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).to(device).float())
-        num_boxes = len(labels)
-
-        labels = labels.repeat(2 * num_groups)
-        if label_noise_ratio > 0:
-            redraw = torch.nonzero(torch.rand_like(labels.float()) < label_noise_ratio * 0.5).view(-1)
-            labels = labels.scatter(0, redraw, torch.randint_like(redraw, 0, num_labels))
-
-        boxes = boxes.repeat(2 * num_groups, 1)
-        if box_noise_scale > 0:
-            positive = torch.arange(num_boxes, device=device)[None] + 2 * num_boxes * torch.arange(
-                num_groups, device=device
-            )[:, None]
-            negative = (positive + num_boxes).flatten()
-            sign = torch.randint_like(boxes, 0, 2, dtype=torch.float32) * 2.0 - 1.0
-            magnitude = torch.rand_like(boxes)
-            magnitude[negative] += 1.0
-            half_wh = box_xyxy_to_cxcywh(boxes)[:, 2:].repeat(1, 2)
-            boxes = (boxes + magnitude * sign * half_wh * box_noise_scale / 2).clamp(0.0, 1.0)
-        boxes_unact = inverse_sigmoid(box_xyxy_to_cxcywh(boxes), eps=1e-3)
-
-        # scatter into (B, 2MG): block r (positive/negative half of a group) starts at r * M, GT j at offset j
-        image_index = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(num_gt)])
-        slot = torch.cat([torch.arange(n, device=device) for n in num_gt])
-        slot = torch.cat([slot + max_gt * block for block in range(2 * num_groups)])
-        image_index = image_index.repeat(2 * num_groups)
-        label_query[image_index, slot] = label_embedding(labels)
-        box_query[image_index, slot] = boxes_unact
-
-    attn_mask = torch.zeros(total + num_matching_queries, total + num_matching_queries, dtype=torch.bool, device=device)
-    attn_mask[total:, :total] = True  # matching queries must not see the answers
-    for group in range(num_groups):
-        start, end = 2 * max_gt * group, 2 * max_gt * (group + 1)
-        attn_mask[start:end, :start] = True
-        attn_mask[start:end, end:total] = True
-    return AlignDetrDenoisingQueries(label_query, box_query, attn_mask, num_groups, max_gt)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,10 @@ def multi_scale_deformable_attention_gather(
         x_low, y_low = x.floor(), y.floor()
     x_frac, y_frac = x - x_low, y - y_low
     with torch.no_grad():
-        rows = _corner_rows(x_low, y_low, widths, heights, level_starts, rows_per_image, num_heads)
+        # a NaN location (a NaN image) must not become a wild index: it reads a border row, and its NaN weight
+        # makes that query's output NaN, as grid_sample's does
+        rows = _corner_rows(x_low.nan_to_num(nan=-2.0), y_low.nan_to_num(nan=-2.0), widths, heights, level_starts,
+                            rows_per_image, num_heads)
     weights_y = ((1 - y_frac) * attention_weights, y_frac * attention_weights)
     weights_x = (1 - x_frac, x_frac)
     corner_weights = torch.stack([wy * wx for wy in weights_y for wx in weights_x]).to(value.dtype)
