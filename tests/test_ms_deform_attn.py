@@ -93,35 +93,29 @@ SHAPE_SETS = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PyTorch reference and dispatch (always run)
+# PyTorch reference, CPU gather and dispatch (always run)
 # ---------------------------------------------------------------------------------------------------------------
 
 
+IMPLEMENTATIONS = {"pytorch": multi_scale_deformable_attention_pytorch, "gather": multi_scale_deformable_attention_gather}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS.values(), ids=IMPLEMENTATIONS.keys())
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-def test_pytorch_reference_matches_point_by_point_sampling(shapes):
+def test_cpu_paths_match_point_by_point_sampling(shapes, implementation):
     value, locations, weights = make_inputs(shapes, queries=4, dtype=torch.float64)
     locations = special_locations(locations.double(), shapes)
     expected = naive_reference(value, shapes, locations, weights)
-    got = multi_scale_deformable_attention_pytorch(value, shapes, locations, weights)
+    got = implementation(value, shapes, locations, weights)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
-def test_pytorch_reference_gradients_are_correct():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS.values(), ids=IMPLEMENTATIONS.keys())
+def test_cpu_paths_gradients_are_correct(implementation):
     shapes = SHAPE_SETS["three_levels"]
     value, locations, weights = make_inputs(shapes, batch=1, queries=3, points=2, dtype=torch.float64)
     inputs = (value.requires_grad_(), locations.double().requires_grad_(), weights.requires_grad_())
-    assert torch.autograd.gradcheck(
-        lambda v, loc, w: multi_scale_deformable_attention_pytorch(v, shapes, loc, w), inputs
-    )
-
-
-@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
-def test_gather_matches_point_by_point_sampling(shapes):
-    value, locations, weights = make_inputs(shapes, queries=4, dtype=torch.float64)
-    locations = special_locations(locations.double(), shapes)
-    expected = naive_reference(value, shapes, locations, weights)
-    got = multi_scale_deformable_attention_gather(value, shapes, locations, weights)
-    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda v, loc, w: implementation(v, shapes, loc, w), inputs)
 
 
 def test_gather_float64_indices_for_big_tables(monkeypatch):
