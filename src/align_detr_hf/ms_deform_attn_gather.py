@@ -9,8 +9,11 @@ gathered and summed by `embedding_bag` without any intermediate tensor; the four
 Out-of-map corners: every level is stored with a one-cell zero border, so a corner outside the map is clamped onto
 the border and reads zeros, exactly grid_sample's `padding_mode="zeros"`.
 
-Indices are built in floating point (float32 below 2**24 rows, float64 above or for float64 values) from tensors whose inner dimension is
-`levels * points`, which keeps every elementwise op vectorised.
+Indices are built in floating point (float32 below 2**24 table rows, float64 above or for float64 values) from
+tensors whose inner dimension is `levels * points`, which keeps every elementwise op vectorised.
+
+It is differentiable, but its backward (embedding_bag's scatter) is not faster than grid_sample's on CPU, so
+`ms_deform_attn.py` sends it only calls that need no gradient.
 """
 
 import torch
