@@ -115,6 +115,22 @@ def trained(tmp_path_factory):
     return trainer, out, final
 
 
+def test_auto_model_loads_the_base_model_from_a_detection_folder(tmp_path):
+    """As with transformers' own DETRs: AutoModel on a detection checkpoint gives the base model, same weights."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AlignDetrForObjectDetection(tiny_config())
+    model.save_pretrained(tmp_path / "head")
+    base = AutoModel.from_pretrained(tmp_path / "head", trust_remote_code=True)
+    assert type(base).__name__ == "AlignDetrModel"
+    expected = model.model.state_dict()
+    got = base.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=0, rtol=0, msg=name)
+
+
 def test_every_save_writes_auto_map_and_code(tmp_path):
     torch.manual_seed(0)
     model = AlignDetrForObjectDetection(tiny_config())
@@ -123,6 +139,7 @@ def test_every_save_writes_auto_map_and_code(tmp_path):
     AlignDetrImageProcessor().save_pretrained(tmp_path / "head")
     head = json.loads((tmp_path / "head" / "config.json").read_text())["auto_map"]
     assert head == {"AutoConfig": "configuration_align_detr.AlignDetrConfig",
+                    "AutoModel": "modeling_align_detr.AlignDetrModel",
                     "AutoModelForObjectDetection": "modeling_align_detr.AlignDetrForObjectDetection"}
     base = json.loads((tmp_path / "base" / "config.json").read_text())["auto_map"]
     assert base["AutoModel"] == "modeling_align_detr.AlignDetrModel"

@@ -951,6 +951,13 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
         else:
             super().__setattr__(name, value)
 
+    def save_pretrained(self, *args, **kwargs):
+        if self._auto_class is not None:  # remote code (see hub.py): AutoModel then loads the base model from this
+            # folder, as it does from transformers' own detection checkpoints
+            base = f"{AlignDetrModel.__module__.rsplit('.', 1)[-1]}.{AlignDetrModel.__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": base}
+        return super().save_pretrained(*args, **kwargs)
+
     def _build_loss(self) -> nn.Module:
         """The loss for `self.config` (`config.loss_type`), built on demand (it holds no tensors, so building it is
         free)."""
