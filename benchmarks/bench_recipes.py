@@ -142,14 +142,8 @@ def main(argv=None):
 
 def rerender(path: Path, no_write: bool) -> dict:
     saved = json.loads(path.read_text())
-    args = argparse.Namespace(**saved["args"])
-    defaults = vars(parse_args([]))
-    flags = [f"--{k}" if v is True else f"--{k} {v}" for k, v in saved["args"].items()
-             if v != defaults.get(k) and k not in ("report_only", "no_write") and v is not False]
-    command = saved.get("command") or " ".join(["python benchmarks/bench_recipes.py", *flags])
-    command += "; the table re-rendered from its results.json with --report_only"
-    # the demo's validation set has 100 images (results.json of older runs did not record it)
-    text = report(args, saved["results"], saved.get("num_val", 100), command)
+    command = saved["command"] + "; the table re-rendered from its results.json with --report_only"
+    text = report(argparse.Namespace(**saved["args"]), saved["results"], saved["num_val"], command)
     print(text)
     if not no_write:
         common.write_section("recipes", text)

@@ -53,6 +53,7 @@ def multi_scale_deformable_attention_gather(
         # makes that query's output NaN, as grid_sample's does
         rows = _corner_rows(x_low.nan_to_num(nan=-2.0), y_low.nan_to_num(nan=-2.0), widths, heights, level_starts,
                             rows_per_image, num_heads)
+        rows = rows.to(torch.int32 if table.shape[0] < 2**31 else torch.int64)
     weights_y = ((1 - y_frac) * attention_weights, y_frac * attention_weights)
     weights_x = (1 - x_frac, x_frac)
     corner_weights = torch.stack([wy * wx for wy in weights_y for wx in weights_x]).to(value.dtype)
@@ -82,7 +83,7 @@ def _bordered_value_table(value: torch.Tensor, spatial_shapes) -> tuple[torch.Te
 
 def _corner_rows(x_low, y_low, widths, heights, level_starts, rows_per_image, num_heads) -> torch.Tensor:
     """Table rows of the four bilinear corners, (4, batch, queries, heads, levels, points): top-left, top-right,
-    bottom-left, bottom-right; integer (int32 when it fits)."""
+    bottom-left, bottom-right, as exact integers in the index dtype."""
     batch, _, _, num_levels, num_points = x_low.shape
     dtype, device = x_low.dtype, x_low.device
     # +1 / +2: the border shifts every cell by one; clamping onto the border reads zeros
@@ -97,4 +98,4 @@ def _corner_rows(x_low, y_low, widths, heights, level_starts, rows_per_image, nu
     rows = torch.empty((4, *x_low.shape), device=device, dtype=dtype)
     for corner, (y_row, x_row) in enumerate((y, x) for y in y_rows for x in x_rows):
         torch.add(y_row, x_row, out=rows[corner])
-    return rows.to(torch.int32 if rows_per_image * batch < 2**31 else torch.int64)
+    return rows
