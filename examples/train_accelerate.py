@@ -13,6 +13,9 @@ Several CPU processes (gloo): `accelerate launch --cpu` starts only one process 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py ...
 Resume after an interruption (exactly: same data order, optimizer/scheduler state and weights):
     ... --resume_from_checkpoint latest     (or a path out/checkpoints/step_000500)
+Run identity (`align_detr_hf.training_run`): `run.json` in the output folder and in each checkpoint. A new run refuses
+a folder holding another run's checkpoints or final model (unless --overwrite_output_dir), rotation deletes only this
+run's checkpoints, `latest` resumes only the folder's run; a non-finite loss stops the run, nothing non-finite is saved.
 
 Recipe (`align_detr_hf.recipes`, printed at start): `--recipe auto` picks `finetune` (the reference: multi-scale
 resize + crop, backbone lr x0.1, frozen stem, filter_empty_gt + min_size 32, 12 epochs, AdamW lr 1e-4) when
@@ -35,9 +38,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -71,8 +71,14 @@ from align_detr_hf.recipes import (
     recipe_for_job,
     resolve_recipe,
 )
-
-CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+from align_detr_hf.training_run import (
+    ACCELERATE_CHECKPOINTS,
+    RunFolder,
+    check_finite_weights,
+    data_fingerprint,
+    exit_on_error,
+    save_checkpoint,
+)
 
 
 def parse_args(argv=None):
@@ -117,6 +123,8 @@ def parse_args(argv=None):
     m.add_argument("--num_queries", type=int, default=30, help="with --demo_model")
     t = p.add_argument_group("training")
     t.add_argument("--output_dir", required=True)
+    t.add_argument("--overwrite_output_dir", action="store_true",
+                   help="write into a folder holding another run's checkpoints/final model (same names replaced)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--per_device_train_batch_size", type=int, default=None)
     t.add_argument("--per_device_eval_batch_size", type=int, default=4)
@@ -164,44 +172,6 @@ def recipe_from_args(args):
         "filter_empty_gt": args.filter_empty_gt, "filter_min_size": args.filter_min_size,
         "group_by_aspect_ratio": args.group_by_aspect_ratio,
     })
-
-
-def list_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with training_state.json; temp folders are ignored), oldest first."""
-    found = []
-    if checkpoint_root.is_dir():
-        for child in checkpoint_root.iterdir():
-            match = CHECKPOINT_RE.match(child.name)
-            if match and (child / "training_state.json").is_file():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def save_checkpoint(accelerator, checkpoint_root: Path, state: dict, total_limit: int) -> Path:
-    """`save_state` into a temp folder, then rename it into place (atomic on one filesystem)."""
-    final = checkpoint_root / f"step_{state['completed_steps']:07d}"
-    tmp = checkpoint_root / f".tmp-step_{state['completed_steps']:07d}"
-    if accelerator.is_main_process:
-        checkpoint_root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "training_state.json").write_text(json.dumps(state))
-        if final.exists():  # the same step saved twice (e.g. step and epoch end coincide): replace it
-            old = checkpoint_root / f".old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        for _, path in list_checkpoints(checkpoint_root)[:-total_limit] if total_limit > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 class NormaliserRecorder:
@@ -265,7 +235,6 @@ def evaluate(accelerator, model, loader, coco_gt, top_k=100):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
     accelerator_kwargs = dict(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -280,6 +249,8 @@ def main(argv=None):
     log = accelerator.print
 
     recipe = recipe_from_args(args)
+    folder = RunFolder(output_dir, ACCELERATE_CHECKPOINTS)  # checked before anything is written into it
+    resume_from = folder.prepare(args.resume_from_checkpoint, args.overwrite_output_dir, log)
 
     # ---- data (generation/reading on the main process first)
     with accelerator.main_process_first():
@@ -335,21 +306,18 @@ def main(argv=None):
         accelerator.init_trackers("align_detr", config={k: v for k, v in vars(args).items()
                                                         if isinstance(v, (int, float, str, bool))})
 
-    # ---- resume
+    # ---- run identity, resume
+    run = folder.start(resume_from, overwrite=args.overwrite_output_dir, is_main=accelerator.is_main_process, log=log,
+                       seed=args.seed, batch_size=recipe.batch_size, num_processes=accelerator.num_processes,
+                       gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       data_fingerprint=data_fingerprint(train_set), model_source=args.model_name_or_path)
     completed_steps, start_epoch, skip_batches, micro_step = 0, 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            found = list_checkpoints(checkpoint_root)
-            path = str(found[-1][1]) if found else None
-        if path:
-            accelerator.load_state(path)
-            state = json.loads((Path(path) / "training_state.json").read_text())
-            completed_steps, start_epoch = state["completed_steps"], state["epoch"]
-            skip_batches, micro_step = state["batches_in_epoch"], state["micro_step"]
-            log(f"Resumed from {path}: step {completed_steps}, epoch {start_epoch}, batch {skip_batches}")
-        else:
-            log("No checkpoint found; starting from scratch")
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        state = json.loads((resume_from / "training_state.json").read_text())
+        completed_steps, start_epoch = state["completed_steps"], state["epoch"]
+        skip_batches, micro_step = state["batches_in_epoch"], state["micro_step"]
+        log(f"Resumed at step {completed_steps}, epoch {start_epoch}, batch {skip_batches}")
 
     log(f"{len(train_set)} train / {len(val_set)} val images, {accelerator.num_processes} process(es), "
         f"{steps_per_epoch} steps/epoch, {max_steps} steps")
@@ -406,7 +374,7 @@ def main(argv=None):
                      "micro_step": micro_step}
             stop = completed_steps >= max_steps or (args.stop_after_steps and completed_steps >= args.stop_after_steps)
             if stop or (checkpoint_every and completed_steps % checkpoint_every == 0):
-                save_checkpoint(accelerator, checkpoint_root, state, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, folder, run, state, args.checkpoints_total_limit)
             if stop:
                 break
         if stop and batches_in_epoch < len(train_loader):
@@ -421,7 +389,7 @@ def main(argv=None):
         if args.checkpointing_steps == "epoch":
             state = {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0,
                      "micro_step": micro_step}
-            save_checkpoint(accelerator, checkpoint_root, state, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, folder, run, state, args.checkpoints_total_limit)
         if stop:
             break
     progress.close()
@@ -438,6 +406,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
+    check_finite_weights(unwrapped, f"{final_dir}")
     unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
@@ -463,4 +432,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

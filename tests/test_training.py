@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from align_detr_hf.training_run import ACCELERATE_CHECKPOINTS, RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -92,33 +94,6 @@ def test_resume_continues_exactly(tmp_path):
     assert results["completed_steps"] == 7 and "map" in results["metrics"]
 
 
-def test_checkpoint_write_is_atomic(tmp_path):
-    script = _load_example("train_accelerate")
-
-    class Acc:
-        is_main_process = True
-
-        def wait_for_everyone(self):
-            pass
-
-        def save_state(self, path):
-            Path(path).mkdir(parents=True, exist_ok=True)
-            (Path(path) / "model.safetensors").write_bytes(b"x" * 10)
-            if self.fail:
-                raise KeyboardInterrupt("killed during the write")
-
-    acc = Acc()
-    acc.fail = False
-    first = script.save_checkpoint(acc, tmp_path, {"completed_steps": 1, "epoch": 0}, total_limit=2)
-    acc.fail = True
-    with pytest.raises(KeyboardInterrupt):
-        script.save_checkpoint(acc, tmp_path, {"completed_steps": 2, "epoch": 0}, total_limit=2)
-    # the half-written one stays in a temp folder and is never picked for resuming
-    assert [p for _, p in script.list_checkpoints(tmp_path)] == [first]
-    assert (tmp_path / ".tmp-step_0000002").is_dir() and not (tmp_path / "step_0000002").exists()
-    assert json.loads((first / "training_state.json").read_text())["completed_steps"] == 1
-
-
 def test_trainer_steps_with_coco_eval(tmp_path):
     script = _load_example("train_trainer")
     metrics = script.main([*TINY, "--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
@@ -180,7 +155,7 @@ script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(script)
 real_save = script.save_checkpoint
 
-def save_then_die(accelerator, root, state, total_limit):
+def save_then_die(accelerator, folder, run, state, total_limit):
     if state["completed_steps"] == 4:
         write = accelerator.save_state
 
@@ -189,7 +164,7 @@ def save_then_die(accelerator, root, state, total_limit):
             os.kill(os.getpid(), signal.SIGKILL)  # after the files, before the rename
 
         accelerator.save_state = partial_write
-    return real_save(accelerator, root, state, total_limit)
+    return real_save(accelerator, folder, run, state, total_limit)
 
 script.save_checkpoint = save_then_die
 script.main({[*common, "--output_dir", str(killed_dir)]!r})
@@ -199,7 +174,7 @@ script.main({[*common, "--output_dir", str(killed_dir)]!r})
     assert result.returncode == -9, result.stderr[-2000:]
     checkpoints = killed_dir / "checkpoints"
     assert (checkpoints / ".tmp-step_0000004").is_dir() and not (checkpoints / "step_0000004").exists()
-    assert [p.name for _, p in script.list_checkpoints(checkpoints)] == ["step_0000002"]
+    assert [p.name for p in RunFolder(killed_dir, ACCELERATE_CHECKPOINTS).checkpoints()] == ["step_0000002"]
 
     script.main([*common, "--output_dir", str(killed_dir), "--resume_from_checkpoint", "latest"])
     full, resumed = _final_weights(tmp_path / "full"), _final_weights(killed_dir)

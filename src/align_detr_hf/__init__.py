@@ -26,6 +26,7 @@ from .modeling_align_detr import (
     AlignDetrPreTrainedModel,
 )
 from .pipeline_align_detr import AlignDetrObjectDetectionPipeline, register_pipeline
+from .training_run import StopOnNonFiniteLossCallback, TrainingRunCallback
 
 __all__ = [
     "AlignDetrConfig",
@@ -39,6 +40,8 @@ __all__ = [
     "DinoLoss",
     "ModelCardCallback",
     "ModelCardTrainerMixin",
+    "StopOnNonFiniteLossCallback",
+    "TrainingRunCallback",
     "build_model_card",
     "remove_align_detr_loss",
     "use_align_detr_loss",
