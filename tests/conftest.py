@@ -46,6 +46,33 @@ def tiny_config(**overrides):
     return AlignDetrConfig(**kwargs)
 
 
+# Batched and one-image runs of the same weights differ by float32 rounding only: another batch size makes the CPU's
+# BLAS pick another blocking of the same matrix products (e.g. AVX-512 vs AVX2 kernels on EPYC vs Xeon), so the sums
+# round differently, by the order of the rounding error itself. That error is measured on the machine running the test,
+# against a float64 run of the same weights (`float32_noise`), and a batch may differ from one image by
+# NOISE_FACTOR times it (the largest ratio seen is about 1.5); mixing up images would differ by orders more.
+NOISE_FACTOR = 4.0
+
+
+@torch.no_grad()
+def float32_noise(model, runs, outputs):
+    """{name: largest |float32 - float64| of `outputs(model(**kwargs))[name]` over `runs`}, at least one float32
+    ulp of the output's magnitude. `runs`: forward kwargs of one-image runs; float tensors are run in float64 too."""
+    import copy
+
+    reference = copy.deepcopy(model).double()
+    noise = {}
+    for kwargs in runs:
+        ours = outputs(model(**kwargs))
+        exact = outputs(reference(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                     for k, v in kwargs.items()}))
+        for name, tensor in ours.items():
+            error = (tensor.double() - exact[name]).abs().max().item()
+            ulp = torch.finfo(torch.float32).eps * exact[name].abs().max().item()
+            noise[name] = max(noise.get(name, 0.0), error, ulp)
+    return noise
+
+
 @pytest.fixture(scope="session")
 def small_state_dict():
     """mmdetection-named weights of the small reference model, regenerated bit-exactly."""
