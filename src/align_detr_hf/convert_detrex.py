@@ -99,6 +99,8 @@ def check_tied_copies(state_dict: dict) -> int:
         if source not in state_dict:
             raise ConversionError(f"{copy} is a copy of {source}, which the checkpoint lacks.")
         a, b = state_dict[copy], state_dict[source]
+        if a is b:  # still one tensor (torch.load keeps shared storage): nothing to compare
+            continue
         if a.shape != b.shape or not torch.equal(a, b):
             difference = (
                 f"shapes {tuple(a.shape)} and {tuple(b.shape)}" if a.shape != b.shape
