@@ -205,7 +205,7 @@ def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, la
         settings, origin = dict(entry.settings), f"{CODES[entry.code][0]}'s model zoo ({entry.name})"
     elif layout == "detrex":  # the weights cannot tell the official Align-DETR from detrex's DINO
         settings = dict(DETREX_HEAD_SETTINGS[loss_type or "align_detr"])
-        origin = "loss_type" if loss_type else "the official Align-DETR code's config (loss_type='dino': detrex DINO's)"
+        origin = "loss_type" if loss_type else "the official Align-DETR config (a detrex DINO file: pass loss_type dino)"
     else:
         inferred = loss_type or ("align_detr" if "neck.convs.0.conv.bias" in sd else "dino")
         settings, origin = dict(HEAD_SETTINGS[inferred]), "loss_type" if loss_type else "its neck"
