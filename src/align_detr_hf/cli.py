@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser(
-        "convert", help="convert an mmdetection Align-DETR or DINO (R-50, Swin), official Align-DETR or detrex DINO checkpoint"
+        "convert",
+        help="convert an mmdetection Align-DETR or DINO (R-50, Swin), official Align-DETR or detrex DINO checkpoint",
     )
     convert.add_argument("--checkpoint", required=True, help="path or URL of the .pth file")
     convert.add_argument(

@@ -205,7 +205,7 @@ def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, la
         settings, origin = dict(entry.settings), f"{CODES[entry.code][0]}'s model zoo ({entry.name})"
     elif layout == "detrex":  # the weights cannot tell the official Align-DETR from detrex's DINO
         settings = dict(DETREX_HEAD_SETTINGS[loss_type or "align_detr"])
-        origin = "loss_type" if loss_type else "the official Align-DETR config (a detrex DINO file: pass loss_type dino)"
+        origin = "loss_type" if loss_type else "the official Align-DETR config (for detrex's DINO: loss_type dino)"
     else:
         inferred = loss_type or ("align_detr" if "neck.convs.0.conv.bias" in sd else "dino")
         settings, origin = dict(HEAD_SETTINGS[inferred]), "loss_type" if loss_type else "its neck"
@@ -217,11 +217,16 @@ def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, la
     return settings, origin
 
 
-def describe_checkpoint(state_dict: dict, meta=None, loss_type: str | None = None, source: str | None = None) -> str:
+def describe_checkpoint(
+    state_dict: dict, meta=None, loss_type: str | None = None, source: str | None = None,
+    config: AlignDetrConfig | None = None,
+) -> str:  # fmt: skip
     """One line for the user: what kind of checkpoint this is and where the settings the weights do not show come
-    from."""
+    from (the arguments of `config_from_state_dict`, or the given `config`)."""
     sd, layout = mmdet_names(state_dict)
     found = describe_detrex(state_dict) if layout == "detrex" else f"an mmdetection checkpoint ({len(sd)} keys)"
+    if config is not None:
+        return f"{found}; settings from the given config"
     settings, origin = _head_settings(sd, meta, loss_type, source, layout)
     loss = {"align_detr": "Align-DETR", "dino": "DINO"}[settings["loss_type"]]
     return f"{found}; {loss} settings from {origin}"
@@ -378,7 +383,8 @@ def _unwrap(checkpoint) -> tuple:
 
 
 def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None):
-    """Build `AlignDetrForObjectDetection` from an mmdetection state dict; every weight must be used and set."""
+    """Build `AlignDetrForObjectDetection` from an mmdetection (or detrex-layout) state dict; every weight must be
+    used and set."""
     config = config or config_from_state_dict(mmdet_state_dict)
     converted = convert_state_dict(mmdet_state_dict, config)
     model = AlignDetrForObjectDetection(config)
@@ -444,7 +450,7 @@ def convert_checkpoint(
         output_dir, overwrite=overwrite, is_replaceable=is_previous_conversion, protected=protected
     ) as staging:
         state_dict, meta = load_checkpoint_and_meta(checkpoint, allow_pickle=allow_pickle)
-        print(f"{_file_name(checkpoint)}: {describe_checkpoint(state_dict, meta, loss_type, str(checkpoint))}")
+        print(f"{_file_name(checkpoint)}: {describe_checkpoint(state_dict, meta, loss_type, str(checkpoint), config)}")
         if config is None:
             config = config_from_state_dict(
                 state_dict, meta=meta, loss_type=loss_type, source=str(checkpoint), **(config_overrides or {})

@@ -43,7 +43,9 @@ DETREX_RULES = [
     # detectron2 ResNet, FrozenBN statistics and affine buffers under `<conv>.norm`
     Rule(r"backbone\.stem\.conv1\.weight", "backbone.conv1.weight"),
     Rule(r"backbone\.stem\.conv1\.norm\.(weight|bias|running_mean|running_var)", "backbone.bn1.{0}"),
-    Rule(_BLOCK + r"conv(\d)\.weight", lambda res, block, conv: f"backbone.layer{_stage(res)}.{block}.conv{conv}.weight"),
+    Rule(
+        _BLOCK + r"conv(\d)\.weight", lambda res, block, conv: f"backbone.layer{_stage(res)}.{block}.conv{conv}.weight"
+    ),
     Rule(
         _BLOCK + r"conv(\d)\.norm\.(weight|bias|running_mean|running_var)",
         lambda res, block, conv, name: f"backbone.layer{_stage(res)}.{block}.bn{conv}.{name}",
@@ -71,7 +73,8 @@ DETREX_RULES = [
     Rule(_DECODER + r"attentions\.1\." + _DEFORMABLE, "decoder.layers.{0}.cross_attn.{1}.{2}"),
     Rule(_DECODER + _FFN, "decoder.layers.{0}.ffn.layers.{1}.{2}"),
     Rule(_DECODER + r"norms\.([012])\.(weight|bias)", "decoder.layers.{0}.norms.{1}.{2}"),
-    Rule(r"transformer\.decoder\.ref_point_head\.layers\.([01])\.(weight|bias)", "decoder.ref_point_head.layers.{0}.{1}"),
+    Rule(r"transformer\.decoder\.ref_point_head\.layers\.([01])\.(weight|bias)",
+         "decoder.ref_point_head.layers.{0}.{1}"),
     Rule(r"transformer\.decoder\.norm\.(weight|bias)", "decoder.norm.{0}"),
     # the decoder's tied copies of the heads: checked by `check_tied_copies`, then dropped
     Rule(_TIED.pattern, None),
@@ -130,7 +133,8 @@ def detrex_to_mmdet(state_dict: dict) -> dict[str, torch.Tensor]:
     if unknown:
         raise ConversionError(
             f"{len(unknown)} checkpoint keys have no Align-DETR counterpart (is this an official Align-DETR or "
-            f"detrex DINO checkpoint with a ResNet backbone?): {sorted(unknown)[:20]}{' ...' if len(unknown) > 20 else ''}"
+            f"detrex DINO checkpoint with a ResNet backbone?): {sorted(unknown)[:20]}"
+            + (" ..." if len(unknown) > 20 else "")
         )
     return renamed
 
