@@ -22,6 +22,9 @@ matcher costs and denoising settings as mmdetection's configs. The weights do no
 Where they compute otherwise, without a switch here (the numbers a converted model gives are the official ones):
 - evaluation without a padding mask: the official model builds none in eval and evaluates one image per batch; our
   model honours `pixel_mask` (equal on single images) and without one computes exactly the official batched eval.
+- resize: detectron2's `ResizeShortestEdge(800, 1333)` resizes uint8 images with PIL's bilinear filter, which
+  antialiases when shrinking; the image processor resizes like mmdetection's cv2 (no antialiasing). Both enlarge
+  alike (to a grey level; COCO's images, at most 640 px, are all enlarged); images shrunk to 800 / 1333 px differ.
 - input: RGB, mean/std as mmdetection's (`AlignDetrImageProcessor` already); boxes scaled and clipped to the image
   in post-processing as mmdetection's (detectron2 also drops boxes of zero width or height, which a box centred in
   the image only has when its predicted size underflows to 0).
@@ -298,14 +301,18 @@ def model_card_fields(
         (f"{publisher}'{'' if publisher.endswith('s') else 's'} `{entry.name}`: " if entry else "")
         + f"{loss} ({config.num_feature_levels}-scale, {backbone} backbone) converted from the {short} checkpoint "
         f"`{file_name}`" + (f" (saved at iteration {iteration})" if iteration is not None else "")
-        + " with `align-detr convert`; the weights are unchanged, the outputs equal "
-        + ("mmdetection's" if code == "mmdetection" else f"those of {full}")
-        + " (see the project's parity tests)."
+        + " with `align-detr convert`; the weights are unchanged, "
+        + {
+            "mmdetection": "the outputs equal mmdetection's (see the project's parity tests).",
+            "official": "the outputs equal the official code's (the project's parity tests run against its own "
+            f"outputs). Code: {full}.",
+            "detrex": "the official Align-DETR code builds on this network, and the project's parity tests run "
+            f"against that code's outputs. Code: {full}.",
+        }[code]
     )
     if entry is not None and entry.box_ap is not None:
-        verb = "report" if code == "official" else "reports"
-        description += f" {publisher[0].upper()}{publisher[1:]} {verb} {entry.box_ap} box AP on COCO val2017 for it " \
-            f"({entry.epochs} epochs)."
+        reports = {"mmdetection": "mmdetection reports", "official": "The authors report", "detrex": "detrex reports"}
+        description += f" {reports[code]} {entry.box_ap} box AP on COCO val2017 for it ({entry.epochs} epochs)."
     elif code == "official":
         description += (
             " The authors report 50.3 / 51.4 box AP on COCO val2017 for their released R-50 checkpoints (12 / 24 "
