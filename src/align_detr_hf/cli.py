@@ -245,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-detr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="convert an mmdetection Align-DETR or DINO (R-50, Swin) checkpoint")
+    convert = commands.add_parser(
+        "convert",
+        help="convert an mmdetection Align-DETR or DINO (R-50, Swin), official Align-DETR or detrex DINO checkpoint",
+    )
     convert.add_argument("--checkpoint", required=True, help="path or URL of the .pth file")
     convert.add_argument(
         "--output-dir",
@@ -268,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["align_detr", "dino"],
         default=None,
         help="the loss the checkpoint was trained with, for files whose meta does not say (mmdetection's files do); "
-        "picks that head's settings (position encoding, frozen stages)",
+        "picks that head's settings (position encoding, frozen stages); official Align-DETR / detrex files: "
+        "align_detr unless told dino",
     )
     convert.set_defaults(func=_convert)
 

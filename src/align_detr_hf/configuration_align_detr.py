@@ -46,6 +46,12 @@ class AlignDetrConfig(PreTrainedConfig):
             defaults to -0.5): the normalised sine position encoding of the feature maps (mmdetection's DINO
             configs: 20 and 0).
         init_prior_prob (`float`, defaults to 0.01): class-logit bias is initialised to log(p / (1 - p)).
+        head_inverse_sigmoid_eps (`float`, defaults to 1e-5): the clamp of `inverse_sigmoid(reference)` when a
+            decoder layer's box head adds its deltas to the layer's reference box (`pred_boxes`): mmdetection uses
+            1e-5, detrex and the official Align-DETR code 1e-3 (what `align-detr convert` sets for their
+            checkpoints). It changes only boxes whose reference lies within 1e-3 of 0 or 1, e.g. denoising boxes
+            clamped to the image border (up to 1.2e-4 in training). The refined reference passed on to the next
+            layer always uses 1e-3, as in both codes.
 
     Contrastive denoising (training only):
         num_denoising_queries (`int`, defaults to 100): budget per positive/negative half; the number of groups is
@@ -98,6 +104,7 @@ class AlignDetrConfig(PreTrainedConfig):
     position_embedding_temperature: float | int = 10000
     position_embedding_offset: float | int = -0.5
     init_prior_prob: float = 0.01
+    head_inverse_sigmoid_eps: float = 1e-5
 
     num_denoising_queries: int = 100
     label_noise_ratio: float | int = 0.5
@@ -144,6 +151,8 @@ class AlignDetrConfig(PreTrainedConfig):
             raise ValueError(
                 f"freeze_backbone_stages must be >= -1 (-1: nothing frozen), got {self.freeze_backbone_stages}."
             )
+        if not 0 < self.head_inverse_sigmoid_eps < 0.5:
+            raise ValueError(f"head_inverse_sigmoid_eps must lie in (0, 0.5), got {self.head_inverse_sigmoid_eps}.")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if len(self.num_gt_repeat) != self.decoder_layers + 1:

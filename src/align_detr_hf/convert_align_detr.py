@@ -1,4 +1,6 @@
-"""Conversion of mmdetection Align-DETR checkpoints into `AlignDetrForObjectDetection` weights.
+"""Conversion of mmdetection Align-DETR/DINO checkpoints into `AlignDetrForObjectDetection` weights; checkpoints of
+the official Align-DETR code and detrex's DINO (detectron2 format, `convert_detrex.py`) are first renamed to
+mmdetection's names, recognised by their keys.
 
 `convert_state_dict` renames every key (and splits the decoder's fused q/k/v projection); unknown or missing keys
 raise a `ConversionError` that lists them. `config_from_state_dict` reads the architecture off the tensor shapes.
@@ -33,8 +35,11 @@ from .convert_mmdet_backbones import (
     convert_backbone_state_dict,
     split_in_three,
 )
+from .convert_detrex import describe_detrex, detrex_to_mmdet, is_detrex_state_dict
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .mmdet_checkpoints import (
+    CODES,
+    DETREX_HEAD_SETTINGS,
     FROZEN_STAGES,
     HEAD_SETTINGS,
     SWIN_DROP_PATH_RATE,
@@ -102,12 +107,21 @@ def _detector_rules(num_decoder_layers: int, num_backbone_levels: int) -> list[R
 _BACKBONE_PREFIX, _OUR_BACKBONE_PREFIX = "backbone.", "model.backbone.model."
 
 
+def mmdet_names(state_dict: dict) -> tuple[dict, str]:
+    """The state dict under mmdetection's names, and its layout: `"mmdetection"`, or `"detrex"` (the official
+    Align-DETR code and detrex's DINO, renamed by `convert_detrex.detrex_to_mmdet`)."""
+    if is_detrex_state_dict(state_dict):
+        return detrex_to_mmdet(state_dict), "detrex"
+    return state_dict, "mmdetection"
+
+
 def convert_state_dict(mmdet_state_dict: dict, config: AlignDetrConfig) -> dict[str, torch.Tensor]:
-    """mmdetection Align-DETR/DINO state dict -> `AlignDetrForObjectDetection` state dict.
+    """mmdetection (or detrex-layout) Align-DETR/DINO state dict -> `AlignDetrForObjectDetection` state dict.
 
     The backbone's keys go through its rule table (`convert_mmdet_backbones`), the rest through `_detector_rules`.
     Raises `ConversionError` listing every key that matches no rule.
     """
+    mmdet_state_dict, _ = mmdet_names(mmdet_state_dict)
     backbone = {k[len(_BACKBONE_PREFIX) :]: v for k, v in mmdet_state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
     rest = {k: v for k, v in mmdet_state_dict.items() if not k.startswith(_BACKBONE_PREFIX)}
     rules = _detector_rules(config.decoder_layers, len(config.backbone_config.out_features))
@@ -130,10 +144,12 @@ def config_from_state_dict(
     """Read the architecture (backbone type, depths and widths, levels, layer counts, FFN sizes, queries, classes)
     off the shapes, and the settings the weights do not show (loss, position encoding, frozen stages) from, in this
     order: mmdetection's `meta['cfg']`, the model-zoo entry named by `source` (file name or URL), `loss_type` (the
-    loss the checkpoint was trained with), or the neck (a conv bias: Align-DETR's config; none: DINO's).
+    loss the checkpoint was trained with), or the neck (a conv bias: Align-DETR's config; none: DINO's). A
+    detrex-layout state dict (official Align-DETR, detrex DINO) without a zoo entry gets the official Align-DETR
+    code's settings, or detrex DINO's with `loss_type="dino"`.
     `overrides` win over everything (`drop_path_rate` goes to a Swin backbone's config).
     """
-    sd = mmdet_state_dict
+    sd, layout = mmdet_names(mmdet_state_dict)
     required = ["query_embedding.weight", "level_embed", "bbox_head.cls_branches.0.weight"]
     missing = [key for key in required if key not in sd]
     if missing:
@@ -145,7 +161,8 @@ def config_from_state_dict(
     backbone = {k[len(_BACKBONE_PREFIX) :]: v for k, v in sd.items() if k.startswith(_BACKBONE_PREFIX)}
     neck_in = [sd[f"neck.convs.{i}.conv.weight"].shape[1] for i in range(count(r"neck\.convs\.(\d+)\."))]
     backbone_config = backbone_config_from_state_dict(backbone, neck_in)
-    settings = _head_settings(sd, meta, loss_type, source, backbone_config["model_type"])
+    settings, _ = _head_settings(sd, meta, loss_type, source, layout)
+    settings.setdefault("freeze_backbone_stages", FROZEN_STAGES[settings["loss_type"], backbone_config["model_type"]])
     drop_path_rate = overrides.pop("drop_path_rate", settings.pop("drop_path_rate", SWIN_DROP_PATH_RATE))
     if backbone_config["model_type"] == "swin":  # stochastic depth of the Swin blocks (training only)
         backbone_config["drop_path_rate"] = drop_path_rate
@@ -170,25 +187,49 @@ def config_from_state_dict(
     return AlignDetrConfig(**kwargs)
 
 
-def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, backbone_type: str) -> dict:
-    model_cfg = model_cfg_from_meta(meta)
+def _zoo_entry(source: str | None, layout: str):
+    """The zoo entry of `source`, if it is a release of this key layout."""
     entry = zoo_entry(source) if source else None
+    return entry if entry is not None and (entry.code == "mmdetection") == (layout == "mmdetection") else None
+
+
+def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, layout: str) -> tuple[dict, str]:
+    """The config fields the weights do not show, and where they come from (for messages)."""
+    if loss_type is not None and loss_type not in HEAD_SETTINGS:
+        raise ConversionError(f"loss_type must be one of {sorted(HEAD_SETTINGS)}, got {loss_type!r}.")
+    model_cfg = model_cfg_from_meta(meta)
+    entry = _zoo_entry(source, layout)
     if model_cfg is not None:
         settings, origin = settings_from_model_cfg(model_cfg), "its meta['cfg']"
     elif entry is not None:
-        settings, origin = dict(entry.settings), f"mmdetection's model zoo ({entry.name})"
+        settings, origin = dict(entry.settings), f"{CODES[entry.code][0]}'s model zoo ({entry.name})"
+    elif layout == "detrex":  # the weights cannot tell the official Align-DETR from detrex's DINO
+        settings = dict(DETREX_HEAD_SETTINGS[loss_type or "align_detr"])
+        origin = "loss_type" if loss_type else "the official Align-DETR config (for detrex's DINO: loss_type dino)"
     else:
         inferred = loss_type or ("align_detr" if "neck.convs.0.conv.bias" in sd else "dino")
-        if inferred not in HEAD_SETTINGS:
-            raise ConversionError(f"loss_type must be one of {sorted(HEAD_SETTINGS)}, got {inferred!r}.")
         settings, origin = dict(HEAD_SETTINGS[inferred]), "loss_type" if loss_type else "its neck"
     if loss_type is not None and loss_type != settings["loss_type"]:
         raise ConversionError(
             f"loss_type={loss_type!r}, but the checkpoint was trained with {settings['loss_type']!r} (from {origin}). "
             "To fine-tune with another loss, set `loss_type` on the converted model's config."
         )
-    settings.setdefault("freeze_backbone_stages", FROZEN_STAGES[settings["loss_type"], backbone_type])
-    return settings
+    return settings, origin
+
+
+def describe_checkpoint(
+    state_dict: dict, meta=None, loss_type: str | None = None, source: str | None = None,
+    config: AlignDetrConfig | None = None,
+) -> str:  # fmt: skip
+    """One line for the user: what kind of checkpoint this is and where the settings the weights do not show come
+    from (the arguments of `config_from_state_dict`, or the given `config`)."""
+    sd, layout = mmdet_names(state_dict)
+    found = describe_detrex(state_dict) if layout == "detrex" else f"an mmdetection checkpoint ({len(sd)} keys)"
+    if config is not None:
+        return f"{found}; settings from the given config"
+    settings, origin = _head_settings(sd, meta, loss_type, source, layout)
+    loss = {"align_detr": "Align-DETR", "dino": "DINO"}[settings["loss_type"]]
+    return f"{found}; {loss} settings from {origin}"
 
 
 def describe_keys(state_dict: dict) -> str:
@@ -198,7 +239,10 @@ def describe_keys(state_dict: dict) -> str:
         if backbone.signature in state_dict:
             return f"It looks like a bare {name} backbone (no detector keys)."
     if any(key.startswith("transformer.") for key in state_dict) or "backbone.0.body.conv1.weight" in state_dict:
-        return "It looks like a checkpoint of the original DINO/Deformable-DETR code, not mmdetection's."
+        return (
+            "It looks like a checkpoint of the original DINO/Deformable-DETR code (the official Align-DETR and "
+            "detrex's DINO checkpoints, which convert, have transformer.level_embeds and transformer.tgt_embed)."
+        )
     return f"Its top-level names are {tops[:12]}."
 
 
@@ -277,8 +321,8 @@ def _check_not_wrapped(path: str, state_dict: dict) -> None:
 
 
 def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read an mmdetection checkpoint (`{'meta', 'state_dict'}` or a bare state dict) from a path or URL, after
-    checking the sha256 prefix of its file name when it has one."""
+    """Read a checkpoint (mmdetection's `{'meta', 'state_dict'}`, detectron2's `{'model', 'trainer', 'iteration'}` or
+    a bare state dict) from a path or URL, after checking the sha256 prefix of its file name when it has one."""
     return load_checkpoint_and_meta(path_or_url, allow_pickle)[0]
 
 
@@ -317,16 +361,30 @@ def load_checkpoint_and_meta(
                    if needs_pickle and not allow_pickle else "")
             ) from error
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    state_dict, meta = _unwrap(checkpoint)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConversionError(f"{path} holds no state dict of tensors.")
     _check_not_wrapped(path, state_dict)
-    meta = checkpoint.get("meta") if state_dict is not checkpoint else None
     return state_dict, meta if isinstance(meta, dict) else None
 
 
+def _unwrap(checkpoint) -> tuple:
+    """(state dict, meta) of what torch.load returned: mmdetection's `{"meta", "state_dict"}`, detectron2's
+    `{"model", "trainer", "iteration"}` (as `DetectionCheckpointer` saves `model_final.pth`; the optimizer and
+    scheduler state are ignored, the iteration kept as meta), or a bare state dict."""
+    if not isinstance(checkpoint, dict):
+        return None, None
+    if "state_dict" in checkpoint:
+        return checkpoint["state_dict"], checkpoint.get("meta")
+    if isinstance(checkpoint.get("model"), dict):
+        iteration = checkpoint.get("iteration")
+        return checkpoint["model"], {"iteration": iteration} if isinstance(iteration, int) else None
+    return checkpoint, None
+
+
 def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None):
-    """Build `AlignDetrForObjectDetection` from an mmdetection state dict; every weight must be used and set."""
+    """Build `AlignDetrForObjectDetection` from an mmdetection (or detrex-layout) state dict; every weight must be
+    used and set."""
     config = config or config_from_state_dict(mmdet_state_dict)
     converted = convert_state_dict(mmdet_state_dict, config)
     model = AlignDetrForObjectDetection(config)
@@ -392,6 +450,7 @@ def convert_checkpoint(
         output_dir, overwrite=overwrite, is_replaceable=is_previous_conversion, protected=protected
     ) as staging:
         state_dict, meta = load_checkpoint_and_meta(checkpoint, allow_pickle=allow_pickle)
+        print(f"{_file_name(checkpoint)}: {describe_checkpoint(state_dict, meta, loss_type, str(checkpoint), config)}")
         if config is None:
             config = config_from_state_dict(
                 state_dict, meta=meta, loss_type=loss_type, source=str(checkpoint), **(config_overrides or {})
@@ -400,7 +459,11 @@ def convert_checkpoint(
         processor = AlignDetrImageProcessor()
         model.save_pretrained(staging)  # with our code and auto_map (align_detr_hf.hub)
         processor.save_pretrained(staging)
-        card = model_card_fields(zoo_entry(str(checkpoint)), model.config, str(checkpoint), model_name=push_to_hub)
+        layout = mmdet_names(state_dict)[1]
+        card = model_card_fields(
+            _zoo_entry(str(checkpoint), layout), model.config, str(checkpoint), model_name=push_to_hub, layout=layout,
+            iteration=(meta or {}).get("iteration") if layout == "detrex" else None,
+        )  # fmt: skip
         write_model_card(staging, **card)
         if verify:
             verify_conversion(state_dict, staging)
@@ -408,6 +471,10 @@ def convert_checkpoint(
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)
     return model
+
+
+def _file_name(path_or_url) -> str:
+    return os.path.basename(urllib.parse.urlparse(str(path_or_url)).path) or str(path_or_url)
 
 
 def verify_conversion(mmdet_state_dict: dict, saved_dir, atol: float = 1e-4) -> float:

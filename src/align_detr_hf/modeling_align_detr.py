@@ -544,6 +544,7 @@ class AlignDetrDecoder(nn.Module):
         self.reference_points_head = AlignDetrMLP(2 * d, d, d, 2)
         self.layer_norm = nn.LayerNorm(d)
         self.bbox_embed = nn.ModuleList(AlignDetrMLP(d, d, 4, 3) for _ in range(config.decoder_layers))
+        self.head_eps = config.head_inverse_sigmoid_eps
 
     def forward(
         self,
@@ -581,8 +582,9 @@ class AlignDetrDecoder(nn.Module):
             )
             new_reference = (bbox_head(queries) + inverse_sigmoid(reference_points, eps=1e-3)).sigmoid()
             normed = self.layer_norm(queries)
-            # the prediction uses the normed output and the previous (undetached) reference, eps 1e-5
-            pred_boxes.append((bbox_head(normed) + inverse_sigmoid(references[-1], eps=1e-5)).sigmoid())
+            # the prediction uses the normed output and the previous (undetached) reference; eps: mmdetection 1e-5,
+            # detrex 1e-3 (config.head_inverse_sigmoid_eps)
+            pred_boxes.append((bbox_head(normed) + inverse_sigmoid(references[-1], eps=self.head_eps)).sigmoid())
             hidden_states.append(normed)
             references.append(new_reference)
             reference_points = new_reference.detach()
