@@ -43,6 +43,10 @@ import traceback
 import warnings
 from pathlib import Path
 
+import torch
+
+import common  # benchmarks/common.py: the full-size models, inputs, timing, peak memory, BENCHMARKS.md sections
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -77,7 +81,7 @@ def kernel_cases(dry_run):
     geometry = dict(batch=1, heads=1, head_dim=4, points=1) if dry_run else dict(batch=2, heads=8, head_dim=32, points=4)
     places = (("encoder", values), ("decoder", 16 if dry_run else 900))
     return [
-        {"shape": f"{place} {height}x{width}", "queries": queries, "levels": shapes, "dtype": dtype, **geometry}
+        {"shape": f"{place} {height}x{width}, {queries} queries", "queries": queries, "levels": shapes, "dtype": dtype, **geometry}
         for place, queries in places
         for dtype in ("fp32", "bf16", "fp16")
     ]
@@ -123,19 +127,11 @@ def export_cases(dry_run):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 def dtype_of(name):
-    torch = _torch()
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def autocast(device, dtype_name):
-    torch = _torch()
     if dtype_name == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device, dtype=dtype_of(dtype_name))
@@ -143,14 +139,11 @@ def autocast(device, dtype_name):
 
 def build_model(name, dry_run, device):
     """Ours / transformers' Deformable DETR / the latter with our kernel: full R-50 (benchmarks/common.py) or tiny."""
-    torch = _torch()
     torch.manual_seed(0)
     base = "theirs" if name == "theirs+kernel" else name
     if dry_run:
         model = _tiny_model(base)
     else:
-        import common
-
         model = common.build_model(base)
     model = model.to(device)
     if name == "theirs+kernel":
@@ -162,8 +155,6 @@ def build_model(name, dry_run, device):
 
 def _tiny_model(name):
     from transformers import ResNetConfig
-
-    import common
 
     backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic",
                             out_features=["stage2", "stage3", "stage4"])
@@ -186,8 +177,6 @@ def timed(fn, device, warmup, repeats):
     """(median seconds, peak bytes above the level at entry) of `repeats` calls after `warmup` calls."""
     import statistics
 
-    import common
-
     with common.PeakMemory(device, process_peak=False) as memory:
         times = common.time_it(fn, device, warmup, repeats)
     return statistics.median(times), memory.peak_bytes
@@ -207,7 +196,6 @@ KERNEL_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 4e-3}
 
 
 def run_kernel(ctx):
-    torch = _torch()
     from align_detr_hf.ms_deform_attn import multi_scale_deformable_attention_pytorch
     from align_detr_hf.ms_deform_attn_triton import multi_scale_deformable_attention_triton
 
@@ -301,7 +289,6 @@ def finish_fallback_probe(proc):
 
 
 def run_hub_kernel(ctx):
-    torch = _torch()
     from align_detr_hf.hub_kernels import use_triton_deformable_attention
     from align_detr_hf.ms_deform_attn import implementation_for
 
@@ -337,7 +324,6 @@ def run_hub_kernel(ctx):
 def _tiny_deformable_detr_for_gradients():
     """tests/test_hub_kernels.py's model: sampling offsets perturbed off the cell borders where the bilinear gradient
     jumps (at initialisation every point sits on one)."""
-    torch = _torch()
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
     torch.manual_seed(0)
@@ -359,7 +345,6 @@ def _tiny_deformable_detr_for_gradients():
 
 
 def _outputs_and_gradients(model, dtype, device):
-    torch = _torch()
     model = model.to(device, dtype)
     generator = torch.Generator().manual_seed(1)
     pixels = torch.randn(2, 3, 32, 48, generator=generator).to(device, dtype)
@@ -374,7 +359,6 @@ def _outputs_and_gradients(model, dtype, device):
 
 
 def _layer_inputs(queries, dtype, device, dry_run):
-    torch = _torch()
     shapes = level_shapes(*(DRY_KERNEL_SIZE if dry_run else GPU_SIZE))
     batch, heads, head_dim, points = (1, 1, 4, 1) if dry_run else (2, 8, 32, 4)
     generator = torch.Generator().manual_seed(0)
@@ -388,7 +372,6 @@ def _layer_inputs(queries, dtype, device, dry_run):
 
 
 def _forward_and_gradients(layer, args):
-    torch = _torch()
     args = list(args)
     for index in (0, 4, 5):
         args[index] = args[index].detach().clone().requires_grad_()
@@ -398,95 +381,102 @@ def _forward_and_gradients(layer, args):
 
 
 def run_inference(ctx):
-    torch = _torch()
-    import common
-
     from align_detr_hf.ms_deform_attn import implementation_for
 
     device, dry_run = ctx["device"], ctx["dry_run"]
     warmup, repeats, rounds = (0, 1, 1) if dry_run else (2, 5, 2)
-    models, errors = {}, {}
-    for name in MODELS:
-        try:
-            models[name] = build_model(name, dry_run, device).eval()
-        except Exception as error:
-            errors[name] = f"{type(error).__name__}: {error}"
+    models = {name: guarded(lambda name=name: build_model(name, dry_run, device).eval()) for name in MODELS}
     rows = []
-    cases = inference_cases(dry_run)
-    for dtype, batch, size in dict.fromkeys((c["dtype"], c["batch"], c["size"]) for c in cases):
+    for dtype, batch, size in dict.fromkeys((c["dtype"], c["batch"], c["size"]) for c in inference_cases(dry_run)):
         height, width = (int(v) for v in size.split("x"))
         pixels, mask, _ = common.make_batch(batch, height, width, device)
-        results = {name: {"times": [], "peak": 0} for name in models}
+        runs = {name: [] for name in MODELS}
         for round_index in range(rounds):
-            order = list(models)[round_index % len(models):] + list(models)[:round_index % len(models)]
-            for name in order:
+            for name in _rotated(round_index):
                 model = models[name]
+                if isinstance(model, dict) or any("error" in run for run in runs[name]):
+                    continue  # it failed to build, or in an earlier round
 
                 def step():
                     with torch.inference_mode(), autocast(device, dtype):
                         model(pixels, pixel_mask=mask)
 
-                seconds, peak = timed(step, device, warmup, repeats)
-                results[name]["times"].append(seconds)
-                results[name]["peak"] = max(results[name]["peak"], peak)
-        theirs = min(results["theirs"]["times"]) if "theirs" in results else None
+                runs[name].append(guarded(lambda: dict(zip(("seconds", "peak"), timed(step, device, warmup,
+                                                                                         repeats)))))
         for name in MODELS:
             row = {"model": name, "dtype": dtype, "batch": batch, "size": size}
-            if name in errors:
-                rows.append({**row, "error": errors[name]})
+            failed = models[name] if isinstance(models[name], dict) else next(
+                (run for run in runs[name] if "error" in run), None)
+            if failed:
+                rows.append({**row, **failed})
                 continue
-            seconds = min(results[name]["times"])  # the faster round: the other is the warmer-up
-            row.update(ms_per_image=seconds * 1e3 / batch, images_per_s=batch / seconds,
-                       peak_mib=results[name]["peak"] / 2**20, vs_theirs=seconds / theirs if theirs else None)
+            seconds = min(run["seconds"] for run in runs[name])  # the faster round: the other one warmed up
+            row.update(seconds=seconds, ms_per_image=seconds * 1e3 / batch, images_per_s=batch / seconds,
+                       peak_mib=max(run["peak"] for run in runs[name]) / 2**20)
             rows.append(row)
-    probe = torch.zeros(1, device=device)
-    return {"rows": rows, "msda_implementation": implementation_for(probe), "model_errors": errors}
+        _ratios_to_theirs(rows[-len(MODELS):], "seconds")
+    return {"rows": rows, "msda_implementation": implementation_for(torch.zeros(1, device=device))}
+
+
+def _rotated(round_index):
+    """The models' order in a round: each takes each place in turn (a warmer GPU or cache favours no one)."""
+    names = list(MODELS)
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def _ratios_to_theirs(rows, key):
+    theirs = next((r for r in rows if r["model"] == "theirs" and key in r), None)
+    for row in rows:
+        row["vs_theirs"] = row[key] / theirs[key] if theirs and key in row else None
+
+
+def guarded(fn):
+    """fn(), or {"error": ...}: one model's failure (out of memory, a missing package) stays in its own row."""
+    try:
+        return fn()
+    except Exception as error:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"error": f"{type(error).__name__}: {error}"[:500]}
 
 
 def run_training(ctx):
-    torch = _torch()
-    import common
-
     device, dry_run = ctx["device"], ctx["dry_run"]
     warmup, repeats = (1, 1) if dry_run else (2, 5)
     rows = []
     for case in training_cases(dry_run):
-        row = dict(case)
-        try:
-            model = build_model(case["model"], dry_run, device).train()
-        except Exception as error:
-            rows.append({**row, "error": f"{type(error).__name__}: {error}"})
-            continue
-        height, width = (int(v) for v in case["size"].split("x"))
-        pixels, mask, labels = common.make_batch(case["batch"], height, width, device)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            with autocast(device, case["dtype"]):
-                loss = model(pixels, pixel_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        seconds, peak = timed(step, device, warmup, repeats)
-        row.update(ms_per_step=seconds * 1e3, images_per_s=case["batch"] / seconds, peak_mib=peak / 2**20)
-        # one more step, its host synchronisations counted: CUDA's own count, and the calls that synchronise by name
-        with sync_like_counter(device) as counter:
-            row["cuda_syncs"] = count_cuda_syncs(step, device)
-        row["sync_like_calls"] = sum(counter.calls.values())
-        row["sync_like_by_name"] = counter.calls
-        rows.append(row)
-        del model, optimizer
-    theirs = next((r for r in rows if r["model"] == "theirs" and "ms_per_step" in r), None)
-    for row in rows:
-        row["vs_theirs"] = row["ms_per_step"] / theirs["ms_per_step"] if theirs and "ms_per_step" in row else None
+        rows.append({**case, **guarded(lambda case=case: training_step_figures(case, device, dry_run, warmup,
+                                                                              repeats))})
+    _ratios_to_theirs(rows, "ms_per_step")
     return {"rows": rows}
+
+
+def training_step_figures(case, device, dry_run, warmup, repeats):
+    model = build_model(case["model"], dry_run, device).train()
+    height, width = (int(v) for v in case["size"].split("x"))
+    pixels, mask, labels = common.make_batch(case["batch"], height, width, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with autocast(device, case["dtype"]):
+            loss = model(pixels, pixel_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, peak = timed(step, device, warmup, repeats)
+    figures = {"ms_per_step": seconds * 1e3, "images_per_s": case["batch"] / seconds, "peak_mib": peak / 2**20}
+    # one more step, its host synchronisations counted: CUDA's own count, and the calls that synchronise by name
+    with sync_like_counter(device) as counter:
+        figures["cuda_syncs"] = count_cuda_syncs(step, device)
+    figures.update(sync_like_calls=sum(counter.calls.values()), sync_like_by_name=counter.calls)
+    return figures
 
 
 def sync_like_counter(device):
     """Counts, by name, the calls that synchronise with an accelerator (benchmarks/bench.py's list: item, tolist,
     cpu, nonzero, ...) made on tensors of `device`; on CPU (dry run) on any tensor, i.e. the places."""
-    torch = _torch()
     from bench import SYNC_CALLS
 
     class Counter(torch.overrides.TorchFunctionMode):
@@ -505,7 +495,6 @@ def sync_like_counter(device):
 
 def count_cuda_syncs(fn, device):
     """Synchronising CUDA calls of `fn`, as torch.cuda.set_sync_debug_mode("warn") reports them; None on CPU."""
-    torch = _torch()
     if device != "cuda":
         fn()
         return None
@@ -521,9 +510,6 @@ def count_cuda_syncs(fn, device):
 
 
 def run_compile(ctx):
-    torch = _torch()
-    import common
-
     device, dry_run = ctx["device"], ctx["dry_run"]
     warmup, repeats = (0, 1) if dry_run else (2, 5)
     case = compile_cases(dry_run)[0]
@@ -555,7 +541,6 @@ def run_compile(ctx):
 
 
 def run_export(ctx):
-    torch = _torch()
     import numpy as np
     import onnxruntime as ort
 
@@ -634,7 +619,6 @@ RUNNERS = {"kernel": run_kernel, "hub_kernel": run_hub_kernel, "inference": run_
 
 def worker(spec):
     """Run the sections of `spec` one after another; each prints its own RESULT line as soon as it ends."""
-    torch = _torch()
     warnings.filterwarnings("ignore", category=FutureWarning)
     device = "cpu" if spec["dry_run"] else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -729,8 +713,6 @@ def machine():
     """Versions and devices, from the parent process (torch only; the workers import the rest)."""
     import platform
 
-    import torch
-
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     for package in ("triton", "transformers", "kernels", "onnxruntime"):
@@ -761,6 +743,8 @@ def main(argv=None):
                         help="dry run: write the section with every GPU figure pending")
     parser.add_argument("--replace-gpu-figures", action="store_true",
                         help="with --write-pending: even over a section that holds figures of a GPU run")
+    parser.add_argument("--from-json", metavar="JSON",
+                        help="measure nothing: render (and write, as the flags say) the report of an earlier run")
     parser.add_argument("--time-scale", type=float, default=None,
                         help="multiply every section's time limit (default 1 on a GPU, 4 in a dry run)")
     args = parser.parse_args(argv)
@@ -768,42 +752,48 @@ def main(argv=None):
         return worker(json.loads(args.worker))
     if args.replace_gpu_figures and not args.write_pending:
         parser.error("--replace-gpu-figures goes with --write-pending")
-    sections = [name for name in args.sections if name not in args.skip]
-    scale = args.time_scale or (4.0 if args.dry_run else 1.0)
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    wall = time.perf_counter()
-    info = machine()
-    if not args.dry_run and info["gpu"] is None:
-        print("gpu_check: no CUDA device here; run with --dry-run to check the script on CPU", file=sys.stderr)
-        return 2
-    results = run_groups(worker_groups(sections, args.dry_run), args.dry_run, scale)
-    report = {
-        "script": "benchmarks/gpu_check.py", "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
-        "dry_run": args.dry_run, "gpu_figures": not args.dry_run, "started": started, "machine": info,
-        "total_s": time.perf_counter() - wall,
-        "sections": {name: results[name] for name in sections},
-        "skipped": [name for name in RUNNERS if name not in sections],
-    }
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+    else:
+        report = measure(args)
+        if report is None:
+            print("gpu_check: no CUDA device here; run with --dry-run to check the script on CPU", file=sys.stderr)
+            return 2
     markdown = render(report)
     print(markdown)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
-    if args.dry_run and args.write_pending or not args.dry_run and not args.no_write:
+    dry_run = report["dry_run"]
+    if dry_run and args.write_pending or not dry_run and not args.no_write:
         try:
-            write_benchmarks(args.output, markdown, gpu_figures=not args.dry_run, replace=args.replace_gpu_figures)
+            write_benchmarks(args.output, markdown, gpu_figures=not dry_run, replace=args.replace_gpu_figures)
         except ValueError as error:
             print(f"gpu_check: {error}", file=sys.stderr)
             return 2
     failed = [name for name, result in report["sections"].items() if result["status"] != "ok"]
-    print(f"gpu_check: {len(sections) - len(failed)}/{len(sections)} sections ok"
+    print(f"gpu_check: {len(report['sections']) - len(failed)}/{len(report['sections'])} sections ok"
           + (f", failed: {', '.join(failed)}" if failed else "") + f" ({report['total_s']:.0f} s)", file=sys.stderr)
     return 1 if failed else 0
 
 
+def measure(args):
+    """Run the chosen sections; the report (None when a GPU run finds no GPU)."""
+    sections = [name for name in args.sections if name not in args.skip]
+    started, wall, info = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter(), machine()
+    if not args.dry_run and info["gpu"] is None:
+        return None
+    scale = args.time_scale or (4.0 if args.dry_run else 1.0)
+    results = run_groups(worker_groups(sections, args.dry_run), args.dry_run, scale)
+    return {
+        "script": "benchmarks/gpu_check.py", "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
+        "dry_run": args.dry_run, "gpu_figures": not args.dry_run, "started": started, "machine": info,
+        "total_s": time.perf_counter() - wall, "sections": {name: results[name] for name in sections},
+        "skipped": [name for name in RUNNERS if name not in sections],
+    }
+
+
 def write_benchmarks(path, markdown, gpu_figures, replace=False):
     """Write the gpu_check block of `path`; a pending table never replaces a GPU run's figures unless `replace`."""
-    import common
-
     path = Path(path)
     current = path.read_text() if path.exists() else ""
     start, end = f"<!-- {SECTION_NAME}:start -->", f"<!-- {SECTION_NAME}:end -->"
@@ -932,11 +922,8 @@ def render(report):
 
 def _section_notes(name, result, dry_run):
     notes = []
-    status = "ran in the dry run (CPU, not a GPU figure)" if dry_run else "ok"
     if result["status"] != "ok":
         notes.append(f"**Section failed** ({'dry run' if dry_run else 'GPU run'}): `{result.get('error', '?')}`")
-    elif dry_run:
-        notes.append(f"Status: {status}.")
     if name == "kernel":
         notes.append("Inputs as inside the model under autocast: value and weights in the row's dtype, locations "
                      "float32; errors against the float32 reference on the same rounded inputs, gradient errors "

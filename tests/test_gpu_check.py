@@ -142,6 +142,16 @@ def test_a_gpu_report_renders_its_figures_and_a_dry_run_never_replaces_them(dry_
     text = path.read_text()
     assert "Measured on Test GPU" not in text and "<!-- other:start -->\nkept\n<!-- other:end -->" in text
 
+    # a GPU run's JSON brought back from the GPU machine: rendered and written again without measuring
+    saved = tmp_path / "gpu_check.json"
+    saved.write_text(json.dumps(gpu_report))
+    assert gpu_check.main(["--from-json", str(saved), "--output", str(path)]) == 0
+    assert "Measured on Test GPU" in path.read_text()
+    dry_saved = tmp_path / "dry.json"
+    dry_saved.write_text(json.dumps(report))
+    assert gpu_check.main(["--from-json", str(dry_saved), "--output", str(path), "--write-pending"]) == 2
+    assert "Measured on Test GPU" in path.read_text()  # refused, in one line
+
 
 def test_a_failing_section_is_reported_and_the_others_still_render():
     report = {

@@ -4,7 +4,7 @@ transformers marks the sampling op of Deformable DETR, RT-DETR, LW-DETR, RF-DETR
 OmDet-Turbo and PP-DocLayout (v2-v4) with `use_kernel_forward_from_hub("MultiScaleDeformableAttention")`: the
 `kernels` library's `kernelize` may then swap that layer's forward for a stateless layer of the same signature from
 a kernel repository. The one transformers maps by default (`kernels-community/deformable-detr`) is a compiled CUDA
-float32 kernel fetched from the Hub. `TritonMultiScaleDeformableAttention` is ours: the dispatch of
+kernel downloaded from the Hub. `TritonMultiScaleDeformableAttention` is ours: the dispatch of
 `ms_deform_attn.py` (the Triton kernel on CUDA in float32, bfloat16 and float16, forward and backward, a torch custom
 op that torch.compile traces without a graph break; elsewhere the CPU gather or the grid_sample reference; never the
 kernel inside an export).
@@ -19,7 +19,7 @@ object whose `load()` returns the layer class, so no download):
 
     from kernels import Mode, kernelize, use_kernel_mapping
     with use_kernel_mapping(deformable_attention_kernel_mapping(), inherit_mapping=False):
-        kernelize(model, mode=Mode.INFERENCE, device="cuda")
+        kernelize(model, mode=Mode.INFERENCE, device="cuda")  # other hub-kernel layers: back to their own forward
 
 Both need the optional `kernels` package (`pip install 'align-detr-hf[kernels]'`): without it, transformers leaves
 the layers unmarked and nothing can be swapped. `model.reset_kernels()` (transformers) restores the original forward.
