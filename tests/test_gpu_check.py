@@ -2,8 +2,9 @@
 it: every section runs and reports JSON with real checks (kernel and hub-layer errors within tolerance, the fallback
 without triton clean, the compiled model without graph break), and nothing it prints is presented as a GPU figure.
 
-The dry run takes ~40 s of CPU (one run per module, ~1.5 min on a busy 2-core machine); its export section (~45 s
-of CPU for the ONNX translation alone) runs in the slow test.
+The dry run (once per module) takes ~40 s of CPU, in two worker processes side by side: 100-130 s of wall time
+measured on 2 cores at load average 10-12; its export section (~50 s of CPU, most of it the ONNX export) runs in the
+slow test.
 """
 
 import copy
