@@ -15,6 +15,7 @@ from .hub import (
     register_remote_code,
     write_model_card,
 )
+from .hub_kernels import use_triton_deformable_attention
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .loss_adapters import remove_align_detr_loss, use_align_detr_loss
 from .loss_align_detr import AlignDetrLoss
@@ -45,6 +46,7 @@ __all__ = [
     "build_model_card",
     "remove_align_detr_loss",
     "use_align_detr_loss",
+    "use_triton_deformable_attention",
     "write_model_card",
 ]
 
