@@ -1,5 +1,11 @@
 """The Hub side of Align-DETR: our code in every saved folder, and a model card on every push.
 
+Ownership: `register_owned_saves()` (run once when `align_detr_hf` is imported) makes `save_pretrained` of our config,
+models and image processor follow the package's one write rule ([`file_io`]): a save is written in a staging folder,
+then each file is moved into place where it may replace only a file that an earlier save wrote and nobody changed
+since (`save_pretrained(..., overwrite=True)`: any); other files in the folder are kept, and every file gets the
+modes of any new file (safetensors writes 0600). The model card and the copied code follow the same rule.
+
 Remote code: `register_remote_code()` (run once when `align_detr_hf` is imported) registers the config, both
 model classes and the image processor for their Auto classes, permanently. From then on every `save_pretrained` /
 `push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts, the converter)
@@ -17,9 +23,12 @@ a `Trainer` run (last evaluation, hyper-parameters) and writes the card into eve
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +42,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
+from .file_io import owned_file, owned_files_in
 from .image_processing_align_detr import AlignDetrImageProcessor
-from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel
+from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel, AlignDetrPreTrainedModel
 
 __all__ = [
     "AUTO_CLASSES",
@@ -44,6 +54,7 @@ __all__ = [
     "copy_remote_code",
     "push_folder_to_hub",
     "push_to_hub_with_model_card",
+    "register_owned_saves",
     "register_remote_code",
     "training_card_kwargs",
     "write_model_card",
@@ -146,6 +157,41 @@ COCO-style metrics (pycocotools, 0-1 scale){% if dataset_name %} on {{ dataset_n
 """
 
 
+# ------------------------------------------------------------------------------------------------ ownership
+
+SAVE_WRITER = "save_pretrained"  # how our saves (and the model card, the copied code) are recorded (file_io)
+# the weight files of a save: those of an earlier save that this one does not renew (e.g. shards) are removed
+_staging: contextvars.ContextVar[bool] = contextvars.ContextVar("align_detr_saving", default=False)
+_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def owned_save(save):
+    """Wrap a `save_pretrained` so that it follows the ownership rule (see the module docstring)."""
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, overwrite: bool = False, **kwargs):
+        if _staging.get():  # a save inside ours (the model saves its config): into our staging folder as it is
+            return save(self, save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder it is given
+            kwargs.setdefault("repo_id", Path(save_directory).name)
+        with owned_files_in(save_directory, SAVE_WRITER, overwrite=overwrite, stale=_WEIGHT_FILES.fullmatch) as staging:
+            token = _staging.set(True)
+            try:
+                return save(self, staging, *args, **kwargs)
+            finally:
+                _staging.reset(token)
+
+    save_pretrained.owned = True
+    return save_pretrained
+
+
+def register_owned_saves() -> None:
+    """Make `save_pretrained` of our config, models and image processor follow the ownership rule (idempotent)."""
+    for cls in (AlignDetrConfig, AlignDetrPreTrainedModel, AlignDetrImageProcessor):
+        if not getattr(cls.save_pretrained, "owned", False):
+            cls.save_pretrained = owned_save(cls.save_pretrained)
+
+
 # ------------------------------------------------------------------------------------------------ remote code
 
 
@@ -167,10 +213,11 @@ def copy_remote_code(save_directory: str | os.PathLike) -> list[Path]:
 
     For folders assembled without `save_pretrained`, e.g. the Trainer's output folder before a push from a checkpoint
     (transformers copies only weights and config there)."""
-    copied = set()
-    for cls in AUTO_CLASSES:
-        copied.update(Path(p) for p in custom_object_save(cls, save_directory))
-    return sorted(copied)
+    names = set()
+    with owned_files_in(save_directory, SAVE_WRITER) as staging:
+        for cls in AUTO_CLASSES:
+            names.update(Path(p).name for p in custom_object_save(cls, staging))
+    return sorted(Path(save_directory) / name for name in names)
 
 
 # ------------------------------------------------------------------------------------------------ model card
@@ -283,9 +330,11 @@ def write_model_card(
     license: str = "apache-2.0",
     citation: str | None = None,
     description: str | None = None,
+    overwrite: bool = False,
 ) -> ModelCard:
     """Build the card (see `build_model_card`) and write it to `save_directory/README.md` atomically (a temporary
-    file renamed over the old one). The class names come from the folder's `config.json` when there is one."""
+    file renamed over the old one), which may replace only a card written by us and unchanged since, unless
+    `overwrite`. The class names come from the folder's `config.json` when there is one."""
     save_directory = Path(save_directory)
     if save_directory.exists() and not save_directory.is_dir():
         raise NotADirectoryError(f"write_model_card needs a folder, got the file {save_directory}.")
@@ -297,14 +346,8 @@ def write_model_card(
         hyperparameters=hyperparameters, source=source, license=license, citation=citation, description=description,
         id2label=_folder_id2label(folder_config), architecture=describe_architecture(folder_config),
     )
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=save_directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(str(card))
-        os.replace(tmp, save_directory / README)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with owned_file(save_directory / README, SAVE_WRITER, overwrite=overwrite) as temp:
+        temp.write_bytes(str(card).encode("utf-8"))
     return card
 
 
