@@ -353,7 +353,7 @@ def _move_into(staging: Path, dest: Path, writer: str, overwrite: bool, stale: C
         os.replace(staging / rel, dest / rel)
     written = {dest / rel for rel in new}
     renews_stale = any(stale(str(rel)) for rel in new)  # e.g. a save that writes weights replaces all earlier shards
-    for folder in {p.parent for p in written} if renews_stale else ():
+    for folder in {manifest.parent for manifest in dest.rglob(MANIFEST_NAME)} if renews_stale else ():
         for name in _read_manifest(folder):
             old = folder / name
             if old not in written and stale(str(old.relative_to(dest))) and is_own_output(old, writer):
@@ -439,7 +439,7 @@ def owned_files_in(
     if folder.exists() and not folder.is_dir():
         raise OutputPathError(f"refused to write into {folder}: it is a file, not a folder.")
     check_output_folder(folder)
-    staging = Path(tempfile.mkdtemp(prefix=".align_detr_staging-", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=".align_detr.staging-", dir=folder))
     try:
         yield staging
         _move_into(staging, folder, writer, overwrite, stale)
