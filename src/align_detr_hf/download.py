@@ -136,17 +136,17 @@ def download(
 # ------------------------------------------------------------------------------------------------ the transfer
 
 
-def _tracking_opener(connections: list) -> urllib.request.OpenerDirector:
-    """urllib's opener (proxies from the environment, redirects, TLS checks) whose connections are remembered, so that
-    the deadline watchdog can close their sockets."""
+def _tracking_opener(sockets: list) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies from the environment, redirects, TLS checks) whose sockets are remembered, so that the
+    deadline watchdog can shut them down (urllib drops the connection's own reference once the headers are read)."""
 
     def tracked(connection_class):
-        def connect(*args, **kwargs):
-            connection = connection_class(*args, **kwargs)
-            connections.append(connection)
-            return connection
+        class Tracked(connection_class):
+            def connect(self):
+                super().connect()
+                sockets.append(self.sock)
 
-        return connect
+        return Tracked
 
     class HTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
@@ -163,18 +163,16 @@ def _tracking_opener(connections: list) -> urllib.request.OpenerDirector:
 
 def _fetch(url: str, out, deadline_s: float, what: str) -> str:
     """Stream `url` into the open file `out` within `deadline_s`; returns the sha256 of what was written."""
-    connections: list = []
+    sockets: list = []
     expired = threading.Event()
 
     def expire():
         expired.set()
-        for connection in connections:
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once
+            except OSError:
+                pass
 
     def fail(reason: str, cause: BaseException | None = None):
         if expired.is_set() or time.monotonic() > deadline:
@@ -187,7 +185,7 @@ def _fetch(url: str, out, deadline_s: float, what: str) -> str:
     watchdog.start()
     digest, received, length = hashlib.sha256(), 0, None
     try:
-        with _tracking_opener(connections).open(url, timeout=min(STALL_S, deadline_s)) as response:
+        with _tracking_opener(sockets).open(url, timeout=min(STALL_S, deadline_s)) as response:
             header = response.headers.get("Content-Length")
             length = int(header) if header and header.strip().isdigit() else None
             while chunk := response.read(_CHUNK):
