@@ -443,3 +443,26 @@ def outcome_table() -> str:
 
 if __name__ == "__main__":
     print(outcome_table())
+
+
+def test_trainer_copies_of_our_checkpoint_files_are_adopted(tmp_path):
+    """A Trainer pushing from checkpoints copies their weights into output_dir; its final save_model() must not
+    refuse those copies (ModelCardCallback.on_save adopts exact copies of our files, nothing else)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from align_detr_hf.file_io import OutputPathError
+    from align_detr_hf.hub import ModelCardCallback
+
+    out, model = tmp_path / "run", tiny_model()
+    model.save_pretrained(out / "checkpoint-2")
+    for name in ("config.json", "model.safetensors"):  # what Trainer._push_from_checkpoint does
+        shutil.copy(out / "checkpoint-2" / name, out / name)
+    (out / "preprocessor_config.json").write_text('{"mine": 1}')  # not a copy of ours: never adopted
+    with pytest.raises(OutputPathError, match=r"refused to replace .*config\.json: align-detr did not write it"):
+        model.save_pretrained(out)
+    args = SimpleNamespace(output_dir=str(out), should_save=True, hub_model_id=None)
+    ModelCardCallback().on_save(args, SimpleNamespace(global_step=2), None)
+    model.save_pretrained(out)  # the final save over the adopted copies
+    with pytest.raises(OutputPathError, match=r"preprocessor_config\.json: align-detr did not write it"):
+        AlignDetrImageProcessor().save_pretrained(out)

@@ -43,6 +43,7 @@ __all__ = [
     "model_input_folders",
     "owned_file",
     "owned_files_in",
+    "read_manifest",
     "record_output",
     "sha256_of_file",
 ]
@@ -66,7 +67,9 @@ def sha256_of_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _read_manifest(folder: Path) -> dict[str, dict]:
+def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
+    """What the manifest of `folder` records: file name -> {"sha256", "size", "writer"} ({} if none)."""
+    folder = Path(folder)
     try:
         files = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("files", {})
     except (OSError, ValueError, AttributeError):
@@ -90,7 +93,7 @@ def record_output(paths: str | os.PathLike | Iterable[str | os.PathLike], writer
             if file.name != MANIFEST_NAME and file.is_file() and not file.is_symlink():
                 by_folder.setdefault(file.parent, []).append(file)
     for folder, files in by_folder.items():
-        entries = {name: entry for name, entry in _read_manifest(folder).items() if (folder / name).is_file()}
+        entries = {name: entry for name, entry in read_manifest(folder).items() if (folder / name).is_file()}
         for file in files:
             entries[file.name] = {"sha256": sha256_of_file(file), "size": file.stat().st_size, "writer": writer}
         _write_manifest(folder, entries)
@@ -100,7 +103,7 @@ def _ownership(path: Path, writer: str) -> str | None:
     """None if `path` is a file that `writer` wrote and nobody changed since; else why it is not."""
     if path.is_symlink() or not path.is_file():
         return "it is not a file align-detr wrote"
-    entry = _read_manifest(path.parent).get(path.name)
+    entry = read_manifest(path.parent).get(path.name)
     if not isinstance(entry, dict):
         return "align-detr did not write it"
     if entry.get("writer") != writer:
@@ -354,7 +357,7 @@ def _move_into(staging: Path, dest: Path, writer: str, overwrite: bool, stale: C
     written = {dest / rel for rel in new}
     renews_stale = any(stale(str(rel)) for rel in new)  # e.g. a save that writes weights replaces all earlier shards
     for folder in {manifest.parent for manifest in dest.rglob(MANIFEST_NAME)} if renews_stale else ():
-        for name in _read_manifest(folder):
+        for name in read_manifest(folder):
             old = folder / name
             if old not in written and stale(str(old.relative_to(dest))) and is_own_output(old, writer):
                 old.unlink()

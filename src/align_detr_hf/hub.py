@@ -475,6 +475,7 @@ class ModelCardCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and checkpoint.is_dir():
             self.write(checkpoint, default_model_name=args.hub_model_id)
+            adopt_checkpoint_copies(checkpoint, args.output_dir)
 
     def on_push_begin(self, args, state, control, **kwargs):
         if args.should_save:
@@ -488,6 +489,25 @@ class ModelCardCallback(TrainerCallback):
         if kwargs.get("model_name") is None:
             kwargs["model_name"] = default_model_name or self.hub_model_id
         return write_model_card(save_directory, **kwargs)
+
+
+def adopt_checkpoint_copies(checkpoint, output_dir) -> list[Path]:
+    """Record as ours the files of `output_dir` that are byte copies of files our save wrote in `checkpoint`.
+
+    A Trainer pushing to the Hub from checkpoints copies the weights and config of each new checkpoint into its output
+    folder with `shutil.copy`; without this, the final `save_model()` there would refuse them as files it did not
+    write. Only exact copies of our own files are adopted, so nothing the user wrote becomes ours."""
+    from .file_io import is_own_output, read_manifest, record_output, sha256_of_file
+
+    adopted = []
+    for name, entry in read_manifest(Path(checkpoint)).items():
+        source, copy = Path(checkpoint) / name, Path(output_dir) / name
+        if (copy.is_file() and not copy.is_symlink() and copy.stat().st_size == entry.get("size")
+                and not is_own_output(copy, SAVE_WRITER) and is_own_output(source, SAVE_WRITER)
+                and sha256_of_file(copy) == entry.get("sha256")):  # fmt: skip
+            adopted.append(copy)
+    record_output(adopted, SAVE_WRITER)
+    return adopted
 
 
 def trainer_hyperparameters(args) -> dict:
