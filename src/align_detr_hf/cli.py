@@ -252,8 +252,12 @@ def _demo(argv: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export_align_detr import export_onnx, load_for_export
+    from .export_align_detr import WRITER, export_onnx, load_for_export
+    from .file_io import claim_output, model_input_folders
 
+    # before loading anything (export_onnx checks again with the loaded model's folder)
+    claim_output(Path(args.output).expanduser(), WRITER, overwrite=args.overwrite,
+                 inputs=model_input_folders(args.model))
     model = load_for_export(args.model)
     path = export_onnx(
         model,
