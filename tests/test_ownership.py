@@ -466,3 +466,32 @@ def test_trainer_copies_of_our_checkpoint_files_are_adopted(tmp_path):
     model.save_pretrained(out)  # the final save over the adopted copies
     with pytest.raises(OutputPathError, match=r"preprocessor_config\.json: align-detr did not write it"):
         AlignDetrImageProcessor().save_pretrained(out)
+
+
+def test_the_manifest_is_not_uploaded(tmp_path, monkeypatch):
+    import fnmatch
+
+    from align_detr_hf import hub
+    from align_detr_hf.file_io import MANIFEST_NAME
+
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            uploads.append(sorted(p.name for p in Path(folder_path).iterdir()
+                                  if not any(fnmatch.fnmatch(p.name, pattern) for pattern in ignore_patterns)))
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub.ModelCard, "load", staticmethod(lambda repo_id, token=None: (_ for _ in ()).throw(
+        hub.EntryNotFoundError("none"))))
+    save_like_a_training_script(tmp_path / "m")
+    assert (tmp_path / "m" / MANIFEST_NAME).is_file()
+    hub.push_folder_to_hub(tmp_path / "m", "org/m")
+    tiny_model().push_to_hub("org/m")
+    assert all("config.json" in names and MANIFEST_NAME not in names for names in uploads) and len(uploads) == 2

@@ -42,7 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
-from .file_io import owned_file, owned_files_in
+from .file_io import MANIFEST_NAME, owned_file, owned_files_in
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel, AlignDetrPreTrainedModel
 
@@ -69,6 +69,8 @@ AUTO_CLASSES = {
 }
 
 README = "README.md"
+# the local record of what this package wrote (file_io) is not part of a model repository
+NOT_UPLOADED = [MANIFEST_NAME, f"**/{MANIFEST_NAME}"]
 # transformers' placeholder card (`create_and_tag_model_card`), e.g. from pushing the image processor first
 _GENERIC_CARD_TEXT = "This model card has been automatically generated."
 
@@ -406,6 +408,7 @@ def push_to_hub_with_model_card(
         return api.upload_folder(
             repo_id=repo_id, folder_path=work_dir, commit_message=commit_message or "Upload Align-DETR model",
             commit_description=commit_description, revision=revision, create_pr=create_pr,
+            ignore_patterns=NOT_UPLOADED,
         )
 
 
@@ -414,7 +417,8 @@ def push_folder_to_hub(folder, repo_id: str, *, commit_message: str = "Upload Al
     """Upload a saved folder (weights, config, processor, code, README.md) to `repo_id` as one commit."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             ignore_patterns=NOT_UPLOADED)
 
 
 def training_card_kwargs(
