@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# downloads (loopback servers in tests) go to a private cache of this session, never to the user's
+os.environ.setdefault("ALIGN_DETR_CACHE", __import__("tempfile").mkdtemp(prefix="align_detr_test_cache_"))
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402

@@ -217,11 +217,14 @@ def _is_conversion(folder: Path) -> None:
 
 
 def _previous_conversion(ctx, rel="out"):
-    folder = ctx.path(rel)
-    folder.mkdir(parents=True)
-    AlignDetrForObjectDetection(tiny_config(num_queries=7)).save_pretrained(folder)
-    AlignDetrImageProcessor().save_pretrained(folder)
-    return folder
+    """A folder as `align-detr convert` leaves it (recorded in its manifest as the converter's)."""
+    from align_detr_hf.convert_align_detr import WRITER
+    from align_detr_hf.file_io import atomic_directory
+
+    with atomic_directory(ctx.path(rel), WRITER) as staging:
+        AlignDetrForObjectDetection(tiny_config(num_queries=7)).save_pretrained(staging)
+        AlignDetrImageProcessor().save_pretrained(staging)
+    return ctx.path(rel)
 
 
 @case("converter_output", Exit(r"holds the input .*model\.pth"))
@@ -247,14 +250,15 @@ def convert_into_the_current_directory(ctx):
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ".", "--overwrite")
 
 
-@case("converter_output", Exit(r"not empty and does not hold a previous output .*--overwrite"))
+@case("converter_output", Exit(r"refused to replace the folder .*photos: it holds cat\.jpg \(align-detr did not write "
+                                r"it\); .*--overwrite"))
 def convert_into_an_unrelated_folder(ctx):
     _fake_conversion(ctx)
     ctx.file("photos/cat.jpg", b"jpeg bytes")
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ctx.path("photos"))
 
 
-@case("converter_output", Exit(r"not empty and does not hold a previous output"))
+@case("converter_output", Exit(r"refused to replace the folder .*out: it holds my_notes\.txt"))
 def convert_over_a_conversion_holding_a_user_file(ctx):
     _fake_conversion(ctx)
     _previous_conversion(ctx)
@@ -315,13 +319,13 @@ def convert_over_a_previous_conversion(ctx):
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ctx.path("out"))
 
 
-def _replaced_with_overwrite(result, ctx):
+def _written_with_overwrite(result, ctx):
     _is_conversion(ctx.path("out"))
-    assert not ctx.path("out/old.txt").exists() and ctx.path("beside.txt").read_text() == "untouched"
+    assert ctx.path("out/old.txt").read_text() == "old" and ctx.path("beside.txt").read_text() == "untouched"
 
 
-@case("converter_output", Ok(_replaced_with_overwrite, replaced=("out",)))
-def convert_with_overwrite_replaces_an_unrelated_folder(ctx):
+@case("converter_output", Ok(_written_with_overwrite))  # --overwrite replaces what it writes, deletes nothing else
+def convert_with_overwrite_writes_into_an_unrelated_folder_and_keeps_its_files(ctx):
     _fake_conversion(ctx)
     ctx.file("out/old.txt", "old")
     ctx.file("beside.txt", "untouched")
@@ -404,12 +408,12 @@ def unreachable_checkpoint_url(ctx):  # port 9 (discard) on localhost: refused a
 
 @case("checkpoint_file", Exit(r"cannot download https://example\.invalid/x_robustness\.pth: .*Name or service"))
 def checkpoint_url_dns_failure(ctx):
-    import urllib.request
+    import socket
 
     def no_dns(*args, **kwargs):
-        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+        raise socket.gaierror(-2, "Name or service not known")
 
-    ctx.monkeypatch.setattr(urllib.request, "urlopen", no_dns)
+    ctx.monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     return ctx.cli("convert", "--checkpoint", "https://example.invalid/x_robustness.pth", "--output-dir",
                    ctx.path("out"))  # fmt: skip
 
@@ -531,11 +535,21 @@ def _outputs_written_beside_user_files(result, ctx):
     assert (ctx.path("pred") / "a_detections.png").is_file() and ctx.path("pred/detections.json").is_file()
 
 
-@case("predict", Ok(_outputs_written_beside_user_files, replaced=("pred/detections.json",)))
+@case("predict", Ok(_outputs_written_beside_user_files, replaced=("pred/detections.json", "pred/.align_detr_manifest.json")))
 def predict_into_a_folder_with_other_files(ctx):
+    from align_detr_hf.cli import PREDICT_WRITER
+    from align_detr_hf.file_io import record_output
+
     image = ctx.image("a.png", Image.fromarray(_rgb()))
     ctx.file("pred/mine.txt", "user file")
-    ctx.file("pred/detections.json", "{}")  # our own output name: replaced atomically
+    record_output(ctx.file("pred/detections.json", "{}"), PREDICT_WRITER)  # an earlier predict's: replaced atomically
+    return _predict(ctx, image)
+
+
+@case("predict", Exit(r"refused to replace .*pred/detections\.json: align-detr did not write it; .*--overwrite"))
+def predict_over_a_users_file_of_the_same_name(ctx):
+    image = ctx.image("a.png", Image.fromarray(_rgb()))
+    ctx.file("pred/detections.json", '{"mine": true}')
     return _predict(ctx, image)
 
 
@@ -572,7 +586,7 @@ def demo_output_is_a_file(ctx):
     return ctx.cli("demo", "--output_dir", ctx.file("taken"), "--quiet")
 
 
-@case("demo", Exit(r"model exists and is not a previous demo model"))
+@case("demo", Exit(r"refused to replace the folder .*demo/model: it holds thesis\.tex"))
 def demo_model_folder_holds_user_files(ctx):
     ctx.file("demo/model/thesis.tex", "keep me")
     return _demo(ctx)
@@ -1011,20 +1025,22 @@ def test_read_only_folder_for_real(tmp_path, capsys):
 
 
 def test_atomic_directory_property(tmp_path):
-    """Random existing folders x overwrite x outcome: a refused or failed write leaves every byte as it was, a
-    successful one leaves exactly the new content, nothing beside the folder changes, no staging is left."""
+    """Random existing folders (ours, ours but edited, or a user's) x overwrite x outcome: a refused or failed write
+    leaves every byte as it was; a successful one leaves the new content and never deletes or changes a file the
+    writer does not own (unless overwrite asked for the same name); nothing beside the folder changes, no staging is
+    left."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from align_detr_hf.file_io import OutputPathError, atomic_directory
+    from align_detr_hf.file_io import OutputPathError, atomic_directory, record_output
 
     names = st.sampled_from(["config.json", "model.safetensors", "notes.txt", "sub/x.bin", "a.py"])
 
     @settings(max_examples=40, deadline=None, database=None)
     @given(existing=st.one_of(st.none(), st.dictionaries(names, st.binary(max_size=8), max_size=4)),
            new=st.dictionaries(names, st.binary(max_size=8), min_size=1, max_size=3),
-           overwrite=st.booleans(), fail=st.booleans(), replaceable=st.booleans())  # fmt: skip
-    def check(existing, new, overwrite, fail, replaceable):
+           own=st.booleans(), edited=st.booleans(), overwrite=st.booleans(), fail=st.booleans())  # fmt: skip
+    def check(existing, new, own, edited, overwrite, fail):
         root = Path(tempfile.mkdtemp(dir=tmp_path))
         (root / "beside.txt").write_bytes(b"neighbour")
         out = root / "out"
@@ -1033,10 +1049,15 @@ def test_atomic_directory_property(tmp_path):
             for name, data in existing.items():
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(data)
+            if own:
+                record_output(out, "writer")
+            if edited and existing:
+                (out / sorted(existing)[0]).write_bytes(b"edited by the user")
+        replaceable = not existing or (own and not edited)
         before = snapshot(root)
         outcome = "written"
         try:
-            with atomic_directory(out, overwrite=overwrite, is_replaceable=lambda folder: replaceable) as staging:
+            with atomic_directory(out, "writer", overwrite=overwrite) as staging:
                 for name, data in new.items():
                     (staging / name).parent.mkdir(parents=True, exist_ok=True)
                     (staging / name).write_bytes(data)
@@ -1046,52 +1067,64 @@ def test_atomic_directory_property(tmp_path):
             outcome = "refused"
         except RuntimeError:
             outcome = "failed"
-        after = snapshot(root)
+        after = {p: d for p, d in snapshot(root).items() if not p.endswith(".align_detr_manifest.json")}
+        before = {p: d for p, d in before.items() if not p.endswith(".align_detr_manifest.json")}
         assert after["beside.txt"] == before["beside.txt"]
         assert not [p for p in after if LEFTOVER.search(p)]
         if outcome != "written":
             assert after == before
-            non_empty = bool(existing)
-            assert outcome == ("failed" if (not non_empty or overwrite or replaceable) else "refused")
-        else:
-            assert not fail
-            assert {p: d for p, d in after.items() if p.startswith("out/") and d != "<dir>"} == {
-                f"out/{name}": hashlib.sha256(data).hexdigest() for name, data in new.items()}
+            assert outcome == ("failed" if (replaceable or overwrite) else "refused")
+            return
+        assert not fail and (replaceable or overwrite)
+        expected = {f"out/{name}": hashlib.sha256(data).hexdigest() for name, data in new.items()}
+        files = {p: d for p, d in after.items() if p.startswith("out/") and d != "<dir>"}
+        if replaceable:
+            assert files == expected  # swapped: exactly the new content
+        else:  # overwrite into a folder holding the user's files: theirs kept unless replaced by the same name;
+            # the writer's own unchanged files that this write did not renew are gone (stale)
+            own_unchanged = {f"out/{name}" for name in existing if own} - (
+                {f"out/{sorted(existing)[0]}"} if edited else set())
+            kept = {p: d for p, d in before.items()
+                    if p.startswith("out/") and d != "<dir>" and p not in expected and p not in own_unchanged}
+            assert files == {**kept, **expected}
 
     check()
 
 
 def test_atomic_directory_swap_failure_puts_the_old_folder_back(tmp_path, monkeypatch):
-    from align_detr_hf.file_io import atomic_directory
+    from align_detr_hf.file_io import atomic_directory, record_output
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
+    record_output(out, "writer")
+    before = snapshot(tmp_path)
     real_replace = os.replace
 
     def fail_on_staging(src, dst):
-        if ".staging-" in str(src):
+        if ".staging-" in str(src) and "manifest" not in str(dst):
             raise OSError(5, "I/O error")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", fail_on_staging)
     with pytest.raises(OSError, match="I/O error"):
-        with atomic_directory(out, is_replaceable=lambda folder: True) as staging:
+        with atomic_directory(out, "writer") as staging:
             (staging / "config.json").write_text("new")
-    assert snapshot(tmp_path) == {"out": "<dir>", "out/config.json": hashlib.sha256(b"old").hexdigest()}
+    assert snapshot(tmp_path) == before
 
 
 def test_atomic_directory_old_copy_that_cannot_be_removed_is_a_warning(tmp_path, monkeypatch):
     import shutil
 
-    from align_detr_hf.file_io import atomic_directory
+    from align_detr_hf.file_io import atomic_directory, record_output
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
+    record_output(out, "writer")
     monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (_ for _ in ()).throw(OSError(16, "busy")))
     with pytest.warns(UserWarning, match=r"out was replaced, but its previous content, moved to .*\.out\.old-"):
-        with atomic_directory(out, is_replaceable=lambda folder: True) as staging:
+        with atomic_directory(out, "writer") as staging:
             (staging / "config.json").write_text("new")
     assert (out / "config.json").read_text() == "new"
 
@@ -1099,10 +1132,16 @@ def test_atomic_directory_old_copy_that_cannot_be_removed_is_a_warning(tmp_path,
 def test_demo_disk_full_while_writing_outputs_is_one_line(tmp_path, monkeypatch, capsys):
     import align_detr_hf.demo as demo
 
-    def disk_full(path, text, encoding="utf-8"):
-        raise OSError(28, "No space left on device", str(path))
+    real_owned_file = demo.owned_file
 
-    monkeypatch.setattr(demo, "atomic_write_text", disk_full)
+    @contextmanager
+    def disk_full(path, *args, **kwargs):
+        if Path(path).name == "metrics.json":
+            raise OSError(28, "No space left on device", str(path))
+        with real_owned_file(path, *args, **kwargs) as temp:
+            yield temp
+
+    monkeypatch.setattr(demo, "owned_file", disk_full)
     with time_limit(CASE_TIME_LIMIT_S), pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--output_dir", str(tmp_path / "demo"), "--quiet", "--num_train_images", "2",
                   "--num_val_images", "1", "--steps", "1", "--image_size", "64", "--d_model", "64",
@@ -1120,7 +1159,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     previous = os.umask(0o022)
     try:
         atomic_write_bytes(tmp_path / "model.onnx", b"graph")
-        with atomic_directory(tmp_path / "converted", overwrite=False) as staging:
+        with atomic_directory(tmp_path / "converted", "writer") as staging:
             (staging / "config.json").write_text("{}")
     finally:
         os.umask(previous)

@@ -12,6 +12,7 @@ from .hub import (
     ModelCardTrainerMixin,
     build_model_card,
     push_to_hub_with_model_card,
+    register_owned_saves,
     register_remote_code,
     write_model_card,
 )
@@ -65,6 +66,8 @@ AutoImageProcessor.register(
 # Every save_pretrained / push_to_hub (plain, Trainer checkpoints, trainer.push_to_hub, our scripts) writes auto_map
 # and copies our code, so the folder loads with trust_remote_code=True where this package is not installed.
 register_remote_code()
+# save_pretrained replaces only files an earlier save wrote and nobody changed (file_io's ownership rule).
+register_owned_saves()
 # Every model push carries our model card (a card already in the repository is kept).
 AlignDetrPreTrainedModel.push_to_hub = push_to_hub_with_model_card
 # pipeline("object-detection"): batches of mixed image sizes, and no false "not supported" error for our model.

@@ -93,6 +93,9 @@ def _load_model(model: str, device: str):
     return processor, detector.to(device).eval()
 
 
+PREDICT_WRITER = "align-detr predict"  # how predict's files are recorded in the output folder's manifest (file_io)
+
+
 def _output_names(paths: list[Path]) -> list[str]:
     """`<stem>_detections.png` per image, made unique when two inputs share a stem."""
     names, used = [], set()
@@ -114,8 +117,12 @@ def predict(
     device: str | None = None,
     top_k: int = 100,
     draw: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Run the detector on image files; write `<output>/detections.json` and one `<stem>_detections.png` each.
+
+    Those files may replace only files an earlier `predict` wrote there and nobody changed since (`overwrite`: any);
+    never an input image, nor anything inside the model folder unless `overwrite` ([`file_io.claim_output`]).
 
     Returns the JSON content: `{"model", "threshold", "top_k", "images": [{"file", "width", "height",
     "detections": [{"label", "score", "box": [xmin, ymin, xmax, ymax]}], "drawing"}]}` (boxes in pixels of the
@@ -123,7 +130,14 @@ def predict(
     """
     import torch
 
-    from .file_io import atomic_file, atomic_write_text, check_output_folder
+    from .file_io import (
+        atomic_file,
+        atomic_write_text,
+        check_output_folder,
+        claim_output,
+        model_input_folders,
+        record_output,
+    )
     from .image_io import is_url, open_image, read_source, to_rgb8
     from .visualize import draw_detections
 
@@ -141,46 +155,56 @@ def predict(
         raise ValueError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False).")
 
     # fail before the (slow) model load and before writing anything: every image decodes (URLs are downloaded
-    # now; a truncated file fails here, not after the first drawings were written), the output folder is writable
+    # now; a truncated file fails here, not after the first drawings were written), the output folder is writable,
+    # and no output would replace a file the user owns, an input image, or a file of the model folder
     sources = {}
     for name in images:
         sources[name] = read_source(name)
         open_image(sources[name], name=name)
     out_dir = check_output_folder(output, "--output", create=False)
+    paths = [Path(urllib.parse.urlparse(name).path) if is_url(name) else Path(name) for name in images]
+    png_names = _output_names(paths)
+    inputs = [name for name in images if not is_url(name)] + list(model_input_folders(model))
+    for target in ["detections.json"] + (png_names if draw else []):
+        claim_output(out_dir / target, PREDICT_WRITER, overwrite=overwrite, inputs=inputs)
     processor, detector = _load_model(model, device)
     id2label = detector.config.id2label
     label2id = {str(name): int(i) for i, name in id2label.items()}
 
-    paths = [Path(urllib.parse.urlparse(name).path) if is_url(name) else Path(name) for name in images]
-    results = []
-    for name, path, png_name in zip(images, paths, _output_names(paths)):
-        image = open_image(sources[name], name=name)  # displayed orientation, native bit depth
-        inputs = processor(images=image, return_tensors="pt").to(device)
-        with torch.no_grad():
-            outputs = detector(**inputs)
-        detected = processor.post_process_object_detection(
-            outputs, threshold=threshold, target_sizes=[(image.height, image.width)], top_k=top_k
-        )[0]
-        detections = [
-            {
-                "label": str(id2label.get(int(label), id2label.get(str(int(label)), int(label)))),
-                "score": round(float(score), 5),
-                "box": [round(float(v), 2) for v in box],
-            }
-            for score, label, box in zip(detected["scores"], detected["labels"], detected["boxes"].cpu())
-        ]
-        entry = {"file": name if is_url(name) else str(path), "width": image.width, "height": image.height,
-                 "detections": detections}
-        if draw:
-            with atomic_file(out_dir / png_name) as temp:
-                draw_detections(to_rgb8(image), detections, label2id=label2id).save(temp, format="PNG")
-            entry["drawing"] = str(out_dir / png_name)
-        results.append(entry)
-        print(f"{name}: {len(detections)} detection(s)" + (f" -> {out_dir / png_name}" if draw else ""))
+    results, written = [], []
+    try:
+        for name, path, png_name in zip(images, paths, png_names):
+            image = open_image(sources[name], name=name)  # displayed orientation, native bit depth
+            inputs = processor(images=image, return_tensors="pt").to(device)
+            with torch.no_grad():
+                outputs = detector(**inputs)
+            detected = processor.post_process_object_detection(
+                outputs, threshold=threshold, target_sizes=[(image.height, image.width)], top_k=top_k
+            )[0]
+            detections = [
+                {
+                    "label": str(id2label.get(int(label), id2label.get(str(int(label)), int(label)))),
+                    "score": round(float(score), 5),
+                    "box": [round(float(v), 2) for v in box],
+                }
+                for score, label, box in zip(detected["scores"], detected["labels"], detected["boxes"].cpu())
+            ]
+            entry = {"file": name if is_url(name) else str(path), "width": image.width, "height": image.height,
+                     "detections": detections}
+            if draw:
+                with atomic_file(out_dir / png_name) as temp:
+                    draw_detections(to_rgb8(image), detections, label2id=label2id).save(temp, format="PNG")
+                written.append(out_dir / png_name)
+                entry["drawing"] = str(out_dir / png_name)
+            results.append(entry)
+            print(f"{name}: {len(detections)} detection(s)" + (f" -> {out_dir / png_name}" if draw else ""))
 
-    report = {"model": model, "threshold": threshold, "top_k": top_k, "images": results}
-    json_path = out_dir / "detections.json"
-    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+        report = {"model": model, "threshold": threshold, "top_k": top_k, "images": results}
+        json_path = out_dir / "detections.json"
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+        written.append(json_path)
+    finally:  # what was written is recorded as ours, also when a later image failed
+        record_output(written, PREDICT_WRITER)
     print(f"Wrote {json_path}")
     return report
 
@@ -194,6 +218,7 @@ def _predict(args: argparse.Namespace) -> None:
         device=args.device,
         top_k=args.top_k,
         draw=not args.no_draw,
+        overwrite=args.overwrite,
     )
 
 
@@ -227,8 +252,12 @@ def _demo(argv: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export_align_detr import export_onnx, load_for_export
+    from .export_align_detr import WRITER, export_onnx, load_for_export
+    from .file_io import claim_output, model_input_folders
 
+    # before loading anything (export_onnx checks again with the loaded model's folder)
+    claim_output(Path(args.output).expanduser(), WRITER, overwrite=args.overwrite,
+                 inputs=model_input_folders(args.model))
     model = load_for_export(args.model)
     path = export_onnx(
         model,
@@ -237,6 +266,7 @@ def _export(args: argparse.Namespace) -> None:
         fp16=args.fp16,
         with_postprocess=args.with_postprocess,
         top_k=args.top_k,
+        overwrite=args.overwrite,
     )
     print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
@@ -253,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--output-dir",
         required=True,
-        help="folder to write: new, empty or a previous conversion (built beside it, swapped in only on success)",
+        help="folder to write: new, empty or an unchanged earlier conversion (built beside it, swapped in only on "
+        "success)",
     )
     convert.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty output folder that is not a previous conversion"
+        "--overwrite", action="store_true", help="write into an output folder that holds more than an unchanged "
+        "earlier conversion: the conversion's files are replaced, other files are kept"
     )
     convert.add_argument("--verify", action="store_true", help="reload the written folder and check it")
     convert.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub repository")
@@ -294,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict_parser.add_argument("--top-k", type=int, default=100, help="detections per image before thresholding")
     predict_parser.add_argument("--no-draw", action="store_true", help="write only the JSON, no PNG drawings")
+    predict_parser.add_argument(
+        "--overwrite", action="store_true", help="replace output files that an earlier predict did not write (or "
+        "that were changed since), and allow writing inside the model folder"
+    )
     predict_parser.set_defaults(func=_predict)
 
     export_parser = commands.add_parser(
@@ -314,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
         "boxes (xyxy pixels)",
     )
     export_parser.add_argument("--top-k", type=int, default=300, help="detections per image with --with-postprocess")
+    export_parser.add_argument(
+        "--overwrite", action="store_true", help="replace an --output file that an earlier export did not write (or "
+        "that was changed since), and allow writing inside the model folder"
+    )
     export_parser.set_defaults(func=_export)
 
     # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help

@@ -15,15 +15,12 @@ only used when `allow_pickle=True`.
 import hashlib
 import os
 import re
-import shutil
-import tempfile
-import urllib.parse
 import zipfile
-from pathlib import Path
 
 import torch
 
 from .configuration_align_detr import COCO_CLASSES, AlignDetrConfig
+from .download import download, is_url, sha256_prefix_from_name
 from .hub import saving_remote_code  # noqa: F401  (moved to hub.py; every save carries our code now)
 from .hub import write_model_card
 from .convert_mmdet_backbones import (
@@ -248,8 +245,7 @@ def describe_keys(state_dict: dict) -> str:
 
 def expected_sha256_prefix(path_or_url: str) -> str | None:
     """mmdetection's published files end in `-<first 8 hex digits of the sha256>.pth`."""
-    match = re.search(r"-([0-9a-f]{8})\.pth$", os.path.basename(urllib.parse.urlparse(str(path_or_url)).path))
-    return match.group(1) if match else None
+    return sha256_prefix_from_name(path_or_url)
 
 
 def _check_zip_integrity(path: str) -> None:
@@ -266,28 +262,6 @@ def _check_zip_integrity(path: str) -> None:
         raise ConversionError(
             f"{path} is corrupted: the entry {bad_entry} fails its CRC-32 check (damaged download or disk?)."
         )
-
-
-def _download(url: str, timeout: float = 60.0) -> str:
-    """Download `url` once into the temp folder (atomically: a failed download leaves nothing behind)."""
-    import urllib.error
-    import urllib.request
-
-    from .file_io import atomic_file
-
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint.pth"
-    local = Path(tempfile.gettempdir()) / name
-    if local.is_file() and local.stat().st_size > 0:
-        return str(local)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_file(local) as temp:  # noqa: S310
-            with open(temp, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-    except urllib.error.HTTPError as error:
-        raise ConversionError(f"cannot download {url}: HTTP {error.code} {error.reason}.") from error
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise ConversionError(f"cannot download {url}: {getattr(error, 'reason', error)}.") from error
-    return str(local)
 
 
 def _check_checkpoint_bytes(path: str) -> None:
@@ -330,13 +304,12 @@ def load_checkpoint_and_meta(
     path_or_url: str, allow_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """`load_checkpoint`, and mmdetection's `meta` (training config text, dataset info) when the file has one."""
-    path = str(path_or_url)
-    if re.match(r"https?://", path):
-        path = _download(path)
+    path, prefix = str(path_or_url), expected_sha256_prefix(path_or_url)
+    if is_url(path):  # the one download path: cached per user by URL, complete or not at all, sha256 checked
+        path, prefix = str(download(path, sha256=prefix)), None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint at {path}.")
     _check_checkpoint_bytes(path)
-    prefix = expected_sha256_prefix(path)
     if prefix is not None:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -401,27 +374,7 @@ def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None
     return model.eval()
 
 
-# What a conversion (or `save_pretrained` of our model + processor, remote code, model card) leaves in a folder.
-_CONVERSION_FILES = re.compile(
-    r"(config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-    r"|README\.md|\w+\.py)$"
-)
-
-
-def is_previous_conversion(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds only what a conversion writes (an align_detr `config.json`, safetensors weights, the
-    preprocessor config, code files, a model card): then a new conversion may replace it without `overwrite`."""
-    import json
-
-    folder = Path(folder)
-    entries = list(folder.iterdir())
-    if any(not entry.is_file() or not _CONVERSION_FILES.match(entry.name) for entry in entries):
-        return False
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return model_type == "align_detr" and any(entry.name.endswith(".safetensors") for entry in entries)
+WRITER = "align-detr convert"  # the name under which conversions are recorded in a folder's manifest (file_io)
 
 
 def convert_checkpoint(
@@ -441,14 +394,13 @@ def convert_checkpoint(
     `loss_type` and `config_overrides`).
 
     `output_dir` is built in a staging folder beside it and swapped in by renames ([`file_io.atomic_directory`]).
-    Refused before anything is read: an `output_dir` that is a file, holds the checkpoint or the current directory,
-    or is a non-empty folder that is not a previous conversion (unless `overwrite`)."""
+    Refused before anything is read ([`file_io.claim_output`]): an `output_dir` that is a file, is or holds the
+    checkpoint or the current directory, or holds anything but an unchanged earlier conversion (a fine-tuned model
+    saved in that folder, a user's file), unless `overwrite`, which replaces only the files a conversion writes."""
     from .file_io import atomic_directory
 
-    protected = () if re.match(r"https?://", str(checkpoint)) else (checkpoint,)
-    with atomic_directory(
-        output_dir, overwrite=overwrite, is_replaceable=is_previous_conversion, protected=protected
-    ) as staging:
+    inputs = () if is_url(checkpoint) else (checkpoint,)
+    with atomic_directory(output_dir, WRITER, overwrite=overwrite, inputs=inputs) as staging:
         state_dict, meta = load_checkpoint_and_meta(checkpoint, allow_pickle=allow_pickle)
         print(f"{_file_name(checkpoint)}: {describe_checkpoint(state_dict, meta, loss_type, str(checkpoint), config)}")
         if config is None:

@@ -8,6 +8,8 @@ slower machine (evaluation and drawing still run), so the demo always finishes.
 
 Outputs in `--output_dir`: `data/{train,val}` (COCO folders), `model/` (save_pretrained + image processor),
 `metrics.json` (COCO metrics, steps, wall time) and `detections.png` (val images, predictions with score > 0.3).
+They may replace only what an earlier demo wrote there and nobody changed since (`--overwrite`: replace the demo's
+outputs anyway; other files are kept); everything is checked before any work ([`file_io.claim_output`]).
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from pathlib import Path
 import torch
 
 from .configuration_align_detr import AlignDetrConfig
-from .convert_align_detr import is_previous_conversion
 from .data import build_eval_transforms, collate_fn, load_coco_folder
 from .evaluation import evaluate_model
-from .file_io import OutputPathError, atomic_directory, atomic_file, atomic_write_text, check_output_folder
+from .file_io import atomic_directory, check_output_folder, claim_output, owned_file
 from .modeling_align_detr import AlignDetrForObjectDetection
 from .optim import build_optimizer, build_scheduler
 from .recipes import (
@@ -40,6 +41,9 @@ from .recipes import (
 from .synthetic import generate_shapes_dataset
 
 __all__ = ["build_parser", "demo_config", "main"]
+
+WRITER = "align-detr demo"  # how the demo's outputs are recorded in their folders' manifests (file_io)
+FOLDERS, FILES = ("data", "model"), ("metrics.json", "detections.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--score_threshold", type=float, default=0.3, help="for the drawing only")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that an earlier demo did not write or that were changed (other files are kept)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -91,19 +97,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--score_threshold must be between 0 and 1, got {args.score_threshold}.")
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail before training if the outputs could not be written: a file in the way, a read-only folder, or a
-    `model/` folder holding something other than a previous demo model (it is replaced at the end)."""
-    check_output_folder(out, "--output_dir")
-    model_dir = out / "model"
-    if model_dir.exists() and not (
-        model_dir.is_dir() and (not any(model_dir.iterdir()) or is_previous_conversion(model_dir))
-    ):
-        raise OutputPathError(f"{model_dir} exists and is not a previous demo model; move it or choose another "
-                              "--output_dir.")
-    for name in ("metrics.json", "detections.png"):
-        if (out / name).is_dir():
-            raise OutputPathError(f"{out / name} is a folder; the demo writes a file there.")
+def check_output_dir(out: Path, overwrite: bool = False) -> None:
+    """Fail before any work if an output could not be written: a file in the way, a read-only folder, or an output
+    (`data/`, `model/`, `metrics.json`, `detections.png`) that would replace something an earlier demo did not write
+    (unless `overwrite`)."""
+    check_output_folder(out, "--output_dir", create=False)
+    for name in FOLDERS:
+        claim_output(out / name, WRITER, overwrite=overwrite, folder=True)
+    for name in FILES:
+        claim_output(out / name, WRITER, overwrite=overwrite)
 
 
 def demo_config(id2label: dict[int, str], d_model: int = 64, num_queries: int = 30) -> AlignDetrConfig:
@@ -132,7 +134,8 @@ def demo_config(id2label: dict[int, str], d_model: int = 64, num_queries: int = 
     )
 
 
-def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict, threshold: float, num: int = 8):
+def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict, threshold: float, num: int = 8,
+                    overwrite: bool = False):
     """A grid of the first `num` validation images (upscaled to 256 px) with their detections above `threshold`."""
     from PIL import Image
 
@@ -154,7 +157,7 @@ def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict,
     canvas = Image.new("RGB", (cols * 256, rows * 256), (255, 255, 255))
     for i, tile in enumerate(tiles):
         canvas.paste(tile, ((i % cols) * 256, (i // cols) * 256))
-    with atomic_file(path) as temp:
+    with owned_file(path, WRITER, overwrite=overwrite) as temp:
         canvas.save(temp, format="PNG")
 
 
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:  # impossible arguments and unwritable outputs: one line and exit code 2, before any work
         check_args(args)
-        check_output_dir(Path(args.output_dir))
+        check_output_dir(Path(args.output_dir), args.overwrite)
     except (ValueError, OSError) as error:
         print(f"align-detr demo: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
@@ -177,10 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
     from .synthetic import SHAPE_CLASSES
 
     classes = SHAPE_CLASSES[: args.num_classes]
-    train_ann = generate_shapes_dataset(out / "data" / "train", args.num_train_images, args.image_size,
-                                        seed=args.seed, classes=classes)
-    val_ann = generate_shapes_dataset(out / "data" / "val", args.num_val_images, args.image_size,
-                                      seed=args.seed + 10_000, classes=classes)
+    with atomic_directory(out / "data", WRITER, overwrite=args.overwrite) as staging:
+        generate_shapes_dataset(staging / "train", args.num_train_images, args.image_size, seed=args.seed,
+                                classes=classes)
+        generate_shapes_dataset(staging / "val", args.num_val_images, args.image_size, seed=args.seed + 10_000,
+                                classes=classes)
+    train_ann, val_ann = (out / "data" / split / "annotations.json" for split in ("train", "val"))
     recipe = resolve_recipe(FROM_SCRATCH, {"augment": args.augment, "learning_rate": args.lr,
                                            "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
                                            "max_train_steps": args.steps})
@@ -243,8 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
     sizes = [tuple(t["orig_size"].tolist()) for t in batch["labels"]]
     detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes, top_k=100)
-    draw_detections(val_set, detections, out / "detections.png", config.id2label, args.score_threshold)
-    with atomic_directory(out / "model", is_replaceable=is_previous_conversion) as staging:
+    draw_detections(val_set, detections, out / "detections.png", config.id2label, args.score_threshold,
+                    overwrite=args.overwrite)
+    with atomic_directory(out / "model", WRITER, overwrite=args.overwrite) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
 
@@ -257,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "args": vars(args),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    with owned_file(out / "metrics.json", WRITER, overwrite=args.overwrite) as temp:
+        temp.write_text(json.dumps(result, indent=2), encoding="utf-8")
     log(f"[demo] COCO bbox mAP {metrics['map']:.3f}  AP50 {metrics['map_50']:.3f}  AP75 {metrics['map_75']:.3f}  "
         f"AR@100 {metrics['mar_100']:.3f}  ({step} steps, {result['wall_seconds']:.0f}s total)")
     log(f"[demo] wrote {out / 'detections.png'} and {out / 'metrics.json'}")

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy
-from .file_io import atomic_write_bytes
+from .file_io import atomic_write_bytes, claim_output, model_input_folders, record_output
 from .ms_deform_attn import custom_kernels_disabled
 
 INPUT_NAMES = ("pixel_values", "pixel_mask")
@@ -178,13 +178,19 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def _check_output_path(output) -> Path:
+WRITER = "align-detr export"  # how exports are recorded in the output folder's manifest (file_io)
+
+
+def _check_output_path(output, model, overwrite: bool) -> Path:
+    """The ownership rule (file_io): replace only an unchanged earlier export, never write into the model's folder
+    (its weights!) unless `overwrite`."""
     path = Path(output).expanduser()
     if path.is_dir():
         raise ValueError(f"output {path} is a folder; give a file name such as {path / 'model.onnx'}.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent.resolve()} does not exist; create it first.")
-    return path
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return claim_output(path, WRITER, overwrite=overwrite, inputs=model_input_folders(source))
 
 
 def export_onnx(
@@ -195,8 +201,12 @@ def export_onnx(
     with_postprocess: bool = False,
     top_k: int = DEFAULT_TOP_K,
     program: torch.export.ExportedProgram | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the detector as an ONNX file at `output` (atomically: a failed export leaves no file) and return its path.
+
+    `output` may replace only a file an earlier export wrote and nobody changed since, and may not lie in the folder
+    the model was loaded from, unless `overwrite` (checked before the export).
 
     fp16 exports a float16 copy of the model (float16 pixel_values, logits and pred_boxes; meant for GPU runtimes;
     ONNX Runtime's CPU provider runs it too, see tests/test_export.py). `program`: reuse an ExportedProgram
@@ -204,7 +214,7 @@ def export_onnx(
     """
     _check_model(model)
     _check_opset(opset)
-    path = _check_output_path(output)
+    path = _check_output_path(output, model, overwrite)
     if fp16 and program is not None:
         raise ValueError("fp16 exports its own float16 copy of the model; do not pass a float32 program with it.")
     if fp16:
@@ -231,7 +241,9 @@ def export_onnx(
     onnx_model = onnx_program.model_proto
     _name_dynamic_axes(onnx_model, with_postprocess)
     _check_graph(onnx_model)
+    claim_output(path, WRITER, overwrite=overwrite)  # still ours after the (slow) export?
     _write_atomically(path, onnx_model.SerializeToString())
+    record_output(path, WRITER)
     return path
 
 

@@ -1,5 +1,11 @@
 """The Hub side of Align-DETR: our code in every saved folder, and a model card on every push.
 
+Ownership: `register_owned_saves()` (run once when `align_detr_hf` is imported) makes `save_pretrained` of our config,
+models and image processor follow the package's one write rule ([`file_io`]): a save is written in a staging folder,
+then each file is moved into place where it may replace only a file that an earlier save wrote and nobody changed
+since (`save_pretrained(..., overwrite=True)`: any); other files in the folder are kept, and every file gets the
+modes of any new file (safetensors writes 0600). The model card and the copied code follow the same rule.
+
 Remote code: `register_remote_code()` (run once when `align_detr_hf` is imported) registers the config, both
 model classes and the image processor for their Auto classes, permanently. From then on every `save_pretrained` /
 `push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts, the converter)
@@ -17,9 +23,12 @@ a `Trainer` run (last evaluation, hyper-parameters) and writes the card into eve
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +42,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
+from .file_io import MANIFEST_NAME, owned_file, owned_files_in
 from .image_processing_align_detr import AlignDetrImageProcessor
-from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel
+from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel, AlignDetrPreTrainedModel
 
 __all__ = [
     "AUTO_CLASSES",
@@ -44,6 +54,7 @@ __all__ = [
     "copy_remote_code",
     "push_folder_to_hub",
     "push_to_hub_with_model_card",
+    "register_owned_saves",
     "register_remote_code",
     "training_card_kwargs",
     "write_model_card",
@@ -58,6 +69,8 @@ AUTO_CLASSES = {
 }
 
 README = "README.md"
+# the local record of what this package wrote (file_io) is not part of a model repository
+NOT_UPLOADED = [MANIFEST_NAME, f"**/{MANIFEST_NAME}"]
 # transformers' placeholder card (`create_and_tag_model_card`), e.g. from pushing the image processor first
 _GENERIC_CARD_TEXT = "This model card has been automatically generated."
 
@@ -146,6 +159,41 @@ COCO-style metrics (pycocotools, 0-1 scale){% if dataset_name %} on {{ dataset_n
 """
 
 
+# ------------------------------------------------------------------------------------------------ ownership
+
+SAVE_WRITER = "save_pretrained"  # how our saves (and the model card, the copied code) are recorded (file_io)
+# the weight files of a save: those of an earlier save that this one does not renew (e.g. shards) are removed
+_staging: contextvars.ContextVar[bool] = contextvars.ContextVar("align_detr_saving", default=False)
+_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def owned_save(save):
+    """Wrap a `save_pretrained` so that it follows the ownership rule (see the module docstring)."""
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, overwrite: bool = False, **kwargs):
+        if _staging.get():  # a save inside ours (the model saves its config): into our staging folder as it is
+            return save(self, save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder it is given
+            kwargs.setdefault("repo_id", Path(save_directory).name)
+        with owned_files_in(save_directory, SAVE_WRITER, overwrite=overwrite, stale=_WEIGHT_FILES.fullmatch) as staging:
+            token = _staging.set(True)
+            try:
+                return save(self, staging, *args, **kwargs)
+            finally:
+                _staging.reset(token)
+
+    save_pretrained.owned = True
+    return save_pretrained
+
+
+def register_owned_saves() -> None:
+    """Make `save_pretrained` of our config, models and image processor follow the ownership rule (idempotent)."""
+    for cls in (AlignDetrConfig, AlignDetrPreTrainedModel, AlignDetrImageProcessor):
+        if not getattr(cls.save_pretrained, "owned", False):
+            cls.save_pretrained = owned_save(cls.save_pretrained)
+
+
 # ------------------------------------------------------------------------------------------------ remote code
 
 
@@ -167,10 +215,11 @@ def copy_remote_code(save_directory: str | os.PathLike) -> list[Path]:
 
     For folders assembled without `save_pretrained`, e.g. the Trainer's output folder before a push from a checkpoint
     (transformers copies only weights and config there)."""
-    copied = set()
-    for cls in AUTO_CLASSES:
-        copied.update(Path(p) for p in custom_object_save(cls, save_directory))
-    return sorted(copied)
+    names = set()
+    with owned_files_in(save_directory, SAVE_WRITER) as staging:
+        for cls in AUTO_CLASSES:
+            names.update(Path(p).name for p in custom_object_save(cls, staging))
+    return sorted(Path(save_directory) / name for name in names)
 
 
 # ------------------------------------------------------------------------------------------------ model card
@@ -283,9 +332,11 @@ def write_model_card(
     license: str = "apache-2.0",
     citation: str | None = None,
     description: str | None = None,
+    overwrite: bool = False,
 ) -> ModelCard:
     """Build the card (see `build_model_card`) and write it to `save_directory/README.md` atomically (a temporary
-    file renamed over the old one). The class names come from the folder's `config.json` when there is one."""
+    file renamed over the old one), which may replace only a card written by us and unchanged since, unless
+    `overwrite`. The class names come from the folder's `config.json` when there is one."""
     save_directory = Path(save_directory)
     if save_directory.exists() and not save_directory.is_dir():
         raise NotADirectoryError(f"write_model_card needs a folder, got the file {save_directory}.")
@@ -297,14 +348,8 @@ def write_model_card(
         hyperparameters=hyperparameters, source=source, license=license, citation=citation, description=description,
         id2label=_folder_id2label(folder_config), architecture=describe_architecture(folder_config),
     )
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=save_directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(str(card))
-        os.replace(tmp, save_directory / README)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with owned_file(save_directory / README, SAVE_WRITER, overwrite=overwrite) as temp:
+        temp.write_bytes(str(card).encode("utf-8"))
     return card
 
 
@@ -363,6 +408,7 @@ def push_to_hub_with_model_card(
         return api.upload_folder(
             repo_id=repo_id, folder_path=work_dir, commit_message=commit_message or "Upload Align-DETR model",
             commit_description=commit_description, revision=revision, create_pr=create_pr,
+            ignore_patterns=NOT_UPLOADED,
         )
 
 
@@ -371,7 +417,8 @@ def push_folder_to_hub(folder, repo_id: str, *, commit_message: str = "Upload Al
     """Upload a saved folder (weights, config, processor, code, README.md) to `repo_id` as one commit."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             ignore_patterns=NOT_UPLOADED)
 
 
 def training_card_kwargs(
@@ -432,6 +479,7 @@ class ModelCardCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and checkpoint.is_dir():
             self.write(checkpoint, default_model_name=args.hub_model_id)
+            adopt_checkpoint_copies(checkpoint, args.output_dir)
 
     def on_push_begin(self, args, state, control, **kwargs):
         if args.should_save:
@@ -445,6 +493,25 @@ class ModelCardCallback(TrainerCallback):
         if kwargs.get("model_name") is None:
             kwargs["model_name"] = default_model_name or self.hub_model_id
         return write_model_card(save_directory, **kwargs)
+
+
+def adopt_checkpoint_copies(checkpoint, output_dir) -> list[Path]:
+    """Record as ours the files of `output_dir` that are byte copies of files our save wrote in `checkpoint`.
+
+    A Trainer pushing to the Hub from checkpoints copies the weights and config of each new checkpoint into its output
+    folder with `shutil.copy`; without this, the final `save_model()` there would refuse them as files it did not
+    write. Only exact copies of our own files are adopted, so nothing the user wrote becomes ours."""
+    from .file_io import is_own_output, read_manifest, record_output, sha256_of_file
+
+    adopted = []
+    for name, entry in read_manifest(Path(checkpoint)).items():
+        source, copy = Path(checkpoint) / name, Path(output_dir) / name
+        if (copy.is_file() and not copy.is_symlink() and copy.stat().st_size == entry.get("size")
+                and not is_own_output(copy, SAVE_WRITER) and is_own_output(source, SAVE_WRITER)
+                and sha256_of_file(copy) == entry.get("sha256")):  # fmt: skip
+            adopted.append(copy)
+    record_output(adopted, SAVE_WRITER)
+    return adopted
 
 
 def trainer_hyperparameters(args) -> dict:

@@ -13,42 +13,33 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .download import DownloadError, download, is_url
 from .image_processing_align_detr import AlignDetrImageProcessor
 
 __all__ = ["ImageReadError", "displayed_size", "is_url", "open_image", "read_source", "to_rgb8", "to_rgb_tensor"]
 
 _EXIF_ORIENTATION = 0x0112
-URL_TIMEOUT_S = 30.0
+URL_DEADLINE_S = 120.0  # a whole image download
 
 
 class ImageReadError(ValueError):
     """An image file or URL that cannot be read; the message names it and says why."""
 
 
-def is_url(source: str | os.PathLike) -> bool:
-    return bool(re.match(r"https?://", str(source)))
-
-
-def read_source(source: str | os.PathLike, timeout: float = URL_TIMEOUT_S) -> bytes | Path:
-    """A URL's bytes (downloaded now) or the path of an existing file; raises `ImageReadError` / `FileNotFoundError`."""
+def read_source(source: str | os.PathLike, timeout: float = URL_DEADLINE_S) -> bytes | Path:
+    """A URL's bytes (downloaded now, within `timeout` seconds in all, through the package's one download path) or
+    the path of an existing file; raises `ImageReadError` / `FileNotFoundError`."""
     if is_url(source):
-        try:
-            with urllib.request.urlopen(str(source), timeout=timeout) as response:  # noqa: S310 - http(s) only
-                return response.read()
-        except urllib.error.HTTPError as error:
-            raise ImageReadError(f"cannot download image {source}: HTTP {error.code} {error.reason}.") from error
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            raise ImageReadError(f"cannot download image {source}: {reason}.") from error
+        try:  # fetched anew each time (the image at a URL may change), complete or not at all
+            return download(str(source), deadline_s=timeout, refresh=True, what="image ").read_bytes()
+        except DownloadError as error:
+            raise ImageReadError(str(error)) from error
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
