@@ -15,6 +15,7 @@ only used when `allow_pickle=True`.
 import hashlib
 import os
 import re
+import urllib.parse
 import zipfile
 
 import torch
