@@ -163,7 +163,7 @@ BAD_CONFIG_VALUES = [
     ("encoder_ffn_dim", 0, r"an integer >= 1"),
     ("decoder_ffn_dim", -4, r"an integer >= 1"),
     ("encoder_attention_heads", 0, r"an integer >= 1"),
-    ("decoder_attention_heads", 3, r"divide d_model \(64\)"),
+    ("decoder_attention_heads", 3, r"divides d_model \(64\)"),
     ("encoder_n_points", 0, r"an integer >= 1"),
     ("decoder_n_points", 2.5, r"an integer >= 1"),
     ("dropout", -0.1, r"a finite number in \[0, 1\]"),
