@@ -464,7 +464,8 @@ BAD_COCO = [
     ("duplicate_image_id", _edit("images", 1, id=1), r"images\[1\] \(id 1\): id 1 is already used by images\[0\]"),
     ("no_images", {"annotations": [], "categories": CATEGORIES}, r"no 'images' list"),
     ("images_not_a_list", _coco(images={"1": IMAGES[0]}), r"'images' must be a list"),
-    ("top_level_a_list", [IMAGES], r"must hold a JSON object"),
+    ("top_level_a_list", [IMAGES], r"the top level must be an object with 'images'"),
+    ("ignore_a_string", _edit("annotations", 0, ignore="false"), r"annotations\[0\] \(id 1\): ignore must be 0 or 1"),
 ]  # fmt: skip
 
 
@@ -594,10 +595,14 @@ BAD_ROWS = [
      rf"{ROW} 0: objects has 1 bbox but 2 area"),
     ("no_category_key", lambda: _hf_dataset([{"bbox": r["bbox"]} for r in ROWS]), {},
      rf"{ROW} 0: objects has no 'category'"),
-    ("class_label_out_of_range", lambda: _hf_dataset(_rows(1, category=[5]), category_names=["a", "b", "c", "d"]),
-     {}, rf"{ROW} 1: objects\.category\[0\] = 5 is not a class of the ClassLabel \(0\.\.3\)"),
+    # datasets refuses ClassLabel values >= num_classes itself, but keeps -1 ("no label")
     ("class_label_missing_value", lambda: _hf_dataset(_rows(1, category=[-1]), category_names=["a", "b", "c", "d"]),
-     {}, rf"{ROW} 1: objects\.category\[0\] = -1 is not a class"),
+     {}, rf"{ROW} 1: objects\.category\[0\] = -1 is not a class of the ClassLabel \(0\.\.3\)"),
+    ("id2label_other_than_the_class_label",
+     lambda: _hf_dataset([r | {"category": [1]} for r in ROWS], category_names=["a", "b"]),
+     {"id2label": {0: "a", 1: "c"}}, r"id2label .* differs from the ClassLabel names of dataset's objects\.category"),
+    ("id2label_mixing_key_types", lambda: _hf_dataset(_rows()), {"id2label": {3: "cat", "7": "dog"}},
+     r"id2label mixes integer and string keys"),
     ("width_column_zero", lambda: _hf_dataset(_rows(), width=[32, 0], height=[24, 24]), {},
      rf"{ROW} 1: width must be an integer >= 1, got 0"),
     ("fractional_category", lambda: _hf_dataset(_rows(0, category=[1.5])), {},

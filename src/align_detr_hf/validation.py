@@ -216,11 +216,11 @@ def check_coco(coco: Any, where: str, image_files: bool = False) -> None:
     """Check a COCO detection dict: `images` (unique integer ids; `file_name`, `width`, `height` required when
     `image_files`), `categories` (unique integer ids, unique names), `annotations` (unique integer ids where given;
     `image_id` in `images`; integer `category_id` in `categories` when those are listed; `bbox` 4 finite numbers with
-    width and height >= 0; `area` finite >= 0, `iscrowd` 0/1 where given). `where` names the source in the error
+    width and height >= 0; `area` finite >= 0, `iscrowd` and `ignore` 0/1 where given). `where` names the source in the error
     (a file path, "the ground truth")."""
     if not isinstance(coco, dict):
         raise ValueError(
-            f"{where} must hold a JSON object with 'images', 'annotations' and 'categories', got a "
+            f"{where}: the top level must be an object with 'images', 'annotations' and 'categories', got a "
             f"{type(coco).__name__}"
         )
     images = _section(coco, "images", where, required=True)
@@ -268,8 +268,9 @@ def check_coco(coco: Any, where: str, image_files: bool = False) -> None:
             problem = f"bbox {box}"
         if not problem and "area" in ann:
             problem = _problem(_AREA, ann["area"], "area")
-        if not problem and "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
-            problem = f"iscrowd must be 0 or 1, got {ann['iscrowd']!r}"
+        for flag in ("iscrowd", "ignore"):
+            if not problem and flag in ann and ann[flag] not in (0, 1):  # False and True are 0 and 1
+                problem = f"{flag} must be 0 or 1, got {ann[flag]!r}"
         if problem:
             raise ValueError(f"{where}: {label}: {problem}")
 
