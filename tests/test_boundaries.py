@@ -775,7 +775,7 @@ def _compute_metrics(num_prediction_batches=2, num_label_batches=2, label_batch_
     predictions = [outputs[i % 2] for i in range(num_prediction_batches)]
     label_ids = [[_labels(GT["images"][(i + j) % 2]) for j in range(label_batch_sizes[i % 2])]
                  for i in range(num_label_batches)]  # fmt: skip
-    return build_compute_metrics(GT)(SimpleNamespace(predictions=predictions, label_ids=label_ids))
+    return lambda: build_compute_metrics(GT)(SimpleNamespace(predictions=predictions, label_ids=label_ids))
 
 
 def _bad_evaluation_case(name, action, pattern):
@@ -823,7 +823,7 @@ def gt_as_pycocotools_object(ctx):
 
 @case("evaluation_inputs", Ok(_map(1.0)))
 def compute_metrics_one_batch_per_image(ctx):
-    return lambda: _compute_metrics()
+    return _compute_metrics()
 
 
 # ------------------------------------------------------------------------------------------------ model loading (CLI)
