@@ -317,6 +317,21 @@ def converter_meta_cfg_with_infinite_temperature(ctx):
     return lambda: config_from_state_dict(state_dict, meta={"cfg": cfg})
 
 
+@case("config", Exit(r"align-detr convert: error: AlignDetrConfig\.num_denoising_queries must be an integer >= 0, got -5"))
+def cli_convert_with_negative_denoising_queries(ctx):
+    checkpoint = ctx.path("align_detr.pth")
+    torch.save({"state_dict": _small_state_dict(ctx), "meta": {}}, checkpoint)
+
+    def action():
+        try:
+            cli_main(["convert", "--checkpoint", str(checkpoint), "--output-dir", str(ctx.path("converted")),
+                      "--num-denoising-queries", "-5"])  # fmt: skip
+        finally:
+            assert not ctx.path("converted").exists()  # nothing written
+
+    return action
+
+
 @case("config", Ok(lambda config, ctx: config.num_denoising_queries == 0))
 def converter_override_in_range(ctx):
     from align_detr_hf.convert_align_detr import config_from_state_dict
@@ -347,6 +362,14 @@ def loss_adapter_rank_tau_zero(ctx):
 
     model = _deformable_detr()
     return lambda: use_align_detr_loss(model, tau=0)
+
+
+@case("config", Err(ValueError, r"AlignDetrConfig\.rank_tau must be a finite number > 0, got 0"))
+def loss_adapter_rank_tau_keyword_zero(ctx):  # the config field's own name, through **loss_overrides
+    from align_detr_hf import use_align_detr_loss
+
+    model = _deformable_detr()
+    return lambda: use_align_detr_loss(model, rank_tau=0)
 
 
 @case("config", Err(ValueError, r"AlignDetrConfig\.matcher_giou_cost must be a finite number >= 0, got -1"))

@@ -168,38 +168,49 @@ def box_problem(box: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------- COCO schema
+# Each record first takes a fast path that accepts the common, valid spelling (a COCO train2017-sized file, 860k
+# annotations: about 3 s, a third of what json.loads takes on the same machine); anything else goes through the full
+# rules, which accept the rarer valid spellings (3.0 for an id) and name what is wrong.
 
 _ID = Integer(whole_floats=True)
 _SIZE = Integer(min=1, whole_floats=True)
 _AREA = Number(min=0)
+_FAST_NUMBER = frozenset((int, float))
+_INF = math.inf
 
 
 def _problem(rule: Rule, value: Any, name: str) -> str | None:
     return None if rule.ok(value) else f"{name} must be {rule.what}, got {value!r}"
 
 
-def _index_ids(records: list, section: str, where: str, required: bool) -> tuple[dict, list[str]]:
-    """id -> position of the records of `section`, and a label per record (`images[3] (id 7)`); ids must be unique
-    integers (and present if `required`)."""
-    positions, labels = {}, []
+def _label(records: list, section: str, i: int) -> str:
+    """`images[3] (id 7)`, or `images[3]` when the record has no usable id."""
+    record = records[i]
+    value = record.get("id") if isinstance(record, dict) else None
+    return f"{section}[{i}] (id {value})" if _ID.ok(value) else f"{section}[{i}]"
+
+
+def _index_ids(records: list, section: str, where: str, required: bool) -> dict:
+    """id -> position of the records of `section`; ids must be unique integers (and present if `required`)."""
+    positions: dict = {}
     for i, record in enumerate(records):
-        label = f"{section}[{i}]"
+        if type(record) is dict and type(value := record.get("id")) is int and value not in positions:
+            positions[value] = i
+            continue
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: {label} must be an object, got {type(record).__name__} {record!r:.60}")
+            raise ValueError(f"{where}: {section}[{i}] must be an object, got {type(record).__name__} {record!r:.60}")
         if "id" not in record:
             if required:
-                raise ValueError(f"{where}: {label}: no 'id'")
-            labels.append(label)
+                raise ValueError(f"{where}: {section}[{i}]: no 'id'")
             continue
         value = record["id"]
         if problem := _problem(_ID, value, "id"):
-            raise ValueError(f"{where}: {label}: {problem}")
-        label = f"{label} (id {value})"
+            raise ValueError(f"{where}: {section}[{i}]: {problem}")
         if value in positions:
-            raise ValueError(f"{where}: {label}: id {value} is already used by {section}[{positions[value]}]")
+            raise ValueError(f"{where}: {_label(records, section, i)}: id {value} is already used by "
+                             f"{section}[{positions[value]}]")  # fmt: skip
         positions[value] = i
-        labels.append(label)
-    return positions, labels
+    return positions
 
 
 def _section(coco: dict, name: str, where: str, required: bool) -> list:
@@ -212,12 +223,56 @@ def _section(coco: dict, name: str, where: str, required: bool) -> list:
     return coco[name]
 
 
+def _image_problem(image: dict, image_files: bool) -> str | None:
+    for name, rule in (("file_name", None), ("width", _SIZE), ("height", _SIZE)):
+        if name not in image:
+            if image_files:
+                return f"no '{name}'"
+            continue
+        value = image[name]
+        if rule is None:
+            if not isinstance(value, str) or not value:
+                return f"file_name must be a non-empty string, got {value!r}"
+        elif problem := _problem(rule, value, name):
+            return problem
+    return None
+
+
+def _fast_box(box: Any) -> bool:
+    if type(box) is not list or len(box) != 4:
+        return False
+    x, y, w, h = box
+    return (
+        type(x) in _FAST_NUMBER and type(y) in _FAST_NUMBER and type(w) in _FAST_NUMBER and type(h) in _FAST_NUMBER
+        and -_INF < x < _INF and -_INF < y < _INF and 0 <= w < _INF and 0 <= h < _INF
+    )  # fmt: skip
+
+
+def _annotation_problem(ann: dict, image_ids: dict, category_ids: dict) -> str | None:
+    for name in ("image_id", "category_id", "bbox"):
+        if name not in ann:
+            return f"no '{name}'"
+    problem = _problem(_ID, ann["image_id"], "image_id") or _problem(_ID, ann["category_id"], "category_id")
+    if not problem and ann["image_id"] not in image_ids:
+        problem = f"image_id {ann['image_id']} is not in 'images'"
+    if not problem and category_ids and ann["category_id"] not in category_ids:
+        problem = f"category_id {ann['category_id']} is not in 'categories'"
+    if not problem and (box := box_problem(ann["bbox"])):
+        problem = f"bbox {box}"
+    if not problem and "area" in ann:
+        problem = _problem(_AREA, ann["area"], "area")
+    for flag in ("iscrowd", "ignore"):
+        if not problem and flag in ann and ann[flag] not in (0, 1):  # False and True are 0 and 1
+            problem = f"{flag} must be 0 or 1, got {ann[flag]!r}"
+    return problem
+
+
 def check_coco(coco: Any, where: str, image_files: bool = False) -> None:
     """Check a COCO detection dict: `images` (unique integer ids; `file_name`, `width`, `height` required when
     `image_files`), `categories` (unique integer ids, unique names), `annotations` (unique integer ids where given;
     `image_id` in `images`; integer `category_id` in `categories` when those are listed; `bbox` 4 finite numbers with
-    width and height >= 0; `area` finite >= 0, `iscrowd` and `ignore` 0/1 where given). `where` names the source in the error
-    (a file path, "the ground truth")."""
+    width and height >= 0; `area` finite >= 0, `iscrowd` and `ignore` 0/1 where given). `where` names the source in
+    the error (a file path, "the ground truth")."""
     if not isinstance(coco, dict):
         raise ValueError(
             f"{where}: the top level must be an object with 'images', 'annotations' and 'categories', got a "
@@ -227,52 +282,40 @@ def check_coco(coco: Any, where: str, image_files: bool = False) -> None:
     annotations = _section(coco, "annotations", where, required=False)
     categories = _section(coco, "categories", where, required=False)
 
-    image_ids, labels = _index_ids(images, "images", where, required=True)
-    for image, label in zip(images, labels):
-        for name, rule in (("file_name", None), ("width", _SIZE), ("height", _SIZE)):
-            if name not in image:
-                if image_files:
-                    raise ValueError(f"{where}: {label}: no '{name}'")
-                continue
-            value = image[name]
-            if rule is None:
-                problem = None if isinstance(value, str) and value else f"file_name must be a non-empty string, got {value!r}"
-            else:
-                problem = _problem(rule, value, name)
-            if problem:
-                raise ValueError(f"{where}: {label}: {problem}")
+    image_ids = _index_ids(images, "images", where, required=True)
+    for i, image in enumerate(images):
+        width, height, file_name = image.get("width"), image.get("height"), image.get("file_name")
+        if type(width) is int and type(height) is int and width >= 1 and height >= 1 and type(file_name) is str and file_name:
+            continue
+        if problem := _image_problem(image, image_files):
+            raise ValueError(f"{where}: {_label(images, 'images', i)}: {problem}")
 
-    category_ids, labels = _index_ids(categories, "categories", where, required=True)
+    category_ids = _index_ids(categories, "categories", where, required=True)
     names: dict[str, int] = {}
-    for i, (category, label) in enumerate(zip(categories, labels)):
+    for i, category in enumerate(categories):
         if "name" not in category:
             continue
         name = category["name"]
         if not isinstance(name, str):
-            raise ValueError(f"{where}: {label}: name must be a string, got {name!r}")
+            raise ValueError(f"{where}: {_label(categories, 'categories', i)}: name must be a string, got {name!r}")
         if name in names:
-            raise ValueError(f"{where}: {label}: name {name!r} is already used by categories[{names[name]}]")
+            raise ValueError(f"{where}: {_label(categories, 'categories', i)}: name {name!r} is already used by "
+                             f"categories[{names[name]}]")  # fmt: skip
         names[name] = i
 
-    _, labels = _index_ids(annotations, "annotations", where, required=False)
-    for ann, label in zip(annotations, labels):
-        for name in ("image_id", "category_id", "bbox"):
-            if name not in ann:
-                raise ValueError(f"{where}: {label}: no '{name}'")
-        problem = _problem(_ID, ann["image_id"], "image_id") or _problem(_ID, ann["category_id"], "category_id")
-        if not problem and ann["image_id"] not in image_ids:
-            problem = f"image_id {ann['image_id']} is not in 'images'"
-        if not problem and category_ids and ann["category_id"] not in category_ids:
-            problem = f"category_id {ann['category_id']} is not in 'categories'"
-        if not problem and (box := box_problem(ann["bbox"])):
-            problem = f"bbox {box}"
-        if not problem and "area" in ann:
-            problem = _problem(_AREA, ann["area"], "area")
-        for flag in ("iscrowd", "ignore"):
-            if not problem and flag in ann and ann[flag] not in (0, 1):  # False and True are 0 and 1
-                problem = f"{flag} must be 0 or 1, got {ann[flag]!r}"
-        if problem:
-            raise ValueError(f"{where}: {label}: {problem}")
+    _index_ids(annotations, "annotations", where, required=False)
+    for i, ann in enumerate(annotations):
+        image_id, category_id, area = ann.get("image_id"), ann.get("category_id"), ann.get("area", 0)
+        if (
+            type(image_id) is int and image_id in image_ids
+            and type(category_id) is int and (category_id in category_ids or not category_ids)
+            and _fast_box(ann.get("bbox"))
+            and type(area) in _FAST_NUMBER and 0 <= area < _INF
+            and ann.get("iscrowd", 0) in (0, 1) and ann.get("ignore", 0) in (0, 1)
+        ):  # fmt: skip
+            continue
+        if problem := _annotation_problem(ann, image_ids, category_ids):
+            raise ValueError(f"{where}: {_label(annotations, 'annotations', i)}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------------- datasets rows
