@@ -162,10 +162,11 @@ class AlignDetrConfig(PreTrainedConfig):
 
         stages = getattr(self.backbone_config, "depths", None)
         if stages is not None and self.freeze_backbone_stages > len(stages):
-            refuse("freeze_backbone_stages", f"at most {len(stages)} (the backbone's stages)", self.freeze_backbone_stages)
+            refuse("freeze_backbone_stages", f"at most {len(stages)} (the backbone's stages)",
+                   self.freeze_backbone_stages)  # fmt: skip
         if len(self.num_gt_repeat) != self.decoder_layers + 1:
-            refuse("num_gt_repeat", f"a list of decoder_layers + 1 = {self.decoder_layers + 1} entries (one per decoder "
-                   "layer, then the encoder)", self.num_gt_repeat)  # fmt: skip
+            refuse("num_gt_repeat", f"a list of decoder_layers + 1 = {self.decoder_layers + 1} entries (one per "
+                   "decoder layer, then the encoder)", self.num_gt_repeat)  # fmt: skip
         num_backbone_levels = len(self.backbone_config.out_features)
         if num_backbone_levels > self.num_feature_levels:
             refuse("num_feature_levels", f">= the {num_backbone_levels} feature maps the backbone gives",

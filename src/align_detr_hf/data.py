@@ -576,19 +576,24 @@ def _category_mapping(features: Any, objects_list: list, id2label: dict | None, 
     names = _category_names(features)
     if names is not None:
         classes = {i: name for i, name in enumerate(names)}
-        if id2label is not None and {int(k): v for k, v in id2label.items()} != classes:
+        if id2label is not None and {str(k): v for k, v in id2label.items()} != {str(k): v for k, v in classes.items()}:
             raise ValueError(f"id2label {id2label} differs from the ClassLabel names of {source}'s objects.category "
                              f"{classes}; pass id2label=None to use the ClassLabel.")  # fmt: skip
         mapping, id2label, known = {i: i for i in classes}, classes, f"the ClassLabel (0..{len(classes) - 1})"
         wrong = "is not a class of"
     else:
-        keys = sorted({c for o in objects_list for c in o["category"]}) if id2label is None else _sorted_keys(id2label)
+        if id2label is None:
+            keys = sorted({c for o in objects_list for c in o["category"]})
+            id2label = {k: str(k) for k in keys}
+        else:
+            keys = _sorted_keys(id2label)
         mapping = {k: i for i, k in enumerate(keys)}
-        id2label = {i: str(k) for i, k in enumerate(keys)} if id2label is None else {i: id2label[k] for k, i in mapping.items()}
-        known, wrong = f"id2label ({', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''})", "is not a key of"
+        id2label = {i: id2label[k] for k, i in mapping.items()}
+        known = f"id2label ({', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''})"
+        wrong = "is not a key of"
     for i, objects in enumerate(objects_list):
         for j, category in enumerate(objects["category"]):
-            if category not in mapping or isinstance(category, bool):
+            if category not in mapping:
                 raise ValueError(f"{source} row {i}: objects.category[{j}] = {category!r} {wrong} {known}")
     return mapping, id2label
 

@@ -200,7 +200,9 @@ def _arrays(image_id: int, det: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
         if key not in det:
             raise ValueError(f"{where}: no '{key}' (a detection dict holds 'scores', 'labels' and 'boxes').")
     try:
-        scores, labels, boxes = (np.asarray(_to_list(det[key]), dtype=np.float64) for key in ("scores", "labels", "boxes"))
+        scores, labels, boxes = (
+            np.asarray(_to_list(det[key]), dtype=np.float64) for key in ("scores", "labels", "boxes")
+        )
     except (ValueError, TypeError) as error:
         raise ValueError(f"{where}: scores, labels and boxes must hold numbers ({error}).") from None
     if boxes.size == 0:

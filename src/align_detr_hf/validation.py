@@ -284,8 +284,8 @@ def check_coco(coco: Any, where: str, image_files: bool = False) -> None:
 
     image_ids = _index_ids(images, "images", where, required=True)
     for i, image in enumerate(images):
-        width, height, file_name = image.get("width"), image.get("height"), image.get("file_name")
-        if type(width) is int and type(height) is int and width >= 1 and height >= 1 and type(file_name) is str and file_name:
+        width, height, name = image.get("width"), image.get("height"), image.get("file_name")
+        if type(width) is int and type(height) is int and width >= 1 and height >= 1 and type(name) is str and name:
             continue
         if problem := _image_problem(image, image_files):
             raise ValueError(f"{where}: {_label(images, 'images', i)}: {problem}")
