@@ -450,7 +450,7 @@ BAD_COCO = [
     ("duplicate_category_name", _coco(categories=[{"id": 3, "name": "cat"}, {"id": 7, "name": "cat"}]),
      r"categories\[1\] \(id 7\): name 'cat' is already used by categories\[0\]"),
     ("category_without_id", _edit("categories", 0, id=_DELETE), r"categories\[0\]: no 'id'"),
-    ("category_id_a_string", _edit("categories", 1, id="7"), r"categories\[1\]: id must be an integer, got '7'"),
+    ("category_record_id_a_string", _edit("categories", 1, id="7"), r"categories\[1\]: id must be an integer, got '7'"),
     ("category_name_not_a_string", _edit("categories", 0, name=3), r"categories\[0\] \(id 3\): name must be a string"),
     ("nan_coordinate", _edit("annotations", 1, bbox=[4, NAN, 20, 12]),
      r"annotations\[1\] \(id 2\): bbox must be \[x, y, width, height\]: 4 finite numbers"),
@@ -931,6 +931,11 @@ def test_every_boundary_has_cases_of_both_kinds():
     counts = Counter((c.boundary, isinstance(c.expect, Ok)) for c in CASES)
     for boundary in ("config", "coco_json", "datasets_rows", "evaluation_inputs", "loading"):
         assert counts[boundary, True] > 0 and counts[boundary, False] > 0, boundary
+
+
+def test_case_names_are_unique():
+    names = Counter(f"{c.boundary}/{c.name}" for c in CASES)
+    assert not [name for name, n in names.items() if n > 1]
 
 
 def test_errors_are_the_kinds_the_cli_reports_in_one_line():
