@@ -63,6 +63,7 @@ __all__ = [
     "load_coco_folder",
     "load_hf_dataset",
     "padding_fraction",
+    "read_coco_json",
 ]
 
 
