@@ -851,7 +851,7 @@ def eval_unknown_image_id(ctx):
     return _evaluate(PERFECT, image_ids=(1, 5))
 
 
-@case("evaluation", Err(ValueError, r"Duplicate image id\(s\) 1 in the ground truth"))
+@case("evaluation", Err(ValueError, r"the ground truth: images\[1\] \(id 1\): id 1 is already used by images\[0\]"))
 def eval_duplicate_image_ids_in_ground_truth(ctx):
     gt = json.loads(json.dumps(GT))
     gt["images"][1]["id"] = 1
@@ -890,7 +890,7 @@ def data_json_size_disagrees_with_file(ctx):
     return _load_folder(_coco_folder(ctx, [("a.png", 30, 24)]))
 
 
-@case("data_loading", Err(ValueError, r"Duplicate image id\(s\) 1 in 'images'"))
+@case("data_loading", Err(ValueError, r"annotations\.json: images\[1\] \(id 1\): id 1 is already used by images\[0\]"))
 def data_duplicate_image_ids(ctx):
     for name in ("a.png", "b.png"):
         ctx.image(f"train/images/{name}", Image.fromarray(_rgb()))

@@ -43,7 +43,7 @@ def _looks_like_path(name: str) -> bool:
 
 def _load_model(model: str, device: str):
     """Load (image processor, model) from a local folder or a Hub id, with errors that say what was looked for."""
-    from transformers import AutoModelForObjectDetection
+    from transformers import AutoConfig, AutoModelForObjectDetection
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from .image_processing_align_detr import AlignDetrImageProcessor
@@ -64,8 +64,16 @@ def _load_model(model: str, device: str):
         source = model
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    config = None
     try:
-        detector = AutoModelForObjectDetection.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
+        detector = AutoModelForObjectDetection.from_pretrained(source, config=config)
+    except ValueError as error:
+        if config is not None:
+            raise
+        # the config's own checks (AlignDetrConfig refuses a value out of range): name the file
+        where = local.resolve() / "config.json" if local.is_dir() else f"config.json of '{model}'"
+        raise ValueError(f"{where}: {_one_line(error)}") from error
     except OSError as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
         if local.is_dir():
@@ -83,7 +91,16 @@ def _load_model(model: str, device: str):
         ) from error
     try:
         processor = AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError):
+    except Exception as error:  # noqa: BLE001 -- whatever it is, it is reported with the file it came from
+        if local.is_dir():
+            found = local.resolve() / "preprocessor_config.json"
+            found = str(found) if found.is_file() else None
+        else:  # a Hub model: the file is in the cache if the repository has one
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "preprocessor_config.json")
+        if isinstance(found, str):  # a file that is there but wrong is an error, not a reason to use other settings
+            raise ValueError(f"{found} is not a valid image processor config: {_one_line(error)}") from error
         print(
             f"align-detr predict: note: no image processor config in '{model}'; using AlignDetrImageProcessor() "
             "defaults (mmdetection's test pipeline).",

@@ -89,6 +89,7 @@ class AlignDetrLossOptions:
             raise ValueError(
                 f"Unknown Align-DETR loss hyper-parameters {unknown}; known: {list(LOSS_HYPER_PARAMETERS)}."
             )
+        AlignDetrConfig(**self.loss_overrides)  # its checks refuse a bad value now, not at the first loss call
         if self.decoder_num_gt_repeat is not None:
             self.decoder_num_gt_repeat = [int(k) for k in self.decoder_num_gt_repeat]
             if not self.decoder_num_gt_repeat or min(self.decoder_num_gt_repeat) < 1:
