@@ -12,12 +12,8 @@ import torch.nn.functional as F
 
 from align_detr_hf.box_ops import box_xyxy_to_cxcywh
 from align_detr_hf.configuration_align_detr import AlignDetrConfig
-from align_detr_hf.loss_align_detr import (
-    AlignDetrLoss,
-    effective_num_gt_repeat,
-    prime_sample_weights,
-    solve_one_to_k_assignments,
-)
+from align_detr_hf.loss_align_detr import AlignDetrLoss, prime_sample_weights
+from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
 
 FIXTURES = Path(__file__).parent / "fixtures" / "small"
 TERMS = ("cls", "bbox", "iou")
@@ -138,7 +134,7 @@ def test_assignments_match_mmdetection(recorded):
     gt_offsets = torch.tensor([0] + [len(t["class_labels"]) for t in targets]).cumsum(0)
     for name, match in zip(["d0", "d1", "enc"], matches):
         gt_inds = torch.zeros(batch, num_queries, dtype=torch.long)  # mmdet's convention: 0 = background
-        gt_inds[match["batch"], match["query"]] = match["gt"] - gt_offsets[match["batch"]] + 1
+        gt_inds[match.batch, match.query] = match.gt - gt_offsets[match.batch] + 1
         assert torch.equal(gt_inds, recorded["assign"][name]), name
 
 
@@ -272,9 +268,9 @@ def test_more_gts_than_queries_in_the_loss():
     assert_finite(loss, loss_dict)
     loss.backward()
     for match in loss_fn.match(outputs, targets):
-        per_image = torch.bincount(match["batch"], minlength=2).tolist()
+        per_image = torch.bincount(match.batch, minlength=2).tolist()
         assert per_image == [3, 4]
-        assert len(set(zip(match["batch"].tolist(), match["query"].tolist()))) == 7  # no query matched twice
+        assert len(set(zip(match.batch.tolist(), match.query.tolist()))) == 7  # no query matched twice
 
 
 def test_degenerate_boxes_give_finite_loss():

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align_detr_hf.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
-from align_detr_hf.loss_align_detr import AlignDetrLoss, effective_num_gt_repeat, solve_one_to_k_assignments
+from align_detr_hf.loss_align_detr import AlignDetrLoss
+from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -132,8 +133,8 @@ def test_permuting_the_ground_truth_does_not_change_the_loss(num_gts, seed):
         assert torch.allclose(parts[key], parts_p[key], rtol=1e-5, atol=1e-6), key
     # the matched (image, query) pairs are the same sets, only the GT indices move
     for layer, layer_p in zip(criterion.match(outputs, targets), criterion.match(outputs, permuted)):
-        pairs = sorted(zip(layer["batch"].tolist(), layer["query"].tolist()))
-        assert pairs == sorted(zip(layer_p["batch"].tolist(), layer_p["query"].tolist()))
+        pairs = sorted(zip(layer.batch.tolist(), layer.query.tolist()))
+        assert pairs == sorted(zip(layer_p.batch.tolist(), layer_p.query.tolist()))
 
 
 @pytest.mark.parametrize("num_gt, k, expected", [(0, 2, 0), (1, 2, 2), (6, 2, 2), (7, 2, 1), (13, 2, 1), (4, 5, 3)])
