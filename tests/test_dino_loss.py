@@ -16,7 +16,7 @@ from conftest import FIXTURES, fixture_targets, fixture_weights, tiny_config
 
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrLoss, DinoLoss
 from align_detr_hf.convert_align_detr import config_from_state_dict, load_converted
-from align_detr_hf.loss_dino import build_loss, sigmoid_focal_loss
+from align_detr_hf.loss_align_detr import build_loss, sigmoid_focal_loss
 from align_detr_hf.modeling_align_detr import AlignDetrDenoisingQueries
 from test_loss import expected_keys, fixture_inputs, make_case
 
@@ -64,7 +64,7 @@ def relative_differences(loss_dict, reference):
 
 def test_dino_losses_match_mmdetection_from_head_outputs(dino_recorded):
     outputs, targets = fixture_inputs(dino_recorded)
-    loss, loss_dict = DinoLoss(dino_fixture_config())(outputs, targets)
+    loss, loss_dict = build_loss(dino_fixture_config())(outputs, targets)
     reference = dino_recorded["losses"]
     assert list(loss_dict) == list(reference)  # mmdet's names, mmdet's order
     rel = relative_differences(loss_dict, reference)
@@ -75,7 +75,7 @@ def test_dino_losses_match_mmdetection_from_head_outputs(dino_recorded):
 
 def test_dino_assignments_are_mmdetections_one_to_one(dino_recorded):
     outputs, targets = fixture_inputs(dino_recorded)
-    matches = DinoLoss(dino_fixture_config()).match(outputs, targets)
+    matches = build_loss(dino_fixture_config()).match(outputs, targets)
     batch, num_queries = outputs["enc_topk_logits"].shape[:2]
     gt_offsets = torch.tensor([0] + [len(t["class_labels"]) for t in targets]).cumsum(0)
     for name, match in zip(["d0", "d1", "enc"], matches):

@@ -1,5 +1,6 @@
 """Tests of the Align-DETR loss against mmdetection's recorded losses and on edge cases (CPU, fast)."""
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from align_detr_hf.box_ops import box_xyxy_to_cxcywh
 from align_detr_hf.configuration_align_detr import AlignDetrConfig
-from align_detr_hf.loss_align_detr import AlignDetrLoss, prime_sample_weights
+from align_detr_hf.loss_align_detr import AlignDetrLoss, AlignDetrLossConfig, build_loss, prime_sample_weights
 from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
 
 FIXTURES = Path(__file__).parent / "fixtures" / "small"
@@ -116,7 +117,7 @@ def assert_finite(loss, loss_dict):
 
 def test_losses_match_mmdetection(recorded):
     outputs, targets = fixture_inputs(recorded)
-    loss, loss_dict = AlignDetrLoss(fixture_config())(outputs, targets)
+    loss, loss_dict = build_loss(fixture_config())(outputs, targets)
     reference = recorded["losses"]
     assert list(loss_dict) == list(reference)  # identity mapping of the names, mmdet's order
     rel = {key: abs(loss_dict[key].item() - value) / abs(value) for key, value in reference.items()}
@@ -129,7 +130,7 @@ def test_losses_match_mmdetection(recorded):
 
 def test_assignments_match_mmdetection(recorded):
     outputs, targets = fixture_inputs(recorded)
-    matches = AlignDetrLoss(fixture_config()).match(outputs, targets)
+    matches = build_loss(fixture_config()).match(outputs, targets)
     batch, num_queries = outputs["enc_topk_logits"].shape[:2]
     gt_offsets = torch.tensor([0] + [len(t["class_labels"]) for t in targets]).cumsum(0)
     for name, match in zip(["d0", "d1", "enc"], matches):
@@ -204,17 +205,17 @@ def test_prime_sample_weights():
 
 def test_keys_with_and_without_denoising():
     config, outputs, targets = make_case([2, 1], num_layers=6)
-    _, loss_dict = AlignDetrLoss(config)(outputs, targets)
+    _, loss_dict = build_loss(config)(outputs, targets)
     assert list(loss_dict) == expected_keys(6) and len(loss_dict) == 39
     config, outputs, targets = make_case([2, 1], num_layers=6, denoising=False)
-    loss, loss_dict = AlignDetrLoss(config)(outputs, targets)
+    loss, loss_dict = build_loss(config)(outputs, targets)
     assert list(loss_dict) == expected_keys(6, denoising=False) and len(loss_dict) == 21
     torch.testing.assert_close(loss, sum(loss_dict.values()))
 
 
 def test_gradient_reaches_logits_and_boxes():
     config, outputs, targets = make_case([3, 1], requires_grad=True)
-    loss, _ = AlignDetrLoss(config)(outputs, targets)
+    loss, _ = build_loss(config)(outputs, targets)
     loss.backward()
     for key in ("intermediate_logits", "intermediate_pred_boxes", "enc_topk_logits", "enc_topk_boxes",
                 "dn_logits", "dn_pred_boxes"):
@@ -225,7 +226,7 @@ def test_gradient_reaches_logits_and_boxes():
 def test_image_without_gt():
     config, outputs, targets = make_case([0], requires_grad=True)
     assert outputs["dn_logits"].shape[2] == 0  # no GT in the batch: D = 0
-    loss, loss_dict = AlignDetrLoss(config)(outputs, targets)
+    loss, loss_dict = build_loss(config)(outputs, targets)
     assert_finite(loss, loss_dict)
     assert list(loss_dict) == expected_keys(2)
     for key, value in loss_dict.items():
@@ -242,7 +243,7 @@ def test_image_without_gt():
 
 def test_batch_mixing_empty_and_non_empty_images():
     config, outputs, targets = make_case([0, 3, 0])
-    loss_fn = AlignDetrLoss(config)
+    loss_fn = build_loss(config)
     loss, loss_dict = loss_fn(outputs, targets)
     assert_finite(loss, loss_dict)
     # The empty images only add their all-negative term; the box losses equal those of image 1 alone.
@@ -263,7 +264,7 @@ def test_batch_mixing_empty_and_non_empty_images():
 def test_more_gts_than_queries_in_the_loss():
     # Q = 4: image 0 has 3 GTs (k=2 -> k=1 since G*k > Q), image 1 has 6 GTs (> Q: only 4 matched).
     config, outputs, targets = make_case([3, 6], num_queries=4, requires_grad=True)
-    loss_fn = AlignDetrLoss(config)
+    loss_fn = build_loss(config)
     loss, loss_dict = loss_fn(outputs, targets)
     assert_finite(loss, loss_dict)
     loss.backward()
@@ -281,7 +282,7 @@ def test_degenerate_boxes_give_finite_loss():
         outputs["dn_pred_boxes"][..., 2:] = 0
     targets[0]["boxes"][0, 2] = 0  # zero-width and zero-area GTs
     targets[1]["boxes"][1, 2:] = 0
-    loss, loss_dict = AlignDetrLoss(config)(outputs, targets)
+    loss, loss_dict = build_loss(config)(outputs, targets)
     assert_finite(loss, loss_dict)
     loss.backward()
     for key in ("intermediate_logits", "intermediate_pred_boxes", "enc_topk_boxes", "dn_pred_boxes"):
@@ -290,7 +291,7 @@ def test_degenerate_boxes_give_finite_loss():
 
 def test_permuting_gt_order_does_not_change_the_loss():
     config, outputs, targets = make_case([4, 3], num_groups=1, denoising=False)
-    loss_fn = AlignDetrLoss(config)
+    loss_fn = build_loss(config)
     loss, loss_dict = loss_fn(outputs, targets)
     permuted = []
     for i, target in enumerate(targets):
@@ -315,7 +316,7 @@ def test_half_precision_autocast_is_finite_and_close_to_float32(dtype):
     rounded = {key: (value.float() if torch.is_tensor(value) else value) for key, value in half.items()}
     half_targets = [{"class_labels": t["class_labels"], "boxes": t["boxes"].to(dtype)} for t in targets]
     rounded_targets = [{"class_labels": t["class_labels"], "boxes": t["boxes"].float()} for t in half_targets]
-    loss_fn = AlignDetrLoss(config)
+    loss_fn = build_loss(config)
     loss32, dict32 = loss_fn(rounded, rounded_targets)
     with torch.autocast("cpu", dtype=dtype):
         loss16, dict16 = loss_fn(half, half_targets)
@@ -330,7 +331,7 @@ def test_distributed_normaliser_single_process():
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed not available")
     config, outputs, targets = make_case([2, 1])
-    loss_fn = AlignDetrLoss(config)
+    loss_fn = build_loss(config)
     _, expected = loss_fn(outputs, targets)
     with tempfile.TemporaryDirectory() as tmp:
         torch.distributed.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}",
@@ -341,6 +342,54 @@ def test_distributed_normaliser_single_process():
             torch.distributed.destroy_process_group()
     for key in expected:
         torch.testing.assert_close(loss_dict[key], expected[key], msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hyper-parameters
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_config_is_read_off_the_model_config():
+    config = AlignDetrConfig(decoder_layers=3, num_gt_repeat=[3, 2, 1, 4], quality_alpha=0.5, matcher_giou_cost=1.0,
+                             focal_gamma=1.5, bbox_loss_coefficient=4.0)
+    loss_config = AlignDetrLossConfig.from_config(config)
+    assert loss_config.num_gt_repeat_decoder == (3, 2, 1) and loss_config.num_gt_repeat_encoder == 4
+    for field in dataclasses.fields(AlignDetrLossConfig):  # every other field by the config's own name
+        if not field.name.startswith("num_gt_repeat"):
+            assert getattr(loss_config, field.name) == getattr(config, field.name), field.name
+    loss_fn = build_loss(config)
+    assert type(loss_fn) is AlignDetrLoss and loss_fn.loss_config == loss_config
+    assert loss_fn.matcher.giou_cost == 1.0 and loss_fn.classification.alpha == 0.5
+
+
+def test_a_loss_config_gives_the_loss_of_the_model_config():
+    config, outputs, targets = make_case([2, 1], num_layers=3)  # num_gt_repeat [2, 2, 1, 2]
+    _, expected = build_loss(config)(outputs, targets)
+    loss_fn = AlignDetrLoss(5, AlignDetrLossConfig(num_gt_repeat_decoder=[2, 2, 1], num_gt_repeat_encoder=2))
+    _, loss_dict = loss_fn(outputs, targets)
+    assert list(loss_dict) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(loss_dict[key], expected[key], rtol=0, atol=0, msg=key)
+    # num_gt_repeat_encoder=None: no encoder term, the other terms unchanged
+    loss_fn = AlignDetrLoss(5, AlignDetrLossConfig(num_gt_repeat_decoder=(2, 2, 1), num_gt_repeat_encoder=None))
+    _, loss_dict = loss_fn(outputs, targets)
+    assert list(loss_dict) == expected_keys(3, encoder=False)
+    for key in loss_dict:
+        torch.testing.assert_close(loss_dict[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_loss_config_errors_are_clear():
+    with pytest.raises(ValueError, match="num_gt_repeat_decoder needs one entry >= 1"):
+        AlignDetrLossConfig(num_gt_repeat_decoder=(2, 0))
+    with pytest.raises(ValueError, match="num_gt_repeat_encoder must be >= 1"):
+        AlignDetrLossConfig(num_gt_repeat_encoder=0)
+    with pytest.raises(TypeError, match=r"takes the number of classes, not AlignDetrConfig; build_loss\(config\)"):
+        AlignDetrLoss(AlignDetrConfig())
+    config, outputs, targets = make_case([2, 1], num_layers=3)
+    with pytest.raises(ValueError, match="num_gt_repeat_decoder has 6 entries but the outputs have 3 decoder layers"):
+        AlignDetrLoss(config.num_labels)(outputs, targets)  # the default config is for 6 decoder layers
+    with pytest.raises(ValueError, match="The logits have 5 classes but the loss has num_labels=4"):
+        AlignDetrLoss(4, AlignDetrLossConfig.from_config(config))(outputs, targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -375,13 +424,13 @@ def _bad(targets, image, **changes):
 def test_bad_targets_raise(change, message):
     config, outputs, targets = make_case([2, 2])
     with pytest.raises(ValueError, match=message):
-        AlignDetrLoss(config)(outputs, _bad(targets, 1, **change))
+        build_loss(config)(outputs, _bad(targets, 1, **change))
 
 
 def test_wrong_number_of_targets_raises():
     config, outputs, targets = make_case([2, 2])
     with pytest.raises(ValueError, match="list of 2 dicts"):
-        AlignDetrLoss(config)(outputs, targets[:1])
+        build_loss(config)(outputs, targets[:1])
 
 
 def test_tiny_model_overfits_one_image():

@@ -10,8 +10,9 @@ import transformers
 from conftest import tiny_config
 from transformers import ResNetConfig, Trainer, TrainingArguments
 
-from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrLoss
+from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection
 from align_detr_hf.data import load_coco_folder
+from align_detr_hf.loss_align_detr import build_loss
 from align_detr_hf.loss_adapters import (
     AlignDetrLossAdapter,
     AlignDetrLossOptions,
@@ -151,7 +152,7 @@ def _spy_on_loss_inputs(model):
 
 def _direct_loss(num_labels, num_gt_repeat, labels=None, **outputs):
     config = AlignDetrConfig(num_labels=num_labels, decoder_layers=len(num_gt_repeat) - 1, num_gt_repeat=num_gt_repeat)
-    return AlignDetrLoss(config)(outputs, labels or _labels())[1]
+    return build_loss(config)(outputs, labels or _labels())[1]
 
 
 @pytest.mark.parametrize("name", ["rt_detr", "deformable_detr_two_stage", "conditional_detr"])
@@ -247,7 +248,7 @@ def test_hyper_parameters_and_num_gt_repeat_reach_the_loss():
         *call, enc_topk_logits=enc_logits, enc_topk_bboxes=enc_boxes)[1]
     config = AlignDetrConfig(num_labels=3, decoder_layers=2, num_gt_repeat=[3, 1, 4], quality_alpha=0.5,
                              negative_gamma=1.0, rank_tau=3.0)
-    expected = AlignDetrLoss(config)({"intermediate_logits": outputs_class.transpose(0, 1),
+    expected = build_loss(config)({"intermediate_logits": outputs_class.transpose(0, 1),
                                       "intermediate_pred_boxes": outputs_coord.transpose(0, 1),
                                       "enc_topk_logits": enc_logits, "enc_topk_boxes": enc_boxes}, _labels())[1]
     for key in expected:
@@ -325,6 +326,8 @@ def test_clear_errors():
         use_align_detr_loss(build("detr"))
     with pytest.raises(ValueError, match="Unknown Align-DETR loss hyper-parameters \\['rank_temperature'\\]"):
         use_align_detr_loss(build("conditional_detr"), rank_temperature=2.0)
+    with pytest.raises(ValueError, match="Unknown Align-DETR loss hyper-parameters \\['focal_alpha'\\]"):
+        use_align_detr_loss(build("conditional_detr"), focal_alpha=0.5)  # DINO's focal loss: not what we compute
 
     # Conditional DETR without auxiliary outputs: an error by default, the last layer alone when asked
     no_aux = build("conditional_detr", auxiliary_loss=False)

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_config
 
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrLoss, AlignDetrModel
+from align_detr_hf.loss_align_detr import build_loss
 from align_detr_hf.modeling_align_detr import AlignDetrModelOutput, AlignDetrObjectDetectionOutput
 
 BATCH, SIZE = 2, 64
@@ -348,7 +349,7 @@ def test_loss_function_is_settable_like_transformers_own():
 
     class HalfLoss(torch.nn.Module):  # a module is accepted too (nn.Module would register it as a submodule)
         def forward(self, outputs, labels):
-            loss, loss_dict = AlignDetrLoss(model.config)(outputs, labels)
+            loss, loss_dict = build_loss(model.config)(outputs, labels)
             return loss / 2, loss_dict
 
     full = _run(model.__class__.from_pretrained(None, config=model.config, state_dict=model.state_dict()).train(),

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align_detr_hf.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
-from align_detr_hf.loss_align_detr import AlignDetrLoss
+from align_detr_hf.loss_align_detr import build_loss
 from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
@@ -124,7 +124,7 @@ def test_permuting_the_ground_truth_does_not_change_the_loss(num_gts, seed):
         order = torch.randperm(n, generator=generator)
         targets.append({"class_labels": labels, "boxes": boxes})
         permuted.append({"class_labels": labels[order], "boxes": boxes[order]})
-    criterion = AlignDetrLoss(CONFIG)
+    criterion = build_loss(CONFIG)
     loss, parts = criterion(outputs, targets)
     loss_p, parts_p = criterion(outputs, permuted)
     assert torch.isfinite(loss)

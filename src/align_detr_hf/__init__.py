@@ -17,8 +17,7 @@ from .hub import (
 )
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .loss_adapters import remove_align_detr_loss, use_align_detr_loss
-from .loss_align_detr import AlignDetrLoss
-from .loss_dino import DinoLoss
+from .loss_align_detr import AlignDetrLoss, AlignDetrLossConfig, DinoLoss
 from .modeling_align_detr import (
     AlignDetrDenoisingQueries,
     AlignDetrForObjectDetection,
@@ -33,6 +32,7 @@ __all__ = [
     "AlignDetrForObjectDetection",
     "AlignDetrImageProcessor",
     "AlignDetrLoss",
+    "AlignDetrLossConfig",
     "AlignDetrModel",
     "AlignDetrObjectDetectionPipeline",
     "AlignDetrPreTrainedModel",

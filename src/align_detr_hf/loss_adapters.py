@@ -41,15 +41,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .configuration_align_detr import AlignDetrConfig
-from .loss_align_detr import AlignDetrLoss
+from .loss_align_detr import AlignDetrLoss, AlignDetrLossConfig
 
-# AlignDetrConfig fields that may be overridden through `use_align_detr_loss(..., **loss_overrides)`.
-LOSS_HYPER_PARAMETERS = (
-    "quality_alpha", "quality_min", "negative_gamma", "rank_tau",
-    "matcher_class_cost", "matcher_bbox_cost", "matcher_giou_cost", "matcher_alpha", "matcher_gamma",
-    "class_loss_coefficient", "bbox_loss_coefficient", "giou_loss_coefficient",
-)  # fmt: skip
+# The AlignDetrLossConfig fields that `use_align_detr_loss(..., **loss_overrides)` may set: all but the k's (their
+# own options) and DINO's focal loss (the adapter computes the Align-DETR loss).
+LOSS_HYPER_PARAMETERS = tuple(
+    field.name for field in dataclasses.fields(AlignDetrLossConfig)
+    if field.name not in ("num_gt_repeat_decoder", "num_gt_repeat_encoder", "focal_alpha", "focal_gamma")
+)
 
 # Model class name -> the family of its loss-function call.
 SUPPORTED_MODELS = {
@@ -72,7 +71,7 @@ class AlignDetrLossOptions:
         entry: the last layer only. None: Align-DETR's `[2, ..., 2, 1]` over every decoder layer.
     encoder_num_gt_repeat: the same for the encoder's proposals; 0 switches the encoder term off. None: 2 where the
         model has encoder proposals (Deformable DETR two-stage, RT-DETR, D-FINE), off otherwise.
-    loss_overrides: values for [`AlignDetrConfig`]'s loss fields (`LOSS_HYPER_PARAMETERS`).
+    loss_overrides: values for [`AlignDetrLossConfig`]'s fields (`LOSS_HYPER_PARAMETERS`).
     keep_terms: the model's own loss terms to add beside ours, by name prefix (`"loss_fgl"` keeps `loss_fgl`,
         `loss_fgl_aux_0`, `loss_fgl_dn_1`, ...), reported as `own.<name>`. They come from the model's own loss
         function (its own matching), weighted as that function weights them.
@@ -176,7 +175,7 @@ class AlignDetrLossAdapter:
         predictions, decoder_k = self._select_layers(predictions, config)
         encoder_k = self._encoder_num_gt_repeat(predictions)
         with_encoder = encoder_k > 0 and not predictions.class_agnostic_encoder
-        loss_fn = self._loss(predictions.logits.shape[-1], decoder_k + [encoder_k or 1])
+        loss_fn = self._loss(predictions.logits.shape[-1], decoder_k, encoder_k if with_encoder else None)
         loss_dict = loss_fn({
             "intermediate_logits": predictions.logits,
             "intermediate_pred_boxes": predictions.boxes,
@@ -291,13 +290,12 @@ class AlignDetrLossAdapter:
             return 0
         return 2 if requested is None else requested
 
-    def _loss(self, num_labels: int, num_gt_repeat: list[int]) -> AlignDetrLoss:
-        key = (num_labels, tuple(num_gt_repeat))
+    def _loss(self, num_labels: int, decoder_k: list[int], encoder_k: int | None) -> AlignDetrLoss:
+        key = (num_labels, tuple(decoder_k), encoder_k)
         if key not in self._losses:
-            config = AlignDetrConfig(num_labels=num_labels, decoder_layers=len(num_gt_repeat) - 1,
-                                     num_gt_repeat=list(num_gt_repeat), loss_type="align_detr",
-                                     **self.options.loss_overrides)
-            self._losses[key] = AlignDetrLoss(config)
+            loss_config = AlignDetrLossConfig(num_gt_repeat_decoder=tuple(decoder_k), num_gt_repeat_encoder=encoder_k,
+                                              **self.options.loss_overrides)
+            self._losses[key] = AlignDetrLoss(num_labels, loss_config)
         return self._losses[key]
 
     @staticmethod
@@ -315,7 +313,7 @@ class AlignDetrLossAdapter:
 
     def _class_agnostic_encoder_losses(self, predictions: AdaptedPredictions, labels: list[dict], k: int) -> dict:
         """Encoder term with every GT as class 0: the same loss code on a one-class problem, one 'layer'."""
-        loss_fn = self._loss(1, [k, k])
+        loss_fn = self._loss(1, [k], None)
         agnostic = [{"class_labels": torch.zeros_like(t["class_labels"]), "boxes": t["boxes"]} for t in labels]
         loss_dict = loss_fn({"intermediate_logits": predictions.encoder_logits[None],
                              "intermediate_pred_boxes": predictions.encoder_boxes[None]}, agnostic)[1]
@@ -362,12 +360,12 @@ def use_align_detr_loss(
         decoder_num_gt_repeat: k per decoder layer (first to last), or `[k]` for the last layer only. Default
             Align-DETR's `[2, ..., 2, 1]`.
         encoder_num_gt_repeat: k of the encoder proposals (0: no encoder term). Default 2 where there are proposals.
-        alpha: IA-BCE quality target `t = p^alpha * IoU^(1 - alpha)` (`AlignDetrConfig.quality_alpha`).
+        alpha: IA-BCE quality target `t = p^alpha * IoU^(1 - alpha)` (`AlignDetrLossConfig.quality_alpha`).
         gamma: negatives weighted by `p^gamma` (`negative_gamma`).
         tau: prime-sample weight `exp(-rank / tau)` (`rank_tau`).
         keep_terms: the model's own terms to keep beside ours (name prefixes, e.g. `("loss_fgl", "loss_ddf")`);
             default: D-FINE's distribution losses for D-FINE, none otherwise.
-        **loss_overrides: other [`AlignDetrConfig`] loss fields (`LOSS_HYPER_PARAMETERS`), e.g. `matcher_giou_cost`.
+        **loss_overrides: other [`AlignDetrLossConfig`] fields (`LOSS_HYPER_PARAMETERS`), e.g. `matcher_giou_cost`.
     Returns:
         The [`AlignDetrLossAdapter`] now set as `model.loss_function`. Undo with [`remove_align_detr_loss`].
     """

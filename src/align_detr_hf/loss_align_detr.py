@@ -1,10 +1,11 @@
-"""Training loss of Align-DETR, numerically equal to mmdetection's `AlignDETRHead.loss_by_feat`.
+"""Training losses of Align-DETR and DINO, numerically equal to mmdetection's `AlignDETRHead` / `DINOHead.loss_by_feat`.
 
-The loss has three parts, each computed for every prediction layer:
+[`AlignDetrLoss`] has two parts, each computed for every prediction layer:
 
 * matching part (decoder layers 0..L-1 and the encoder's top-Q proposals): one-to-k Hungarian matching
-  (`k = config.num_gt_repeat[layer]`, layer index L = encoder), IA-BCE classification with prime-sample rank
-  weights, L1 and GIoU box losses, all normalised by the number of ground-truth boxes in the batch;
+  ([`OneToKMatcher`], `k` from `AlignDetrLossConfig.num_gt_repeat_decoder` / `num_gt_repeat_encoder`), IA-BCE
+  classification with prime-sample rank weights, L1 and GIoU box losses, all normalised by the number of
+  ground-truth boxes in the batch;
 * denoising part (decoder layers only): fixed query <-> GT pairs, IA-BCE without rank weights, L1 and GIoU,
   normalised by `#GT * num_groups`.
 
@@ -15,6 +16,10 @@ Loss names are mmdetection's own, so the mapping from mmdet's loss dict to ours 
     enc_loss_cls, enc_loss_bbox, enc_loss_iou     encoder top-Q proposals
     dn_loss_cls, dn_loss_bbox, dn_loss_iou        denoising queries, last decoder layer
     d{i}.dn_loss_*                                denoising queries, decoder layers i < L-1
+
+[`DinoLoss`] is the same pipeline with other data: one-to-one matching, sigmoid focal classification and another
+normaliser (see its docstring). `build_loss(config)` picks one by `config.loss_type`; the hyper-parameters of both are
+[`AlignDetrLossConfig`], read off an `AlignDetrConfig` by `AlignDetrLossConfig.from_config`.
 
 IoU and GIoU are computed on normalised boxes (mmdet uses pixel boxes; both are invariant to per-axis scaling, so
 only float noise differs).
@@ -37,7 +42,9 @@ Edge cases:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
 
 import numpy as np
 import torch
@@ -54,8 +61,61 @@ from .targets_align_detr import check_target_structure
 _AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
 
 
+@dataclasses.dataclass(frozen=True)
+class AlignDetrLossConfig:
+    """Every hyper-parameter of the losses: [`AlignDetrConfig`]'s loss fields under the same names, except that its
+    positional `num_gt_repeat` (decoder layers, then the encoder) is split in two named fields.
+
+    Args:
+        num_gt_repeat_decoder: queries matched to each GT, per decoder layer from first to last (Align-DETR:
+            `(2, ..., 2, 1)`). DINO matches one-to-one whatever it says.
+        num_gt_repeat_encoder: the same for the encoder's proposals; None: no encoder term.
+        matcher_class_cost, matcher_bbox_cost, matcher_giou_cost, matcher_alpha, matcher_gamma: [`OneToKMatcher`]'s
+            focal class cost, L1 and GIoU costs, and the focal cost's alpha and gamma.
+        quality_alpha, quality_min, negative_gamma, rank_tau: IA-BCE (Align-DETR): target
+            `t = max(p^alpha * IoU^(1 - alpha), quality_min)`, negatives weighted by `p^gamma`, prime-sample weights
+            `exp(-rank / tau)`.
+        focal_alpha, focal_gamma: the sigmoid focal loss (DINO).
+        class_loss_coefficient, bbox_loss_coefficient, giou_loss_coefficient: weights of the three terms.
+    """
+
+    num_gt_repeat_decoder: tuple[int, ...] = (2, 2, 2, 2, 2, 1)
+    num_gt_repeat_encoder: int | None = 2
+    matcher_class_cost: float = 2.0
+    matcher_bbox_cost: float = 5.0
+    matcher_giou_cost: float = 2.0
+    matcher_alpha: float = 0.25
+    matcher_gamma: float = 2.0
+    quality_alpha: float = 0.25
+    quality_min: float = 0.01
+    negative_gamma: float = 2.0
+    rank_tau: float = 1.5
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    class_loss_coefficient: float = 1.0
+    bbox_loss_coefficient: float = 5.0
+    giou_loss_coefficient: float = 2.0
+
+    def __post_init__(self):
+        decoder = tuple(int(k) for k in self.num_gt_repeat_decoder)
+        if not decoder or min(decoder) < 1:
+            raise ValueError(f"num_gt_repeat_decoder needs one entry >= 1 per decoder layer, got {decoder}.")
+        if self.num_gt_repeat_encoder is not None and self.num_gt_repeat_encoder < 1:
+            raise ValueError(f"num_gt_repeat_encoder must be >= 1 (None: no encoder term), got "
+                             f"{self.num_gt_repeat_encoder}.")
+        object.__setattr__(self, "num_gt_repeat_decoder", decoder)
+
+    @classmethod
+    def from_config(cls, config: AlignDetrConfig) -> AlignDetrLossConfig:
+        """The loss fields of a model config; the one place where its `num_gt_repeat` list is split."""
+        *decoder, encoder = config.num_gt_repeat
+        same_names = {field.name: getattr(config, field.name) for field in dataclasses.fields(cls)
+                      if not field.name.startswith("num_gt_repeat")}
+        return cls(num_gt_repeat_decoder=tuple(decoder), num_gt_repeat_encoder=encoder, **same_names)
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Loss pieces
+# Loss terms
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -100,6 +160,82 @@ def ia_bce_classification_loss(
     return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weights).sum()
 
 
+def sigmoid_focal_loss(
+    logits: torch.Tensor, positive_index: tuple[torch.Tensor, ...], alpha: float, gamma: float
+) -> torch.Tensor:
+    """Summed sigmoid focal loss (mmdetection's `py_sigmoid_focal_loss`) with target 1 at `positive_index`.
+
+    Args:
+        logits: (B, Q, C) float32 logits.
+        positive_index: (batch, query, class) index tensors of the positive entries.
+    Returns:
+        scalar sum over all B*Q*C entries (not normalised). The modulating factor is not detached (as in mmdet).
+    """
+    targets = torch.zeros_like(logits).index_put(positive_index, logits.new_ones(()))
+    prob = logits.sigmoid()
+    # p_t is the probability of the wrong answer: (1 - p) at positives, p at negatives
+    wrong = (1 - prob) * targets + prob * (1 - targets)
+    focal_weight = (alpha * targets + (1 - alpha) * (1 - targets)) * wrong.pow(gamma)
+    return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * focal_weight).sum()
+
+
+# A classification term maps one prediction set and its positives to (summed classification loss, weights of the
+# positives' box losses or None for 1). The loss classes below differ in their term and normaliser, not in code.
+
+
+@dataclasses.dataclass(frozen=True)
+class IaBceClassification:
+    """Align-DETR's IA-BCE: soft target `t = max(p^alpha * IoU^(1 - alpha), quality_min)` at each positive (times its
+    prime-sample weight where the positives are ranked), target 0 weighted by `p^gamma` elsewhere. The box losses
+    take the same prime-sample weights."""
+
+    alpha: float
+    quality_min: float
+    gamma: float
+    tau: float
+
+    @classmethod
+    def from_loss_config(cls, config: AlignDetrLossConfig) -> IaBceClassification:
+        return cls(config.quality_alpha, config.quality_min, config.negative_gamma, config.rank_tau)
+
+    def __call__(self, logits, boxes, positives: LayerMatches, gt_labels, gt_boxes):
+        batch, query, gt = positives.batch, positives.query, positives.gt
+        labels = gt_labels[gt]
+        with torch.no_grad():  # the quality target is detached
+            prob = logits[batch, query, labels].sigmoid()
+            iou = box_iou(box_cxcywh_to_xyxy(boxes[batch, query]), box_cxcywh_to_xyxy(gt_boxes[gt]), aligned=True)
+            quality = (prob.pow(self.alpha) * iou.pow(1 - self.alpha)).clamp(min=self.quality_min)
+        weight = None if positives.groups is None else prime_sample_weights(quality, positives.groups, self.tau)
+        targets = quality if weight is None else quality * weight
+        return ia_bce_classification_loss(logits, (batch, query, labels), targets, self.gamma), weight
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidFocalClassification:
+    """DINO's sigmoid focal loss: one-hot target at each positive's (query, GT class), 0 elsewhere; box weight 1."""
+
+    alpha: float
+    gamma: float
+
+    @classmethod
+    def from_loss_config(cls, config: AlignDetrLossConfig) -> SigmoidFocalClassification:
+        return cls(config.focal_alpha, config.focal_gamma)
+
+    def __call__(self, logits, boxes, positives: LayerMatches, gt_labels, gt_boxes):
+        positive_index = (positives.batch, positives.query, gt_labels[positives.gt])
+        return sigmoid_focal_loss(logits, positive_index, self.alpha, self.gamma), None
+
+
+def count_gt_boxes(num_gts: list[int], num_queries: int) -> int:
+    """Align-DETR's normaliser of the matching part: the number of GT boxes (not the ~k * #GT positives)."""
+    return sum(num_gts)
+
+
+def count_matched_queries(num_gts: list[int], num_queries: int) -> int:
+    """DINO's (mmdetection's number of positives): one-to-one, that is `min(#GT, Q)` per image."""
+    return sum(min(num_gt, num_queries) for num_gt in num_gts)
+
+
 def _reduce_mean(values: list[float], device: torch.device) -> list[float] | torch.Tensor:
     """Average counts over processes (mmdet's reduce_mean) when torch.distributed is initialised."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -110,20 +246,42 @@ def _reduce_mean(values: list[float], device: torch.device) -> list[float] | tor
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The loss module
+# The loss modules
 # --------------------------------------------------------------------------------------------------------------------
 
 
 class AlignDetrLoss(nn.Module):
-    """Align-DETR training loss (mmdetection's `AlignDETRHead.loss_by_feat`), see the module docstring."""
+    """Align-DETR training loss (mmdetection's `AlignDETRHead.loss_by_feat`), see the module docstring.
 
-    def __init__(self, config: AlignDetrConfig):
+    Args:
+        num_labels: classes, one sigmoid logit each.
+        loss_config: the hyper-parameters; defaults to Align-DETR's (6 decoder layers). `build_loss(config)` builds
+            the loss of a model config.
+    """
+
+    # What makes the loss Align-DETR's (DinoLoss sets other values): the classification term (built from the loss
+    # config), the count that divides the matching part, and whether num_gt_repeat is used or every layer is
+    # matched one-to-one.
+    classification_term = IaBceClassification
+    normaliser = staticmethod(count_gt_boxes)
+    one_to_one = False
+
+    def __init__(self, num_labels: int, loss_config: AlignDetrLossConfig | None = None):
         super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.num_gt_repeat = list(config.num_gt_repeat)
+        try:
+            self.num_labels = operator.index(num_labels)
+        except TypeError:
+            raise TypeError(f"{type(self).__name__}(num_labels, loss_config) takes the number of classes, not "
+                            f"{type(num_labels).__name__}; build_loss(config) builds the loss of a model config."
+                            ) from None
+        self.loss_config = AlignDetrLossConfig() if loss_config is None else loss_config
+        config = self.loss_config
         self.matcher = OneToKMatcher(config.matcher_class_cost, config.matcher_bbox_cost, config.matcher_giou_cost,
                                      config.matcher_alpha, config.matcher_gamma)
+        self.classification = self.classification_term.from_loss_config(config)
+
+    def extra_repr(self) -> str:
+        return f"num_labels={self.num_labels}, loss_config={self.loss_config}"
 
     def forward(self, outputs: dict, targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute every loss term.
@@ -145,7 +303,7 @@ class AlignDetrLoss(nn.Module):
 
     def _prediction_layers(self, outputs: dict, targets: list[dict]):
         """Float32 (logits, boxes) of every matched prediction layer (decoder 0..L-1, then encoder), their loss-name
-        prefixes, and the validated targets moved to the device."""
+        prefixes and k, and the validated targets moved to the device."""
         all_logits = outputs["intermediate_logits"].float()
         all_boxes = outputs["intermediate_pred_boxes"].float()
         if all_logits.dim() != 4 or all_boxes.shape != all_logits.shape[:-1] + (4,):
@@ -153,16 +311,13 @@ class AlignDetrLoss(nn.Module):
                              f"got {tuple(all_logits.shape)} and {tuple(all_boxes.shape)}.")
         num_layers, batch_size, _, num_classes = all_logits.shape
         if num_classes != self.num_labels:
-            raise ValueError(f"The logits have {num_classes} classes but config.num_labels is {self.num_labels}.")
-        if len(self.num_gt_repeat) != num_layers + 1:
-            raise ValueError(f"config.num_gt_repeat has {len(self.num_gt_repeat)} entries but the outputs have "
-                             f"{num_layers} decoder layers (+1 encoder entry needed).")
+            raise ValueError(f"The logits have {num_classes} classes but the loss has num_labels={self.num_labels}.")
         check_target_structure(targets, batch_size)
         device = all_logits.device
 
         layers = [(all_logits[i], all_boxes[i]) for i in range(num_layers)]
         names = [f"d{i}." for i in range(num_layers - 1)] + [""]
-        if outputs.get("enc_topk_logits") is not None:
+        if outputs.get("enc_topk_logits") is not None and self.loss_config.num_gt_repeat_encoder is not None:
             layers.append((outputs["enc_topk_logits"].float(), outputs["enc_topk_boxes"].float()))
             names.append("enc_")
         for name, (layer_logits, layer_boxes) in zip(names, layers):
@@ -171,32 +326,33 @@ class AlignDetrLoss(nn.Module):
                 raise ValueError(f"Prediction layer '{name or 'last'}' has logits {tuple(layer_logits.shape)} and "
                                  f"boxes {tuple(layer_boxes.shape)}; expected (B, Q, C) and (B, Q, 4).")
 
+        ks = self._num_gt_repeat(num_layers, len(layers) > num_layers)
         gt_labels = [t["class_labels"].to(device=device, dtype=torch.long) for t in targets]
         gt_boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
-        return layers, names, gt_labels, gt_boxes
+        return layers, names, ks, gt_labels, gt_boxes
 
     @torch.no_grad()
     def match(self, outputs: dict, targets: list[dict]) -> list[LayerMatches]:
         """The matches of every prediction layer (decoder 0..L-1, then the encoder), as the loss computes them."""
         with torch.autocast(device_type=outputs["intermediate_logits"].device.type, enabled=False):
-            layers, _, gt_labels, gt_boxes = self._prediction_layers(outputs, targets)
-            return self.matcher(layers, gt_labels, gt_boxes, self.num_gt_repeat[: len(layers)])
+            layers, _, ks, gt_labels, gt_boxes = self._prediction_layers(outputs, targets)
+            return self.matcher(layers, gt_labels, gt_boxes, ks)
 
     def _forward_float32(self, outputs: dict, targets: list[dict]):
-        layers, names, gt_labels, gt_boxes = self._prediction_layers(outputs, targets)
+        layers, names, ks, gt_labels, gt_boxes = self._prediction_layers(outputs, targets)
         num_layers = outputs["intermediate_logits"].shape[0]
         device = layers[0][0].device
         num_gts = [int(labels.shape[0]) for labels in gt_labels]
         all_gt_labels = torch.cat(gt_labels)
         all_gt_boxes = torch.cat(gt_boxes)
 
-        matches = self.matcher(layers, gt_labels, gt_boxes, self.num_gt_repeat[: len(layers)])
+        matches = self.matcher(layers, gt_labels, gt_boxes, ks)
 
         num_gt_total = sum(num_gts)
         dn_logits = outputs.get("dn_logits")
         dn_groups = int(outputs["denoising_meta"]["num_groups"]) if dn_logits is not None else 0
         num_queries = layers[0][0].shape[1]
-        match_count = self._matching_normaliser_count(num_gts, num_queries)
+        match_count = self.normaliser(num_gts, num_queries)
         counts = _reduce_mean([float(match_count), float(num_gt_total * dn_groups)], device)
         # mmdet: max(reduce_mean(count), 1), then weight_reduce_loss adds float32 eps.
         match_normaliser = max(counts[0], 1) if isinstance(counts, list) else counts[0].clamp(min=1)
@@ -204,7 +360,7 @@ class AlignDetrLoss(nn.Module):
 
         loss_dict = {}
         for name, (layer_logits, layer_boxes), match in zip(names, layers, matches):
-            losses = self._layer_losses(layer_logits, layer_boxes, match, all_gt_labels, all_gt_boxes, match_normaliser)
+            losses = self.layer_losses(layer_logits, layer_boxes, match, all_gt_labels, all_gt_boxes, match_normaliser)
             loss_dict.update({f"{name}{key}": value for key, value in losses.items()})
         # mmdet's order: last layer, d0.., enc_, then dn.
         prefixes = [""] + names[: num_layers - 1] + names[num_layers:]
@@ -220,53 +376,32 @@ class AlignDetrLoss(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------------
 
-    def _matching_normaliser_count(self, num_gts: list[int], num_queries: int) -> int:
-        """Count that normalises the matching-part losses: Align-DETR divides by the number of GT boxes (not by the
-        ~k * #GT positives)."""
-        return sum(num_gts)
+    def _num_gt_repeat(self, num_decoder_layers: int, with_encoder: bool) -> list[int]:
+        """k of each matched layer: the decoder layers, then (with_encoder) the encoder."""
+        config = self.loss_config
+        if len(config.num_gt_repeat_decoder) != num_decoder_layers:
+            raise ValueError(f"loss_config.num_gt_repeat_decoder has {len(config.num_gt_repeat_decoder)} entries but "
+                             f"the outputs have {num_decoder_layers} decoder layers.")
+        ks = [*config.num_gt_repeat_decoder, config.num_gt_repeat_encoder][: num_decoder_layers + with_encoder]
+        return [1] * len(ks) if self.one_to_one else ks
 
-    def _positive_targets(self, logits, boxes, batch, query, gt, all_gt_labels, all_gt_boxes):
-        """IA-BCE quality target t = clamp(p^alpha * IoU^(1-alpha), min=quality_min), detached, shape (P,)."""
-        with torch.no_grad():
-            labels = all_gt_labels[gt]
-            prob = logits[batch, query, labels].sigmoid()
-            iou = box_iou(box_cxcywh_to_xyxy(boxes[batch, query]), box_cxcywh_to_xyxy(all_gt_boxes[gt]), aligned=True)
-            alpha = self.config.quality_alpha
-            quality = (prob.pow(alpha) * iou.pow(1 - alpha)).clamp(min=self.config.quality_min)
-        return labels, quality
-
-    def _set_losses(self, logits, boxes, batch, query, gt, rank_groups, all_gt_labels, all_gt_boxes, normaliser):
-        """cls / bbox / iou losses of one prediction set (B, Q, .) given its positives.
-
-        `rank_groups` (num_gt, k_max) enables prime-sample weights (matching part); None means weight 1 (dn).
-        """
-        config = self.config
-        labels, quality = self._positive_targets(logits, boxes, batch, query, gt, all_gt_labels, all_gt_boxes)
-        if rank_groups is not None:
-            weight = prime_sample_weights(quality, rank_groups, config.rank_tau)
-        else:
-            weight = torch.ones_like(quality)
+    def layer_losses(self, logits, boxes, positives: LayerMatches, gt_labels, gt_boxes, normaliser) -> dict:
+        """`loss_cls`, `loss_bbox`, `loss_iou` of one prediction set `logits (B, Q, C)`, `boxes (B, Q, 4)` given its
+        positives (`gt_labels`, `gt_boxes`: the batch's concatenated targets), divided by `normaliser`."""
+        config = self.loss_config
         divisor = normaliser + _AVG_FACTOR_EPS
-
-        loss_cls = ia_bce_classification_loss(logits, (batch, query, labels), quality * weight, config.negative_gamma)
-        return {"loss_cls": config.class_loss_coefficient * loss_cls / divisor,
-                **self._box_losses(boxes[batch, query], all_gt_boxes[gt], weight, divisor)}
-
-    def _box_losses(self, pred, target, weight, divisor):
-        """Weighted L1 (normalised cxcywh) and GIoU losses of the (P, 4) positive boxes; `weight` (P,) or None."""
+        loss_cls, weight = self.classification(logits, boxes, positives, gt_labels, gt_boxes)
+        pred, target = boxes[positives.batch, positives.query], gt_boxes[positives.gt]
         l1 = (pred - target).abs().sum(-1)
         giou_loss = 1 - generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target), aligned=True)
         if weight is not None:
             l1, giou_loss = l1 * weight, giou_loss * weight
         # With no positive the sums are empty (0) but still attached to `boxes` through indexing.
         return {
-            "loss_bbox": self.config.bbox_loss_coefficient * l1.sum() / divisor,
-            "loss_iou": self.config.giou_loss_coefficient * giou_loss.sum() / divisor,
+            "loss_cls": config.class_loss_coefficient * loss_cls / divisor,
+            "loss_bbox": config.bbox_loss_coefficient * l1.sum() / divisor,
+            "loss_iou": config.giou_loss_coefficient * giou_loss.sum() / divisor,
         }
-
-    def _layer_losses(self, logits, boxes, match, all_gt_labels, all_gt_boxes, normaliser):
-        return self._set_losses(logits, boxes, match.batch, match.query, match.gt, match.groups,
-                                all_gt_labels, all_gt_boxes, normaliser)
 
     def _denoising_losses(self, outputs, gt_labels, num_gts, all_gt_labels, all_gt_boxes, normaliser):
         """dn losses of every decoder layer: positive slot 2Mg + j <-> GT j of the image, no rank weights."""
@@ -303,16 +438,46 @@ class AlignDetrLoss(nn.Module):
             gt.append(np.tile(np.arange(n), num_groups) + gt_offsets[b])
         index = np.stack([np.concatenate(batch), np.concatenate(query), np.concatenate(gt)]).astype(np.int64)
         index = torch.from_numpy(index)
-        batch, query, gt = index.to(dn_logits.device, non_blocking=True).unbind(0)
+        pairs = LayerMatches(*index.to(dn_logits.device, non_blocking=True).unbind(0), groups=None)
 
         per_layer = {}
         for i in range(num_layers):
-            losses = self._set_losses(dn_logits[i], dn_boxes[i], batch, query, gt, None, all_gt_labels, all_gt_boxes,
-                                      normaliser)
-            per_layer[names[i]] = losses
+            per_layer[names[i]] = self.layer_losses(dn_logits[i], dn_boxes[i], pairs, all_gt_labels, all_gt_boxes,
+                                                    normaliser)
         for name in [""] + names[:-1]:
             loss_dict.update({f"{name}dn_{key}": value for key, value in per_layer[name].items()})
         return loss_dict
 
 
-__all__ = ["AlignDetrLoss", "prime_sample_weights", "ia_bce_classification_loss"]
+class DinoLoss(AlignDetrLoss):
+    """mmdetection's DINO loss (`DINOHead.loss_by_feat`): [`AlignDetrLoss`]'s pipeline (same prediction layers, target
+    checks, single host sync, denoising pairs, loss names and order) with other data:
+
+    * one-to-one Hungarian matching on every decoder layer and on the encoder's proposals (same matching costs);
+      `num_gt_repeat_*` only say which layers there are;
+    * sigmoid focal classification (`focal_alpha`, `focal_gamma`) with a one-hot target at each matched (query, GT
+      class) entry, summed over all Q x C entries; no IoU-aware targets and no rank weights (box weight 1);
+    * the matching part divided by the number of matched queries (`sum_b min(G_b, Q)`: the number of GT boxes unless
+      an image has more GTs than queries); the denoising part by `#GT * num_groups`, as Align-DETR.
+    """
+
+    classification_term = SigmoidFocalClassification
+    normaliser = staticmethod(count_matched_queries)
+    one_to_one = True
+
+
+# `AlignDetrConfig.loss_type` -> loss class
+LOSS_CLASSES = {"align_detr": AlignDetrLoss, "dino": DinoLoss}
+
+
+def build_loss(config: AlignDetrConfig) -> AlignDetrLoss:
+    """The training loss of a model config: the class chosen by `config.loss_type`, its hyper-parameters read off
+    the config by `AlignDetrLossConfig.from_config`."""
+    if config.loss_type not in LOSS_CLASSES:
+        raise ValueError(f"config.loss_type must be one of {tuple(LOSS_CLASSES)}, got {config.loss_type!r}.")
+    return LOSS_CLASSES[config.loss_type](config.num_labels, AlignDetrLossConfig.from_config(config))
+
+
+__all__ = ["LOSS_CLASSES", "AlignDetrLoss", "AlignDetrLossConfig", "DinoLoss", "IaBceClassification",
+           "SigmoidFocalClassification", "build_loss", "count_gt_boxes", "count_matched_queries",
+           "ia_bce_classification_loss", "prime_sample_weights", "sigmoid_focal_loss"]

@@ -203,7 +203,8 @@ def _matches_on_device(solutions, num_gts: list[int], num_layers: int, device) -
         p, ng = len(batch), groups.size
         chunk = packed[offset : offset + 3 * p + ng]
         offset += 3 * p + ng
-        matches.append(LayerMatches(chunk[:p], chunk[p : 2 * p], chunk[2 * p : 3 * p], chunk[3 * p :].view(groups.shape)))
+        matches.append(LayerMatches(batch=chunk[:p], query=chunk[p : 2 * p], gt=chunk[2 * p : 3 * p],
+                                    groups=chunk[3 * p :].view(groups.shape)))
     return matches
 
 

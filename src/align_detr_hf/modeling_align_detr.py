@@ -24,7 +24,7 @@ from .box_ops import inverse_sigmoid
 from .configuration_align_detr import AlignDetrConfig
 from .denoising_align_detr import AlignDetrDenoisingQueries, build_denoising_queries
 from .targets_align_detr import validate_labels
-from .loss_dino import build_loss
+from .loss_align_detr import build_loss
 from .ms_deform_attn import multi_scale_deformable_attention
 
 # ----------------------------------------------------------------------------------------------------------------
