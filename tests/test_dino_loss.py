@@ -76,7 +76,7 @@ def test_dino_losses_match_mmdetection_from_head_outputs(dino_recorded):
 def test_dino_assignments_are_mmdetections_one_to_one(dino_recorded):
     outputs, targets = fixture_inputs(dino_recorded)
     matches = build_loss(dino_fixture_config()).match(outputs, targets)
-    batch, num_queries = outputs["enc_topk_logits"].shape[:2]
+    batch, num_queries = outputs.encoder_logits.shape[:2]
     gt_offsets = torch.tensor([0] + [len(t["class_labels"]) for t in targets]).cumsum(0)
     for name, match in zip(["d0", "d1", "enc"], matches):
         gt_inds = torch.zeros(batch, num_queries, dtype=torch.long)
@@ -169,7 +169,7 @@ def test_more_gts_than_queries_normalise_by_the_matched_queries():
     _, loss_dict = loss_fn(outputs, targets)
     match = loss_fn.match(outputs, targets)[1]  # layers: decoder 0, decoder 1 (last), encoder
     assert len(match.query) == 3 and len(set(match.query.tolist())) == 3
-    pred = outputs["intermediate_pred_boxes"][-1][match.batch, match.query]
+    pred = outputs.boxes[-1][match.batch, match.query]
     l1 = (pred - targets[0]["boxes"][match.gt]).abs().sum()
     assert loss_dict["loss_bbox"].item() == pytest.approx(5 * l1.item() / 3, rel=1e-5)
 

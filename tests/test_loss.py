@@ -13,11 +13,19 @@ import torch.nn.functional as F
 
 from align_detr_hf.box_ops import box_xyxy_to_cxcywh
 from align_detr_hf.configuration_align_detr import AlignDetrConfig
-from align_detr_hf.loss_align_detr import AlignDetrLoss, AlignDetrLossConfig, build_loss, prime_sample_weights
+from align_detr_hf.loss_align_detr import (
+    AlignDetrLoss,
+    AlignDetrLossConfig,
+    AlignDetrLossInputs,
+    DenoisingLayout,
+    build_loss,
+    decoder_layer_names,
+    mmdet_key_order,
+    prime_sample_weights,
+)
 from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
 
 FIXTURES = Path(__file__).parent / "fixtures" / "small"
-TERMS = ("cls", "bbox", "iou")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -37,18 +45,20 @@ def fixture_config():
 
 
 def fixture_inputs(recorded):
-    """Split mmdet's train-mode head outputs into our `outputs` dict; targets as normalised cxcywh."""
+    """Split mmdet's train-mode head outputs into our loss inputs; targets as normalised cxcywh."""
     head, dn = recorded["head"], recorded["dn"]
     num_dn = dn["num_denoising_queries"]
-    outputs = {
-        "intermediate_logits": head["all_layers_cls_scores"][:, :, num_dn:],
-        "intermediate_pred_boxes": head["all_layers_bbox_preds"][:, :, num_dn:],
-        "enc_topk_logits": head["enc_cls_scores"],
-        "enc_topk_boxes": head["enc_bbox_preds"],
-        "dn_logits": head["all_layers_cls_scores"][:, :, :num_dn],
-        "dn_pred_boxes": head["all_layers_bbox_preds"][:, :, :num_dn],
-        "denoising_meta": {"num_groups": dn["num_denoising_groups"], "max_gt": dn["max_num_target"]},
-    }
+    scores, boxes = head["all_layers_cls_scores"], head["all_layers_bbox_preds"]
+    outputs = AlignDetrLossInputs(
+        logits=scores[:, :, num_dn:],
+        boxes=boxes[:, :, num_dn:],
+        layer_names=decoder_layer_names(scores.shape[0]),
+        encoder_logits=head["enc_cls_scores"],
+        encoder_boxes=head["enc_bbox_preds"],
+        dn_logits=scores[:, :, :num_dn],
+        dn_boxes=boxes[:, :, :num_dn],
+        denoising=DenoisingLayout(dn["num_denoising_groups"], dn["max_num_target"]),
+    )
     targets = []
     for gt, meta in zip(recorded["gt"], recorded["metainfo"]):
         height, width = meta["img_shape"]
@@ -80,15 +90,16 @@ def make_case(num_gts, num_layers=2, num_queries=12, num_classes=5, num_groups=2
     def boxes(*shape):
         return random_boxes(math.prod(shape), g).reshape(*shape, 4).requires_grad_(requires_grad)
 
-    outputs = {
-        "intermediate_logits": logits(num_layers, batch, num_queries),
-        "intermediate_pred_boxes": boxes(num_layers, batch, num_queries),
-        "enc_topk_logits": logits(batch, num_queries),
-        "enc_topk_boxes": boxes(batch, num_queries),
-        "dn_logits": logits(num_layers, batch, num_dn) if denoising else None,
-        "dn_pred_boxes": boxes(num_layers, batch, num_dn) if denoising else None,
-        "denoising_meta": {"num_groups": num_groups, "max_gt": max_gt} if denoising else None,
-    }
+    outputs = AlignDetrLossInputs(
+        logits=logits(num_layers, batch, num_queries),
+        boxes=boxes(num_layers, batch, num_queries),
+        layer_names=decoder_layer_names(num_layers),
+        encoder_logits=logits(batch, num_queries),
+        encoder_boxes=boxes(batch, num_queries),
+        dn_logits=logits(num_layers, batch, num_dn) if denoising else None,
+        dn_boxes=boxes(num_layers, batch, num_dn) if denoising else None,
+        denoising=DenoisingLayout(num_groups, max_gt) if denoising else None,
+    )
     targets = [
         {"class_labels": torch.randint(0, num_classes, (n,), generator=g), "boxes": random_boxes(n, g)}
         for n in num_gts
@@ -97,11 +108,14 @@ def make_case(num_gts, num_layers=2, num_queries=12, num_classes=5, num_groups=2
 
 
 def expected_keys(num_layers, denoising=True, encoder=True):
-    prefixes = [""] + [f"d{i}." for i in range(num_layers - 1)] + (["enc_"] if encoder else [])
-    keys = [f"{p}loss_{t}" for p in prefixes for t in TERMS]
-    if denoising:
-        keys += [f"{p}dn_loss_{t}" for p in [""] + [f"d{i}." for i in range(num_layers - 1)] for t in TERMS]
-    return keys
+    return mmdet_key_order(decoder_layer_names(num_layers), encoder=encoder, denoising=denoising)
+
+
+def tensors_of(inputs, convert):
+    """The same loss inputs with `convert` applied to every tensor."""
+    return dataclasses.replace(inputs, **{field.name: convert(getattr(inputs, field.name))
+                                          for field in dataclasses.fields(inputs)
+                                          if torch.is_tensor(getattr(inputs, field.name))})
 
 
 def assert_finite(loss, loss_dict):
@@ -131,7 +145,7 @@ def test_losses_match_mmdetection(recorded):
 def test_assignments_match_mmdetection(recorded):
     outputs, targets = fixture_inputs(recorded)
     matches = build_loss(fixture_config()).match(outputs, targets)
-    batch, num_queries = outputs["enc_topk_logits"].shape[:2]
+    batch, num_queries = outputs.encoder_logits.shape[:2]
     gt_offsets = torch.tensor([0] + [len(t["class_labels"]) for t in targets]).cumsum(0)
     for name, match in zip(["d0", "d1", "enc"], matches):
         gt_inds = torch.zeros(batch, num_queries, dtype=torch.long)  # mmdet's convention: 0 = background
@@ -203,6 +217,43 @@ def test_prime_sample_weights():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def test_mmdet_key_order():
+    """mmdetection's order: last layer, d0.., enc_, then the denoising terms in the same layer order."""
+    assert mmdet_key_order(decoder_layer_names(3)) == [
+        "loss_cls", "loss_bbox", "loss_iou",
+        "d0.loss_cls", "d0.loss_bbox", "d0.loss_iou",
+        "d1.loss_cls", "d1.loss_bbox", "d1.loss_iou",
+        "enc_loss_cls", "enc_loss_bbox", "enc_loss_iou",
+        "dn_loss_cls", "dn_loss_bbox", "dn_loss_iou",
+        "d0.dn_loss_cls", "d0.dn_loss_bbox", "d0.dn_loss_iou",
+        "d1.dn_loss_cls", "d1.dn_loss_bbox", "d1.dn_loss_iou",
+    ]  # fmt: skip
+    assert mmdet_key_order(["pre.", "d0.", ""], encoder=False, denoising=False) == [
+        "loss_cls", "loss_bbox", "loss_iou", "pre.loss_cls", "pre.loss_bbox", "pre.loss_iou",
+        "d0.loss_cls", "d0.loss_bbox", "d0.loss_iou",
+    ]  # fmt: skip
+    assert mmdet_key_order([""], denoising=False) == ["loss_cls", "loss_bbox", "loss_iou", "enc_loss_cls",
+                                                      "enc_loss_bbox", "enc_loss_iou"]
+
+
+def test_mmdet_key_order_is_the_recorded_order(recorded):
+    assert mmdet_key_order(decoder_layer_names(2)) == list(recorded["losses"])
+
+
+def test_loss_inputs_refuse_inconsistent_shapes():
+    _, outputs, _ = make_case([2, 1])
+    with pytest.raises(ValueError, match="layer_names has 3 names for 2 layers"):
+        dataclasses.replace(outputs, layer_names=decoder_layer_names(3))
+    with pytest.raises(ValueError, match="dn_logits, dn_boxes and denoising come together"):
+        dataclasses.replace(outputs, denoising=None)
+    with pytest.raises(ValueError, match=r"do not fit DenoisingLayout\(num_groups=3, max_gt=2\)"):
+        dataclasses.replace(outputs, denoising=DenoisingLayout(3, 2))
+    with pytest.raises(ValueError, match=r"logits must be \(L, B, Q, C\)"):
+        dataclasses.replace(outputs, logits=outputs.logits[0])
+    with pytest.raises(ValueError, match="encoder_logits and encoder_boxes come together"):
+        dataclasses.replace(outputs, encoder_boxes=None)
+
+
 def test_keys_with_and_without_denoising():
     config, outputs, targets = make_case([2, 1], num_layers=6)
     _, loss_dict = build_loss(config)(outputs, targets)
@@ -217,15 +268,14 @@ def test_gradient_reaches_logits_and_boxes():
     config, outputs, targets = make_case([3, 1], requires_grad=True)
     loss, _ = build_loss(config)(outputs, targets)
     loss.backward()
-    for key in ("intermediate_logits", "intermediate_pred_boxes", "enc_topk_logits", "enc_topk_boxes",
-                "dn_logits", "dn_pred_boxes"):
-        grad = outputs[key].grad
+    for key in ("logits", "boxes", "encoder_logits", "encoder_boxes", "dn_logits", "dn_boxes"):
+        grad = getattr(outputs, key).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, key
 
 
 def test_image_without_gt():
     config, outputs, targets = make_case([0], requires_grad=True)
-    assert outputs["dn_logits"].shape[2] == 0  # no GT in the batch: D = 0
+    assert outputs.dn_logits.shape[2] == 0  # no GT in the batch: D = 0
     loss, loss_dict = build_loss(config)(outputs, targets)
     assert_finite(loss, loss_dict)
     assert list(loss_dict) == expected_keys(2)
@@ -233,12 +283,12 @@ def test_image_without_gt():
         if "bbox" in key or "iou" in key or "dn_" in key:
             assert value.item() == 0, key
     # all-negative classification: sum p^2 * BCE(z, 0), normaliser clamped to 1
-    logits = outputs["intermediate_logits"][-1].detach()
+    logits = outputs.logits[-1].detach()
     negative = (logits.sigmoid() ** 2 * F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits),
                                                                             reduction="none")).sum()
     torch.testing.assert_close(loss_dict["loss_cls"].detach(), negative)
     loss.backward()  # the dn zeros keep the graph
-    assert outputs["dn_logits"].grad is not None and outputs["intermediate_pred_boxes"].grad is not None
+    assert outputs.dn_logits.grad is not None and outputs.boxes.grad is not None
 
 
 def test_batch_mixing_empty_and_non_empty_images():
@@ -247,15 +297,15 @@ def test_batch_mixing_empty_and_non_empty_images():
     loss, loss_dict = loss_fn(outputs, targets)
     assert_finite(loss, loss_dict)
     # The empty images only add their all-negative term; the box losses equal those of image 1 alone.
-    single = {key: (value[:, 1:2] if key.startswith(("intermediate", "dn_")) and value is not None else value)
-              for key, value in outputs.items()}
-    single["enc_topk_logits"] = outputs["enc_topk_logits"][1:2]
-    single["enc_topk_boxes"] = outputs["enc_topk_boxes"][1:2]
+    single = dataclasses.replace(
+        outputs, logits=outputs.logits[:, 1:2], boxes=outputs.boxes[:, 1:2], encoder_logits=outputs.encoder_logits[1:2],
+        encoder_boxes=outputs.encoder_boxes[1:2], dn_logits=outputs.dn_logits[:, 1:2], dn_boxes=outputs.dn_boxes[:, 1:2],
+    )
     _, single_dict = loss_fn(single, targets[1:2])
     for key in loss_dict:
         if "bbox" in key or "iou" in key:
             torch.testing.assert_close(loss_dict[key], single_dict[key])
-    logits = outputs["intermediate_logits"][-1][[0, 2]]
+    logits = outputs.logits[-1][[0, 2]]
     negative = (logits.sigmoid() ** 2 * F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits),
                                                                             reduction="none")).sum() / 3
     torch.testing.assert_close(loss_dict["loss_cls"], single_dict["loss_cls"] + negative)
@@ -277,16 +327,16 @@ def test_more_gts_than_queries_in_the_loss():
 def test_degenerate_boxes_give_finite_loss():
     config, outputs, targets = make_case([2, 2], requires_grad=True)
     with torch.no_grad():
-        outputs["intermediate_pred_boxes"][..., 2] = 0  # zero-width predictions
-        outputs["enc_topk_boxes"][..., 3] = 0
-        outputs["dn_pred_boxes"][..., 2:] = 0
+        outputs.boxes[..., 2] = 0  # zero-width predictions
+        outputs.encoder_boxes[..., 3] = 0
+        outputs.dn_boxes[..., 2:] = 0
     targets[0]["boxes"][0, 2] = 0  # zero-width and zero-area GTs
     targets[1]["boxes"][1, 2:] = 0
     loss, loss_dict = build_loss(config)(outputs, targets)
     assert_finite(loss, loss_dict)
     loss.backward()
-    for key in ("intermediate_logits", "intermediate_pred_boxes", "enc_topk_boxes", "dn_pred_boxes"):
-        assert torch.isfinite(outputs[key].grad).all(), key
+    for key in ("logits", "boxes", "encoder_boxes", "dn_boxes"):
+        assert torch.isfinite(getattr(outputs, key).grad).all(), key
 
 
 def test_permuting_gt_order_does_not_change_the_loss():
@@ -306,14 +356,14 @@ def test_permuting_gt_order_does_not_change_the_loss():
 def test_half_precision_autocast_is_finite_and_close_to_float32(dtype):
     config, outputs, targets = make_case([3, 2])
     # saturated logits: a naive log(sigmoid) in half precision gives -inf here
-    outputs["intermediate_logits"][..., 0] = 30.0
-    outputs["intermediate_logits"][..., 1] = -30.0
-    outputs["enc_topk_logits"][..., 0] = 30.0
-    outputs["dn_logits"][..., 1] = -30.0
+    outputs.logits[..., 0] = 30.0
+    outputs.logits[..., 1] = -30.0
+    outputs.encoder_logits[..., 0] = 30.0
+    outputs.dn_logits[..., 1] = -30.0
     assert torch.isinf(torch.log(1 - torch.sigmoid(torch.tensor(30.0, dtype=dtype))))
-    half = {key: (value.to(dtype) if torch.is_tensor(value) else value) for key, value in outputs.items()}
+    half = tensors_of(outputs, lambda value: value.to(dtype))
     # the reference: the same (rounded) values in float32
-    rounded = {key: (value.float() if torch.is_tensor(value) else value) for key, value in half.items()}
+    rounded = tensors_of(half, lambda value: value.float())
     half_targets = [{"class_labels": t["class_labels"], "boxes": t["boxes"].to(dtype)} for t in targets]
     rounded_targets = [{"class_labels": t["class_labels"], "boxes": t["boxes"].float()} for t in half_targets]
     loss_fn = build_loss(config)
@@ -388,7 +438,7 @@ def test_loss_config_errors_are_clear():
     config, outputs, targets = make_case([2, 1], num_layers=3)
     with pytest.raises(ValueError, match="num_gt_repeat_decoder has 6 entries but the outputs have 3 decoder layers"):
         AlignDetrLoss(config.num_labels)(outputs, targets)  # the default config is for 6 decoder layers
-    with pytest.raises(ValueError, match="The logits have 5 classes but the loss has num_labels=4"):
+    with pytest.raises(ValueError, match=r"layer 'd0.' has logits \(2, 12, 5\).* C = num_labels = 4"):
         AlignDetrLoss(4, AlignDetrLossConfig.from_config(config))(outputs, targets)
 
 

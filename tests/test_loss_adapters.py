@@ -12,7 +12,7 @@ from transformers import ResNetConfig, Trainer, TrainingArguments
 
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection
 from align_detr_hf.data import load_coco_folder
-from align_detr_hf.loss_align_detr import build_loss
+from align_detr_hf.loss_align_detr import AlignDetrLossInputs, DenoisingLayout, build_loss, decoder_layer_names
 from align_detr_hf.loss_adapters import (
     AlignDetrLossAdapter,
     AlignDetrLossOptions,
@@ -152,7 +152,8 @@ def _spy_on_loss_inputs(model):
 
 def _direct_loss(num_labels, num_gt_repeat, labels=None, **outputs):
     config = AlignDetrConfig(num_labels=num_labels, decoder_layers=len(num_gt_repeat) - 1, num_gt_repeat=num_gt_repeat)
-    return build_loss(config)(outputs, labels or _labels())[1]
+    inputs = AlignDetrLossInputs(layer_names=decoder_layer_names(len(num_gt_repeat) - 1), **outputs)
+    return build_loss(config)(inputs, labels or _labels())[1]
 
 
 @pytest.mark.parametrize("name", ["rt_detr", "deformable_detr_two_stage", "conditional_detr"])
@@ -170,17 +171,17 @@ def test_adapter_equals_align_detr_loss_on_the_same_tensors(name):
         groups = meta["dn_num_group"]
         expected = _direct_loss(
             3, [2, 1, 2],
-            intermediate_logits=outputs_class.transpose(0, 1)[:, :, num_dn:],
-            intermediate_pred_boxes=outputs_coord.transpose(0, 1)[:, :, num_dn:],
-            enc_topk_logits=kwargs["enc_topk_logits"], enc_topk_boxes=kwargs["enc_topk_bboxes"],
+            logits=outputs_class.transpose(0, 1)[:, :, num_dn:],
+            boxes=outputs_coord.transpose(0, 1)[:, :, num_dn:],
+            encoder_logits=kwargs["enc_topk_logits"], encoder_boxes=kwargs["enc_topk_bboxes"],
             dn_logits=outputs_class.transpose(0, 1)[:, :, :num_dn],
-            dn_pred_boxes=outputs_coord.transpose(0, 1)[:, :, :num_dn],
-            denoising_meta={"num_groups": groups, "max_gt": num_dn // (2 * groups)},
+            dn_boxes=outputs_coord.transpose(0, 1)[:, :, :num_dn],
+            denoising=DenoisingLayout(num_groups=groups, max_gt=num_dn // (2 * groups)),
         )
         # their positive denoising slots are ours: 2 * max_gt * group + gt index
         assert [p.tolist() for p in meta["dn_positive_idx"]] == [[0, 1, 4, 5, 8, 9], [0, 4, 8]]
     else:  # layer-first
-        expected = _direct_loss(3, [2, 1, 2], intermediate_logits=outputs_class, intermediate_pred_boxes=outputs_coord)
+        expected = _direct_loss(3, [2, 1, 2], logits=outputs_class, boxes=outputs_coord)
         torch.testing.assert_close(outputs_class[-1], logits)
         torch.testing.assert_close(outputs_coord[-1], pred_boxes)
     if name == "deformable_detr_two_stage":  # class-agnostic encoder term on the model's own top-k (class-0 logit)
@@ -188,9 +189,8 @@ def test_adapter_equals_align_detr_loss_on_the_same_tensors(name):
         class_agnostic = [{"class_labels": torch.zeros_like(t["class_labels"]), "boxes": t["boxes"]} for t in _labels()]
         encoder = _direct_loss(
             1, [2, 2], class_agnostic,
-            intermediate_logits=output.enc_outputs_class.gather(1, topk[..., None])[None],
-            intermediate_pred_boxes=output.enc_outputs_coord_logits.gather(
-                1, topk[..., None].expand(-1, -1, 4)).sigmoid()[None],
+            logits=output.enc_outputs_class.gather(1, topk[..., None])[None],
+            boxes=output.enc_outputs_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()[None],
         )
         expected.update({f"enc_{k}": v for k, v in encoder.items()})
     assert set(output.loss_dict) == set(expected)
@@ -248,9 +248,8 @@ def test_hyper_parameters_and_num_gt_repeat_reach_the_loss():
         *call, enc_topk_logits=enc_logits, enc_topk_bboxes=enc_boxes)[1]
     config = AlignDetrConfig(num_labels=3, decoder_layers=2, num_gt_repeat=[3, 1, 4], quality_alpha=0.5,
                              negative_gamma=1.0, rank_tau=3.0)
-    expected = build_loss(config)({"intermediate_logits": outputs_class.transpose(0, 1),
-                                      "intermediate_pred_boxes": outputs_coord.transpose(0, 1),
-                                      "enc_topk_logits": enc_logits, "enc_topk_boxes": enc_boxes}, _labels())[1]
+    expected = build_loss(config)(AlignDetrLossInputs(outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1),
+                                                      decoder_layer_names(2), enc_logits, enc_boxes), _labels())[1]
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
     default = AlignDetrLossAdapter("RTDetrV2ForObjectDetection", AlignDetrLossOptions())(
@@ -271,8 +270,8 @@ def test_d_fine_initial_prediction_is_a_named_layer():
     adapter = AlignDetrLossAdapter("DFineForObjectDetection", AlignDetrLossOptions(decoder_num_gt_repeat=[3, 1]))
     got = adapter.align_detr_losses(adapter.adapt(outputs_class[:, -1], outputs_coord[:, -1], _Config, outputs_class,
                                                   outputs_coord), _labels(), _Config)
-    expected = _direct_loss(3, [3, 3, 1, 1], intermediate_logits=outputs_class.transpose(0, 1),
-                            intermediate_pred_boxes=outputs_coord.transpose(0, 1))
+    expected = _direct_loss(3, [3, 3, 1, 1], logits=outputs_class.transpose(0, 1),
+                            boxes=outputs_coord.transpose(0, 1))
     renamed = {"d0.": "pre.", "d1.": "d0."}
     assert set(got) == {renamed.get(k[:3], "") + k.split(".", 1)[-1] for k in expected}
     for key, value in expected.items():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align_detr_hf.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
-from align_detr_hf.loss_align_detr import build_loss
+from align_detr_hf.loss_align_detr import AlignDetrLossInputs, build_loss, decoder_layer_names
 from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
@@ -100,15 +100,13 @@ CONFIG = tiny_config(num_gt_repeat=[2, 1, 2])
 
 def _outputs(generator, batch, num_queries=CONFIG.num_queries):
     layers, classes = CONFIG.decoder_layers, CONFIG.num_labels
-    return {
-        "intermediate_logits": torch.randn(layers, batch, num_queries, classes, generator=generator),
-        "intermediate_pred_boxes": torch.rand(layers, batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
-        "enc_topk_logits": torch.randn(batch, num_queries, classes, generator=generator),
-        "enc_topk_boxes": torch.rand(batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
-        "dn_logits": None,
-        "dn_pred_boxes": None,
-        "denoising_meta": None,
-    }
+    return AlignDetrLossInputs(
+        logits=torch.randn(layers, batch, num_queries, classes, generator=generator),
+        boxes=torch.rand(layers, batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
+        layer_names=decoder_layer_names(layers),
+        encoder_logits=torch.randn(batch, num_queries, classes, generator=generator),
+        encoder_boxes=torch.rand(batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
+    )
 
 
 @SETTINGS

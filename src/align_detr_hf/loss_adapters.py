@@ -41,7 +41,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .loss_align_detr import AlignDetrLoss, AlignDetrLossConfig
+from .loss_align_detr import (
+    AlignDetrLoss,
+    AlignDetrLossConfig,
+    AlignDetrLossInputs,
+    DenoisingLayout,
+    decoder_layer_names,
+)
 
 # The AlignDetrLossConfig fields that `use_align_detr_loss(..., **loss_overrides)` may set: all but the k's (their
 # own options) and DINO's focal loss (the adapter computes the Align-DETR loss).
@@ -97,26 +103,6 @@ class AlignDetrLossOptions:
         self.keep_terms = tuple(self.keep_terms)
 
 
-@dataclasses.dataclass
-class AdaptedPredictions:
-    """A model's predictions in [`AlignDetrLoss`]'s layout (see `AlignDetrLoss.forward`), plus what does not fit it."""
-
-    logits: torch.Tensor  # (L, B, Q, C), decoder layers first to last
-    boxes: torch.Tensor  # (L, B, Q, 4) sigmoid cxcywh
-    layer_names: list[str]  # loss-name prefix of each of the L layers
-    encoder_logits: torch.Tensor | None = None  # (B, K, C), or (B, K, 1) with class_agnostic_encoder
-    encoder_boxes: torch.Tensor | None = None
-    dn_logits: torch.Tensor | None = None  # (L, B, D, C)
-    dn_boxes: torch.Tensor | None = None
-    denoising_meta: dict | None = None  # {"num_groups": G, "max_gt": M}
-    only_last_layer: bool = False  # the model passes its last layer alone by design (D-FINE in eval mode)
-    class_agnostic_encoder: bool = False  # the encoder term treats every GT as class 0 (Deformable DETR)
-
-
-def _decoder_layer_names(num_layers: int) -> list[str]:
-    return [f"d{i}." for i in range(num_layers - 1)] + [""]
-
-
 class AlignDetrLossAdapter:
     """A transformers `loss_function` computing the Align-DETR loss for one model family (see module docstring).
 
@@ -158,39 +144,35 @@ class AlignDetrLossAdapter:
     # ---------------------------------------------------------------------------------------------------- loss
 
     def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
-        predictions = self.adapt(logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
-        loss_dict = self.align_detr_losses(predictions, labels, config)
+        inputs = self.adapt(logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
+        loss_dict = self.align_detr_losses(inputs, labels, config)
         if self.options.keep_terms:
             # D-FINE in eval mode computes no distribution losses: nothing to keep is not an error there
             loss_dict.update(self._kept_own_terms(
-                not predictions.only_last_layer, logits, labels, device, pred_boxes, config, outputs_class,
+                not self._last_layer_alone(inputs), logits, labels, device, pred_boxes, config, outputs_class,
                 outputs_coord, **kwargs))
         loss = sum(loss_dict.values())
-        auxiliary_outputs = [{"logits": lg, "pred_boxes": bx}
-                             for lg, bx in zip(predictions.logits[:-1], predictions.boxes[:-1])]
+        auxiliary_outputs = [{"logits": lg, "pred_boxes": bx} for lg, bx in zip(inputs.logits[:-1], inputs.boxes[:-1])]
         return loss, loss_dict, auxiliary_outputs
 
-    def align_detr_losses(self, predictions: AdaptedPredictions, labels: list[dict], config) -> dict:
-        """The Align-DETR terms of adapted predictions, named as mmdetection names them."""
-        predictions, decoder_k = self._select_layers(predictions, config)
-        encoder_k = self._encoder_num_gt_repeat(predictions)
-        with_encoder = encoder_k > 0 and not predictions.class_agnostic_encoder
-        loss_fn = self._loss(predictions.logits.shape[-1], decoder_k, encoder_k if with_encoder else None)
-        loss_dict = loss_fn({
-            "intermediate_logits": predictions.logits,
-            "intermediate_pred_boxes": predictions.boxes,
-            "enc_topk_logits": predictions.encoder_logits if with_encoder else None,
-            "enc_topk_boxes": predictions.encoder_boxes if with_encoder else None,
-            "dn_logits": predictions.dn_logits,
-            "dn_pred_boxes": predictions.dn_boxes,
-            "denoising_meta": predictions.denoising_meta,
-        }, labels)[1]
-        loss_dict = self._rename_layers(loss_dict, predictions.layer_names)
-        if encoder_k > 0 and predictions.class_agnostic_encoder:
-            loss_dict.update(self._class_agnostic_encoder_losses(predictions, labels, encoder_k))
+    def align_detr_losses(self, inputs: AlignDetrLossInputs, labels: list[dict], config) -> dict:
+        """The Align-DETR terms of a model's adapted predictions, named as mmdetection names them."""
+        inputs, decoder_k = self._select_layers(inputs, config)
+        encoder_k = self._encoder_num_gt_repeat(inputs)
+        # Proposals scored by one logit (two-stage Deformable DETR ranks and trains them by its class-0 logit) are
+        # class-agnostic: their term is a one-class problem of its own, every GT counting as class 0.
+        num_labels = inputs.logits.shape[-1]
+        class_agnostic = encoder_k > 0 and inputs.encoder_logits.shape[-1] == 1 < num_labels
+        loss_fn = self._loss(num_labels, decoder_k, encoder_k if encoder_k > 0 and not class_agnostic else None)
+        loss_dict = loss_fn(inputs, labels)[1]
+        if class_agnostic:
+            agnostic = [{"class_labels": torch.zeros_like(t["class_labels"]), "boxes": t["boxes"]} for t in labels]
+            encoder = AlignDetrLossInputs(inputs.encoder_logits[None], inputs.encoder_boxes[None], ["enc_"])
+            loss_dict.update(self._loss(1, [encoder_k], None)(encoder, agnostic)[1])
         return loss_dict
 
-    def adapt(self, logits, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs) -> AdaptedPredictions:
+    def adapt(self, logits, pred_boxes, config, outputs_class=None, outputs_coord=None,
+              **kwargs) -> AlignDetrLossInputs:
         """Re-lay a model family's loss-function inputs out as [`AlignDetrLoss`] expects them."""
         if logits.shape[-1] != config.num_labels:
             raise ValueError(f"{self.model_class_name} gives {logits.shape[-1]} logits per query but config.num_labels "
@@ -201,13 +183,13 @@ class AlignDetrLossAdapter:
 
     # ---------------------------------------------------------------------------------------------------------------
 
-    def _adapt_detr_family(self, logits, pred_boxes, outputs_class, outputs_coord) -> AdaptedPredictions:
+    def _adapt_detr_family(self, logits, pred_boxes, outputs_class, outputs_coord) -> AlignDetrLossInputs:
         # Deformable / Conditional DETR: outputs_class (L, B, Q, C) layer-first, None without auxiliary outputs.
         if outputs_class is None:
             all_logits, all_boxes = logits[None], pred_boxes[None]
         else:
             all_logits, all_boxes = outputs_class, outputs_coord
-        predictions = AdaptedPredictions(all_logits, all_boxes, _decoder_layer_names(all_logits.shape[0]))
+        inputs = AlignDetrLossInputs(all_logits, all_boxes, decoder_layer_names(all_logits.shape[0]))
         if self.hook_handle is not None:
             encoder_class, encoder_coord_logits = getattr(self._captured, "encoder", (None, None))
             self._captured.encoder = (None, None)  # used once: a later call must not see stale tensors
@@ -221,41 +203,43 @@ class AlignDetrLossAdapter:
                 # the model's own top-k: by the class-0 logit (see module docstring)
                 num_proposals = min(all_logits.shape[2], encoder_class.shape[1])
                 topk = encoder_class[..., 0].topk(num_proposals, dim=1)[1]
-                predictions.encoder_logits = encoder_class.gather(1, topk[..., None])
-                predictions.encoder_boxes = encoder_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
-                predictions.class_agnostic_encoder = True
-        return predictions
+                inputs.encoder_logits = encoder_class.gather(1, topk[..., None])  # (B, K, 1): class-agnostic
+                inputs.encoder_boxes = encoder_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
+        return inputs
 
     def _adapt_rt_detr_family(self, config, outputs_class, outputs_coord, enc_topk_logits=None,
-                              enc_topk_bboxes=None, denoising_meta_values=None, **kwargs) -> AdaptedPredictions:
+                              enc_topk_bboxes=None, denoising_meta_values=None, **kwargs) -> AlignDetrLossInputs:
         # RT-DETR / D-FINE: outputs_class (B, L, D + Q, C) batch-first, denoising queries first.
         all_logits, all_boxes = outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1)
         if self.family == "d_fine":
             all_boxes = all_boxes.clamp(0, 1)  # as D-FINE's own loss: distance2bbox can leave the image
-        dn_logits = dn_boxes = denoising_meta = None
+        dn_logits = dn_boxes = denoising = None
         if denoising_meta_values is not None:
             num_dn, num_queries = denoising_meta_values["dn_num_split"]
             num_groups = int(denoising_meta_values["dn_num_group"])
             dn_logits, all_logits = all_logits.split([num_dn, num_queries], dim=2)
             dn_boxes, all_boxes = all_boxes.split([num_dn, num_queries], dim=2)
-            denoising_meta = {"num_groups": num_groups, "max_gt": num_dn // (2 * num_groups)}
-        names = _decoder_layer_names(all_logits.shape[0])
+            denoising = DenoisingLayout(num_groups, num_dn // (2 * num_groups))
+        names = decoder_layer_names(all_logits.shape[0])
         # D-FINE in training: entry 0 is the first layer's initial prediction (pre_bbox_head); in eval mode it
         # passes its evaluation layer alone
         with_pre = self.family == "d_fine" and all_logits.shape[0] == config.decoder_layers + 1
         if with_pre:
-            names = ["pre."] + _decoder_layer_names(all_logits.shape[0] - 1)
-        only_last_layer = self.family == "d_fine" and all_logits.shape[0] == 1
-        return AdaptedPredictions(all_logits, all_boxes, names, enc_topk_logits, enc_topk_bboxes,
-                                  dn_logits, dn_boxes, denoising_meta, only_last_layer)
+            names = ["pre."] + decoder_layer_names(all_logits.shape[0] - 1)
+        return AlignDetrLossInputs(all_logits, all_boxes, names, enc_topk_logits, enc_topk_bboxes, dn_logits, dn_boxes,
+                                   denoising)
 
-    def _select_layers(self, predictions: AdaptedPredictions, config) -> tuple[AdaptedPredictions, list[int]]:
+    def _last_layer_alone(self, inputs: AlignDetrLossInputs) -> bool:
+        """Whether the model passed its last layer alone by design (D-FINE in eval mode)."""
+        return self.family == "d_fine" and inputs.logits.shape[0] == 1
+
+    def _select_layers(self, inputs: AlignDetrLossInputs, config) -> tuple[AlignDetrLossInputs, list[int]]:
         """The prediction layers the loss covers and their k, from `decoder_num_gt_repeat` (see the options)."""
         requested = self.options.decoder_num_gt_repeat
-        if predictions.only_last_layer:
-            return predictions, [requested[-1] if requested else 1]
-        has_pre = predictions.layer_names[0] == "pre."  # D-FINE: the pre prediction takes the first layer's k
-        num_layers = predictions.logits.shape[0] - has_pre
+        if self._last_layer_alone(inputs):
+            return inputs, [requested[-1] if requested else 1]
+        has_pre = inputs.layer_names[0] == "pre."  # D-FINE: the pre prediction takes the first layer's k
+        num_layers = inputs.logits.shape[0] - has_pre
         auxiliary_off = " (auxiliary outputs are off: set config.auxiliary_loss=True)" if num_layers == 1 else ""
         if requested is None:
             if num_layers == 1 and getattr(config, "decoder_layers", 1) > 1:
@@ -267,22 +251,21 @@ class AlignDetrLossAdapter:
             requested = [2] * (num_layers - 1) + [1]
         if len(requested) == 1 and num_layers > 1:  # last layer only
             last = slice(-1, None)
-            dn_logits = predictions.dn_logits[last] if predictions.dn_logits is not None else None
-            dn_boxes = predictions.dn_boxes[last] if predictions.dn_boxes is not None else None
-            predictions = dataclasses.replace(predictions, logits=predictions.logits[last],
-                                              boxes=predictions.boxes[last], layer_names=[""],
-                                              dn_logits=dn_logits, dn_boxes=dn_boxes)
-            return predictions, list(requested)
+            dn_logits = inputs.dn_logits[last] if inputs.dn_logits is not None else None
+            dn_boxes = inputs.dn_boxes[last] if inputs.dn_boxes is not None else None
+            inputs = dataclasses.replace(inputs, logits=inputs.logits[last], boxes=inputs.boxes[last], layer_names=[""],
+                                         dn_logits=dn_logits, dn_boxes=dn_boxes)
+            return inputs, list(requested)
         if len(requested) != num_layers:
             raise ValueError(
                 f"decoder_num_gt_repeat has {len(requested)} entries but {self.model_class_name} passed {num_layers} "
                 f"decoder prediction layers{auxiliary_off}; give one entry per layer, or one for the last layer only."
             )
-        return predictions, ([requested[0]] if has_pre else []) + list(requested)
+        return inputs, ([requested[0]] if has_pre else []) + list(requested)
 
-    def _encoder_num_gt_repeat(self, predictions: AdaptedPredictions) -> int:
+    def _encoder_num_gt_repeat(self, inputs: AlignDetrLossInputs) -> int:
         requested = self.options.encoder_num_gt_repeat
-        if predictions.encoder_logits is None:
+        if inputs.encoder_logits is None:
             if requested:
                 raise ValueError(f"encoder_num_gt_repeat={requested} asks for an encoder term, but "
                                  f"{self.model_class_name} gave no encoder proposals (Deformable DETR has them only "
@@ -297,27 +280,6 @@ class AlignDetrLossAdapter:
                                               **self.options.loss_overrides)
             self._losses[key] = AlignDetrLoss(num_labels, loss_config)
         return self._losses[key]
-
-    @staticmethod
-    def _rename_layers(loss_dict: dict, layer_names: list[str]) -> dict:
-        """AlignDetrLoss names layers d0., d1., ..., '' (last); map them to the adapted layer names."""
-        default = _decoder_layer_names(len(layer_names))
-        if default == layer_names:
-            return loss_dict
-        mapping = dict(zip(default, layer_names))
-        renamed = {}
-        for key, value in loss_dict.items():
-            prefix = key.split(".", 1)[0] + "." if "." in key else ""
-            renamed[mapping.get(prefix, prefix) + key[len(prefix):]] = value
-        return renamed
-
-    def _class_agnostic_encoder_losses(self, predictions: AdaptedPredictions, labels: list[dict], k: int) -> dict:
-        """Encoder term with every GT as class 0: the same loss code on a one-class problem, one 'layer'."""
-        loss_fn = self._loss(1, [k], None)
-        agnostic = [{"class_labels": torch.zeros_like(t["class_labels"]), "boxes": t["boxes"]} for t in labels]
-        loss_dict = loss_fn({"intermediate_logits": predictions.encoder_logits[None],
-                             "intermediate_pred_boxes": predictions.encoder_boxes[None]}, agnostic)[1]
-        return {f"enc_{key}": value for key, value in loss_dict.items()}
 
     def _kept_own_terms(self, must_match: bool, *args, **kwargs) -> dict:
         own_dict = self.own_loss_function(*args, **kwargs)[1]
@@ -403,5 +365,5 @@ def remove_align_detr_loss(model) -> None:
     del model._loss_function
 
 
-__all__ = ["AlignDetrLossAdapter", "AlignDetrLossOptions", "AdaptedPredictions", "LOSS_HYPER_PARAMETERS",
+__all__ = ["AlignDetrLossAdapter", "AlignDetrLossOptions", "LOSS_HYPER_PARAMETERS",
            "SUPPORTED_MODELS", "remove_align_detr_loss", "use_align_detr_loss"]

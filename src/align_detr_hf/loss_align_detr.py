@@ -9,7 +9,10 @@
 * denoising part (decoder layers only): fixed query <-> GT pairs, IA-BCE without rank weights, L1 and GIoU,
   normalised by `#GT * num_groups`.
 
-Loss names are mmdetection's own, so the mapping from mmdet's loss dict to ours is the identity:
+The loss reads one typed input, [`AlignDetrLossInputs`], built by the model and by the adapters of transformers'
+detectors (`loss_adapters.py`). Loss names are mmdetection's own, so the mapping from mmdet's loss dict to ours is
+the identity; each term is named where it is computed, from the layer's name in `AlignDetrLossInputs.layer_names`,
+and `mmdet_key_order` gives mmdetection's order:
 
     loss_cls, loss_bbox, loss_iou                 last decoder layer
     d{i}.loss_cls, d{i}.loss_bbox, d{i}.loss_iou  decoder layers i < L-1
@@ -53,6 +56,7 @@ from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from .configuration_align_detr import AlignDetrConfig
+from .denoising_align_detr import DenoisingLayout
 from .matching_align_detr import LayerMatches, OneToKMatcher
 from .targets_align_detr import check_target_structure
 
@@ -112,6 +116,69 @@ class AlignDetrLossConfig:
         same_names = {field.name: getattr(config, field.name) for field in dataclasses.fields(cls)
                       if not field.name.startswith("num_gt_repeat")}
         return cls(num_gt_repeat_decoder=tuple(decoder), num_gt_repeat_encoder=encoder, **same_names)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loss input and its names
+# --------------------------------------------------------------------------------------------------------------------
+
+LOSS_TERMS = ("loss_cls", "loss_bbox", "loss_iou")
+
+
+def decoder_layer_names(num_layers: int) -> list[str]:
+    """mmdetection's loss-name prefixes of L decoder layers: "d0.", ..., "d{L-2}.", then "" for the last."""
+    return [f"d{i}." for i in range(num_layers - 1)] + [""]
+
+
+def mmdet_key_order(layer_names: list[str], encoder: bool = True, denoising: bool = True) -> list[str]:
+    """mmdetection's loss-dict order: the last layer, the other layers first to last, the encoder (`enc_`), then the
+    denoising terms of the layers in the same order."""
+    layers = [layer_names[-1], *layer_names[:-1]]
+    keys = [f"{name}{term}" for name in layers + ["enc_"] * encoder for term in LOSS_TERMS]
+    return keys + ([f"{name}dn_{term}" for name in layers for term in LOSS_TERMS] if denoising else [])
+
+
+@dataclasses.dataclass
+class AlignDetrLossInputs:
+    """A detector's predictions as the loss reads them (any float dtype; the loss computes in float32).
+
+    Args:
+        logits: (L, B, Q, C) class logits of the decoder layers, first to last (LAYER-FIRST).
+        boxes: (L, B, Q, 4) sigmoid cxcywh boxes of the same queries.
+        layer_names: loss-name prefix of each of the L layers, `decoder_layer_names(L)` (`"d0."`, ..., `""` for the
+            last) for a plain decoder; the D-FINE adapter names its initial prediction `"pre."`.
+        encoder_logits, encoder_boxes: (B, K, C) and (B, K, 4): the encoder's top-K proposals (two-stage), or None.
+        dn_logits, dn_boxes: (L, B, D, C) and (L, B, D, 4): the denoising queries of the same layers, or None.
+        denoising: where the D denoising queries sit (`DenoisingLayout`, D = 2 * max_gt * num_groups); None exactly
+            when there are none.
+    """
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    layer_names: list[str]
+    encoder_logits: torch.Tensor | None = None
+    encoder_boxes: torch.Tensor | None = None
+    dn_logits: torch.Tensor | None = None
+    dn_boxes: torch.Tensor | None = None
+    denoising: DenoisingLayout | None = None
+
+    def __post_init__(self):
+        if self.logits.dim() != 4 or self.boxes.shape != self.logits.shape[:-1] + (4,):
+            raise ValueError(f"logits must be (L, B, Q, C) and boxes (L, B, Q, 4); got {tuple(self.logits.shape)} and "
+                             f"{tuple(self.boxes.shape)}.")
+        if len(self.layer_names) != self.logits.shape[0]:
+            raise ValueError(f"layer_names has {len(self.layer_names)} names for {self.logits.shape[0]} layers.")
+        if (self.encoder_logits is None) != (self.encoder_boxes is None):
+            raise ValueError("encoder_logits and encoder_boxes come together (or neither).")
+        if not (self.dn_logits is None) == (self.dn_boxes is None) == (self.denoising is None):
+            raise ValueError("dn_logits, dn_boxes and denoising come together (or none of them).")
+        if self.dn_logits is not None:
+            num_dn = 2 * self.denoising.max_gt * self.denoising.num_groups
+            expected = self.logits.shape[:2] + (num_dn, self.logits.shape[-1])
+            if self.dn_logits.shape != expected or self.dn_boxes.shape != expected[:-1] + (4,):
+                raise ValueError(f"dn_logits {tuple(self.dn_logits.shape)} and dn_boxes {tuple(self.dn_boxes.shape)} "
+                                 f"do not fit {self.denoising} (expected {tuple(expected)}: (L, B, D, C), D = 2 * "
+                                 f"max_gt * num_groups).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -283,98 +350,73 @@ class AlignDetrLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"num_labels={self.num_labels}, loss_config={self.loss_config}"
 
-    def forward(self, outputs: dict, targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, inputs: AlignDetrLossInputs, targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute every loss term.
 
         Args:
-            outputs: "intermediate_logits" (L, B, Q, C), "intermediate_pred_boxes" (L, B, Q, 4) sigmoid cxcywh,
-                "enc_topk_logits" (B, Q, C), "enc_topk_boxes" (B, Q, 4), "dn_logits" (L, B, D, C) or None,
-                "dn_pred_boxes" (L, B, D, 4) or None, "denoising_meta" {"num_groups": G, "max_gt": M}
-                (D = 2 * M * G).
+            inputs: the predictions, see [`AlignDetrLossInputs`].
             targets: per image {"class_labels": (n,) int64, "boxes": (n, 4) normalised cxcywh}.
         Returns:
             (loss, loss_dict) with loss = sum of the loss_dict values (mmdet names, see module docstring).
         """
-        logits = outputs["intermediate_logits"]
-        device = logits.device
         # The loss is always computed in float32 (stable under fp16/bf16 autocast and half-precision inputs).
-        with torch.autocast(device_type=device.type, enabled=False):
-            return self._forward_float32(outputs, targets)
-
-    def _prediction_layers(self, outputs: dict, targets: list[dict]):
-        """Float32 (logits, boxes) of every matched prediction layer (decoder 0..L-1, then encoder), their loss-name
-        prefixes and k, and the validated targets moved to the device."""
-        all_logits = outputs["intermediate_logits"].float()
-        all_boxes = outputs["intermediate_pred_boxes"].float()
-        if all_logits.dim() != 4 or all_boxes.shape != all_logits.shape[:-1] + (4,):
-            raise ValueError(f"intermediate_logits must be (L, B, Q, C) and intermediate_pred_boxes (L, B, Q, 4); "
-                             f"got {tuple(all_logits.shape)} and {tuple(all_boxes.shape)}.")
-        num_layers, batch_size, _, num_classes = all_logits.shape
-        if num_classes != self.num_labels:
-            raise ValueError(f"The logits have {num_classes} classes but the loss has num_labels={self.num_labels}.")
-        check_target_structure(targets, batch_size)
-        device = all_logits.device
-
-        layers = [(all_logits[i], all_boxes[i]) for i in range(num_layers)]
-        names = [f"d{i}." for i in range(num_layers - 1)] + [""]
-        if outputs.get("enc_topk_logits") is not None and self.loss_config.num_gt_repeat_encoder is not None:
-            layers.append((outputs["enc_topk_logits"].float(), outputs["enc_topk_boxes"].float()))
-            names.append("enc_")
-        for name, (layer_logits, layer_boxes) in zip(names, layers):
-            if (layer_logits.dim() != 3 or layer_logits.shape[0] != batch_size or layer_logits.shape[-1] != num_classes
-                    or layer_boxes.shape != layer_logits.shape[:-1] + (4,)):
-                raise ValueError(f"Prediction layer '{name or 'last'}' has logits {tuple(layer_logits.shape)} and "
-                                 f"boxes {tuple(layer_boxes.shape)}; expected (B, Q, C) and (B, Q, 4).")
-
-        ks = self._num_gt_repeat(num_layers, len(layers) > num_layers)
-        gt_labels = [t["class_labels"].to(device=device, dtype=torch.long) for t in targets]
-        gt_boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
-        return layers, names, ks, gt_labels, gt_boxes
+        with torch.autocast(device_type=inputs.logits.device.type, enabled=False):
+            return self._forward_float32(inputs, targets)
 
     @torch.no_grad()
-    def match(self, outputs: dict, targets: list[dict]) -> list[LayerMatches]:
-        """The matches of every prediction layer (decoder 0..L-1, then the encoder), as the loss computes them."""
-        with torch.autocast(device_type=outputs["intermediate_logits"].device.type, enabled=False):
-            layers, _, ks, gt_labels, gt_boxes = self._prediction_layers(outputs, targets)
+    def match(self, inputs: AlignDetrLossInputs, targets: list[dict]) -> list[LayerMatches]:
+        """The matches of every matched layer (decoder layers first to last, then the encoder), as the loss makes
+        them."""
+        with torch.autocast(device_type=inputs.logits.device.type, enabled=False):
+            _, layers, ks, gt_labels, gt_boxes = self._matched_layers(inputs, targets)
             return self.matcher(layers, gt_labels, gt_boxes, ks)
 
-    def _forward_float32(self, outputs: dict, targets: list[dict]):
-        layers, names, ks, gt_labels, gt_boxes = self._prediction_layers(outputs, targets)
-        num_layers = outputs["intermediate_logits"].shape[0]
-        device = layers[0][0].device
-        num_gts = [int(labels.shape[0]) for labels in gt_labels]
-        all_gt_labels = torch.cat(gt_labels)
-        all_gt_boxes = torch.cat(gt_boxes)
-
+    def _forward_float32(self, inputs: AlignDetrLossInputs, targets: list[dict]):
+        names, layers, ks, gt_labels, gt_boxes = self._matched_layers(inputs, targets)
         matches = self.matcher(layers, gt_labels, gt_boxes, ks)
 
-        num_gt_total = sum(num_gts)
-        dn_logits = outputs.get("dn_logits")
-        dn_groups = int(outputs["denoising_meta"]["num_groups"]) if dn_logits is not None else 0
-        num_queries = layers[0][0].shape[1]
-        match_count = self.normaliser(num_gts, num_queries)
-        counts = _reduce_mean([float(match_count), float(num_gt_total * dn_groups)], device)
+        device = layers[0][0].device
+        num_gts = [int(labels.shape[0]) for labels in gt_labels]
+        all_gt_labels, all_gt_boxes = torch.cat(gt_labels), torch.cat(gt_boxes)
+        dn_groups = inputs.denoising.num_groups if inputs.denoising is not None else 0
+        match_count = self.normaliser(num_gts, layers[0][0].shape[1])
+        counts = _reduce_mean([float(match_count), float(sum(num_gts) * dn_groups)], device)
         # mmdet: max(reduce_mean(count), 1), then weight_reduce_loss adds float32 eps.
         match_normaliser = max(counts[0], 1) if isinstance(counts, list) else counts[0].clamp(min=1)
         dn_normaliser = max(counts[1], 1) if isinstance(counts, list) else counts[1].clamp(min=1)
 
-        loss_dict = {}
-        for name, (layer_logits, layer_boxes), match in zip(names, layers, matches):
-            losses = self.layer_losses(layer_logits, layer_boxes, match, all_gt_labels, all_gt_boxes, match_normaliser)
-            loss_dict.update({f"{name}{key}": value for key, value in losses.items()})
-        # mmdet's order: last layer, d0.., enc_, then dn.
-        prefixes = [""] + names[: num_layers - 1] + names[num_layers:]
-        order = [f"{prefix}loss_{term}" for prefix in prefixes for term in ("cls", "bbox", "iou")]
-        loss_dict = {key: loss_dict[key] for key in order}
+        losses = {}
+        for name, (logits, boxes), match in zip(names, layers, matches):
+            terms = self.layer_losses(logits, boxes, match, all_gt_labels, all_gt_boxes, match_normaliser)
+            losses.update({f"{name}{term}": value for term, value in terms.items()})
+        if inputs.denoising is not None:
+            losses.update(self._denoising_losses(inputs, num_gts, all_gt_labels, all_gt_boxes, dn_normaliser))
+        with_encoder = len(names) > len(inputs.layer_names)
+        order = mmdet_key_order(inputs.layer_names, encoder=with_encoder, denoising=inputs.denoising is not None)
+        loss_dict = {key: losses[key] for key in order}
+        return sum(loss_dict.values()), loss_dict
 
-        if dn_logits is not None:
-            loss_dict.update(
-                self._denoising_losses(outputs, gt_labels, num_gts, all_gt_labels, all_gt_boxes, dn_normaliser)
-            )
-        loss = sum(loss_dict.values())
-        return loss, loss_dict
-
-    # ---------------------------------------------------------------------------------------------------------------
+    def _matched_layers(self, inputs: AlignDetrLossInputs, targets: list[dict]):
+        """Loss-name prefix and float32 (logits, boxes) of every matched layer (decoder layers, then the encoder if
+        the loss config gives it a k), their k, and the checked targets on the device."""
+        num_layers, batch_size = inputs.logits.shape[:2]
+        names = list(inputs.layer_names)
+        layers = [(logits, boxes) for logits, boxes in zip(inputs.logits.float(), inputs.boxes.float())]
+        if inputs.encoder_logits is not None and self.loss_config.num_gt_repeat_encoder is not None:
+            names.append("enc_")
+            layers.append((inputs.encoder_logits.float(), inputs.encoder_boxes.float()))
+        for name, (logits, boxes) in zip(names, layers):
+            if (logits.dim() != 3 or logits.shape[0] != batch_size or logits.shape[-1] != self.num_labels
+                    or boxes.shape != logits.shape[:-1] + (4,)):
+                raise ValueError(f"Prediction layer '{name or 'last'}' has logits {tuple(logits.shape)} and boxes "
+                                 f"{tuple(boxes.shape)}; expected (B, Q, C) and (B, Q, 4) with B = {batch_size} and "
+                                 f"C = num_labels = {self.num_labels}.")
+        ks = self._num_gt_repeat(num_layers, len(layers) > num_layers)
+        check_target_structure(targets, batch_size)
+        device = inputs.logits.device
+        gt_labels = [t["class_labels"].to(device=device, dtype=torch.long) for t in targets]
+        gt_boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
+        return names, layers, ks, gt_labels, gt_boxes
 
     def _num_gt_repeat(self, num_decoder_layers: int, with_encoder: bool) -> list[int]:
         """k of each matched layer: the decoder layers, then (with_encoder) the encoder."""
@@ -403,30 +445,16 @@ class AlignDetrLoss(nn.Module):
             "loss_iou": config.giou_loss_coefficient * giou_loss.sum() / divisor,
         }
 
-    def _denoising_losses(self, outputs, gt_labels, num_gts, all_gt_labels, all_gt_boxes, normaliser):
+    def _denoising_losses(self, inputs: AlignDetrLossInputs, num_gts, all_gt_labels, all_gt_boxes, normaliser):
         """dn losses of every decoder layer: positive slot 2Mg + j <-> GT j of the image, no rank weights."""
-        dn_logits = outputs["dn_logits"].float()
-        dn_boxes = outputs["dn_pred_boxes"].float()
-        meta = outputs["denoising_meta"]
-        num_groups, max_gt = int(meta["num_groups"]), int(meta["max_gt"])
-        num_layers, batch_size, num_dn = dn_logits.shape[:3]
-        if dn_boxes.shape != dn_logits.shape[:-1] + (4,):
-            raise ValueError(f"dn_pred_boxes {tuple(dn_boxes.shape)} does not match dn_logits "
-                             f"{tuple(dn_logits.shape)}.")
-        if num_dn != 2 * max_gt * num_groups:
-            raise ValueError(f"dn_logits has {num_dn} queries but denoising_meta gives 2 * max_gt * num_groups = "
-                             f"{2 * max_gt * num_groups}.")
-        if num_dn > 0 and max(num_gts) > max_gt:
-            raise ValueError(f"An image has {max(num_gts)} GTs but denoising_meta['max_gt'] is {max_gt}.")
-
-        names = [f"d{i}." for i in range(num_layers - 1)] + [""]
-        loss_dict = {}
-        if num_dn == 0:
+        dn_logits, dn_boxes = inputs.dn_logits.float(), inputs.dn_boxes.float()
+        num_groups, max_gt = inputs.denoising
+        if dn_logits.shape[2] == 0:
             # No GT in the batch: mmdet returns zeros; keep them attached to the graph.
             zero = dn_logits.sum() * 0 + dn_boxes.sum() * 0
-            for name in [""] + names[:-1]:
-                loss_dict.update({f"{name}dn_loss_{t}": zero for t in ("cls", "bbox", "iou")})
-            return loss_dict
+            return {f"{name}dn_{term}": zero for name in inputs.layer_names for term in LOSS_TERMS}
+        if max(num_gts) > max_gt:
+            raise ValueError(f"An image has {max(num_gts)} GTs but the denoising layout has max_gt={max_gt}.")
 
         # Fixed pairs, built on the host from shapes only.
         gt_offsets = np.cumsum([0] + num_gts[:-1])
@@ -437,16 +465,13 @@ class AlignDetrLoss(nn.Module):
             query.append(slots)
             gt.append(np.tile(np.arange(n), num_groups) + gt_offsets[b])
         index = np.stack([np.concatenate(batch), np.concatenate(query), np.concatenate(gt)]).astype(np.int64)
-        index = torch.from_numpy(index)
-        pairs = LayerMatches(*index.to(dn_logits.device, non_blocking=True).unbind(0), groups=None)
+        pairs = LayerMatches(*torch.from_numpy(index).to(dn_logits.device, non_blocking=True).unbind(0), groups=None)
 
-        per_layer = {}
-        for i in range(num_layers):
-            per_layer[names[i]] = self.layer_losses(dn_logits[i], dn_boxes[i], pairs, all_gt_labels, all_gt_boxes,
-                                                    normaliser)
-        for name in [""] + names[:-1]:
-            loss_dict.update({f"{name}dn_{key}": value for key, value in per_layer[name].items()})
-        return loss_dict
+        losses = {}
+        for name, logits, boxes in zip(inputs.layer_names, dn_logits, dn_boxes):
+            terms = self.layer_losses(logits, boxes, pairs, all_gt_labels, all_gt_boxes, normaliser)
+            losses.update({f"{name}dn_{term}": value for term, value in terms.items()})
+        return losses
 
 
 class DinoLoss(AlignDetrLoss):
@@ -478,6 +503,7 @@ def build_loss(config: AlignDetrConfig) -> AlignDetrLoss:
     return LOSS_CLASSES[config.loss_type](config.num_labels, AlignDetrLossConfig.from_config(config))
 
 
-__all__ = ["LOSS_CLASSES", "AlignDetrLoss", "AlignDetrLossConfig", "DinoLoss", "IaBceClassification",
-           "SigmoidFocalClassification", "build_loss", "count_gt_boxes", "count_matched_queries",
-           "ia_bce_classification_loss", "prime_sample_weights", "sigmoid_focal_loss"]
+__all__ = ["LOSS_CLASSES", "LOSS_TERMS", "AlignDetrLoss", "AlignDetrLossConfig", "AlignDetrLossInputs",
+           "DenoisingLayout", "DinoLoss", "IaBceClassification", "SigmoidFocalClassification", "build_loss",
+           "count_gt_boxes", "count_matched_queries", "decoder_layer_names", "ia_bce_classification_loss",
+           "mmdet_key_order", "prime_sample_weights", "sigmoid_focal_loss"]
