@@ -376,6 +376,21 @@ def test_half_precision_autocast_is_finite_and_close_to_float32(dtype):
         torch.testing.assert_close(dict16[key], dict32[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_normalisers_of_each_call_are_public():
+    config, outputs, targets = make_case([2, 1])  # 3 GTs, 2 denoising groups
+    loss_fn = build_loss(config)
+    assert loss_fn.normalisers is None
+    loss_fn(outputs, targets)
+    assert loss_fn.normalisers == ((3.0, 6.0), (3.0, 6.0))  # (matching, denoising): this process's, the mean
+    config, outputs, targets = make_case([5], num_queries=3, denoising=False)
+    loss_fn(outputs, targets)
+    assert loss_fn.normalisers.local == (5.0, 0.0)  # Align-DETR divides by the GTs, matched or not
+    config.loss_type = "dino"
+    dino = build_loss(config)
+    dino(outputs, targets)
+    assert dino.normalisers.local == (3.0, 0.0)  # DINO by the matched queries
+
+
 def test_distributed_normaliser_single_process():
     """With torch.distributed initialised (world size 1) the all_reduce path gives the same losses."""
     if not torch.distributed.is_available():
@@ -392,6 +407,7 @@ def test_distributed_normaliser_single_process():
             torch.distributed.destroy_process_group()
     for key in expected:
         torch.testing.assert_close(loss_dict[key], expected[key], msg=key)
+    assert loss_fn.normalisers.local == (3.0, 6.0) and loss_fn.normalisers.reduced.tolist() == [3.0, 6.0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

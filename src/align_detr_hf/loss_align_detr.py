@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -303,6 +304,15 @@ def count_matched_queries(num_gts: list[int], num_queries: int) -> int:
     return sum(min(num_gt, num_queries) for num_gt in num_gts)
 
 
+class LossNormalisers(NamedTuple):
+    """The counts that divided the terms of one loss call, (matching part, denoising part), before mmdetection's
+    clamp to >= 1: `local` this process's own, `reduced` their mean over the processes of `torch.distributed` (a (2,)
+    device tensor), or the local counts without it."""
+
+    local: tuple[float, float]
+    reduced: tuple[float, float] | torch.Tensor
+
+
 def _reduce_mean(values: list[float], device: torch.device) -> list[float] | torch.Tensor:
     """Average counts over processes (mmdet's reduce_mean) when torch.distributed is initialised."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -324,6 +334,9 @@ class AlignDetrLoss(nn.Module):
         num_labels: classes, one sigmoid logit each.
         loss_config: the hyper-parameters; defaults to Align-DETR's (6 decoder layers). `build_loss(config)` builds
             the loss of a model config.
+
+    Attributes:
+        normalisers ([`LossNormalisers`]): the counts that divided the last call's terms (None before the first).
     """
 
     # What makes the loss Align-DETR's (DinoLoss sets other values): the classification term (built from the loss
@@ -346,6 +359,7 @@ class AlignDetrLoss(nn.Module):
         self.matcher = OneToKMatcher(config.matcher_class_cost, config.matcher_bbox_cost, config.matcher_giou_cost,
                                      config.matcher_alpha, config.matcher_gamma)
         self.classification = self.classification_term.from_loss_config(config)
+        self.normalisers: LossNormalisers | None = None
 
     def extra_repr(self) -> str:
         return f"num_labels={self.num_labels}, loss_config={self.loss_config}"
@@ -380,7 +394,9 @@ class AlignDetrLoss(nn.Module):
         all_gt_labels, all_gt_boxes = torch.cat(gt_labels), torch.cat(gt_boxes)
         dn_groups = inputs.denoising.num_groups if inputs.denoising is not None else 0
         match_count = self.normaliser(num_gts, layers[0][0].shape[1])
-        counts = _reduce_mean([float(match_count), float(sum(num_gts) * dn_groups)], device)
+        local_counts = (float(match_count), float(sum(num_gts) * dn_groups))
+        counts = _reduce_mean(list(local_counts), device)
+        self.normalisers = LossNormalisers(local_counts, counts if torch.is_tensor(counts) else tuple(counts))
         # mmdet: max(reduce_mean(count), 1), then weight_reduce_loss adds float32 eps.
         match_normaliser = max(counts[0], 1) if isinstance(counts, list) else counts[0].clamp(min=1)
         dn_normaliser = max(counts[1], 1) if isinstance(counts, list) else counts[1].clamp(min=1)
@@ -504,6 +520,7 @@ def build_loss(config: AlignDetrConfig) -> AlignDetrLoss:
 
 
 __all__ = ["LOSS_CLASSES", "LOSS_TERMS", "AlignDetrLoss", "AlignDetrLossConfig", "AlignDetrLossInputs",
-           "DenoisingLayout", "DinoLoss", "IaBceClassification", "SigmoidFocalClassification", "build_loss",
+           "DenoisingLayout", "DinoLoss", "IaBceClassification", "LossNormalisers", "SigmoidFocalClassification",
+           "build_loss",
            "count_gt_boxes", "count_matched_queries", "decoder_layer_names", "ia_bce_classification_loss",
            "mmdet_key_order", "prime_sample_weights", "sigmoid_focal_loss"]
