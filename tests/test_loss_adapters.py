@@ -14,8 +14,11 @@ from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection
 from align_detr_hf.data import load_coco_folder
 from align_detr_hf.loss_align_detr import AlignDetrLossInputs, DenoisingLayout, build_loss, decoder_layer_names
 from align_detr_hf.loss_adapters import (
+    MODEL_FAMILIES,
+    SUPPORTED_MODELS,
     AlignDetrLossAdapter,
     AlignDetrLossOptions,
+    ModelFamily,
     remove_align_detr_loss,
     use_align_detr_loss,
 )
@@ -262,6 +265,27 @@ def test_hyper_parameters_and_num_gt_repeat_reach_the_loss():
         *call, enc_topk_logits=enc_logits, enc_topk_bboxes=enc_boxes)[1]
     assert set(last_only) == set(TERMS)
     torch.testing.assert_close(last_only["loss_cls"], default["loss_cls"], rtol=0, atol=0)
+
+
+def test_a_new_model_is_one_family_entry(monkeypatch):
+    """Adding a model: its class name in SUPPORTED_MODELS and a ModelFamily (here RT-DETR's layout, seen through a
+    wrapper) in MODEL_FAMILIES; the adapter does the rest."""
+    seen = []
+
+    def inputs(adapter, *args, **kwargs):
+        seen.append(adapter.model_class_name)
+        return MODEL_FAMILIES["rt_detr"].inputs(adapter, *args, **kwargs)
+
+    monkeypatch.setitem(MODEL_FAMILIES, "new_detr", ModelFamily(inputs))
+    monkeypatch.setitem(SUPPORTED_MODELS, "NewDetrForObjectDetection", "new_detr")
+    outputs_class, outputs_coord, (enc_logits, enc_boxes) = _random_rt_detr_inputs()
+    call = (outputs_class[:, -1], _labels(), "cpu", outputs_coord[:, -1], _Config, outputs_class, outputs_coord)
+    extra = {"enc_topk_logits": enc_logits, "enc_topk_bboxes": enc_boxes}
+    got = AlignDetrLossAdapter("NewDetrForObjectDetection", AlignDetrLossOptions())(*call, **extra)[1]
+    expected = AlignDetrLossAdapter("RTDetrForObjectDetection", AlignDetrLossOptions())(*call, **extra)[1]
+    assert seen == ["NewDetrForObjectDetection"] and list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_d_fine_initial_prediction_is_a_named_layer():

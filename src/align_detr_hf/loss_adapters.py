@@ -31,13 +31,23 @@ Supported models (all predict one sigmoid logit per class, `num_labels` logits, 
   D-FINE's own loss function, on its own one-to-one matching, and added as `own.loss_fgl...`.
 
 DETR, DAB-DETR and other softmax ("no-object" class) models are rejected with an error.
+
+Adding a model: everything model-specific is one [`ModelFamily`] entry of `MODEL_FAMILIES`, plus its class names in
+`SUPPORTED_MODELS`. Its `inputs` function turns the model's loss-function arguments into [`AlignDetrLossInputs`]
+(layer-first, decoder layers first to last, denoising queries split off with their `DenoisingLayout`, encoder
+proposals if any); `setup` checks the model's config and hooks what its loss function is not given; `keep_terms` and
+`own_term_weight` say which of its own terms are kept and how its own total weights them. The adapter does the rest
+(which layers, k, the encoder term, kept terms). A model that trains groups of queries one-to-one each (Group DETR)
+fits by moving the groups into the batch axis and repeating the targets: the GT-count normaliser then counts every
+group, as those models' own losses do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,19 +65,6 @@ LOSS_HYPER_PARAMETERS = tuple(
     field.name for field in dataclasses.fields(AlignDetrLossConfig)
     if field.name not in ("num_gt_repeat_decoder", "num_gt_repeat_encoder", "focal_alpha", "focal_gamma")
 )
-
-# Model class name -> the family of its loss-function call.
-SUPPORTED_MODELS = {
-    "DeformableDetrForObjectDetection": "deformable_detr",
-    "ConditionalDetrForObjectDetection": "conditional_detr",
-    "RTDetrForObjectDetection": "rt_detr",
-    "RTDetrV2ForObjectDetection": "rt_detr",
-    "DFineForObjectDetection": "d_fine",
-}
-
-# Default `keep_terms` per family: the model's own terms that Align-DETR has no counterpart for.
-_DEFAULT_KEEP_TERMS = {"d_fine": ("loss_fgl", "loss_ddf")}
-
 
 @dataclasses.dataclass
 class AlignDetrLossOptions:
@@ -103,6 +100,133 @@ class AlignDetrLossOptions:
         self.keep_terms = tuple(self.keep_terms)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The model families
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What the adapter knows of one family of transformers' detectors (an entry of `MODEL_FAMILIES`).
+
+    inputs: `(adapter, logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs) -> AlignDetrLossInputs`:
+        the family's loss-function arguments re-laid out for the loss.
+    setup: `(adapter, model) -> None`, run once by [`use_align_detr_loss`]: checks of the model's config, hooks for
+        what its loss function is not given. None: nothing to do.
+    keep_terms: the model's own terms kept beside ours by default (those Align-DETR has no counterpart for).
+    own_term_weight: `(key, config) -> float | None`, the weight the model's own loss function gives its term `key`
+        in its total (None: not in the total). None: the family's loss_dict is weighted already.
+    last_layer_alone: a single prediction layer is the model's last layer, passed alone by design (D-FINE in eval
+        mode), rather than a sign of switched-off auxiliary outputs.
+    """
+
+    inputs: Callable[..., AlignDetrLossInputs]
+    setup: Callable[[Any, Any], None] | None = None
+    keep_terms: tuple[str, ...] = ()
+    own_term_weight: Callable[[str, Any], float | None] | None = None
+    last_layer_alone: bool = False
+
+
+def _detr_inputs(adapter, logits, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
+    """Deformable / Conditional DETR: `outputs_class` (L, B, Q, C) layer-first, None without auxiliary outputs.
+    Two-stage Deformable DETR's proposals come from the hook on its base model, ranked by their class-0 logit as the
+    model ranks them: one logit each, so their term is class-agnostic (see the module docstring)."""
+    if outputs_class is not None:
+        logits, pred_boxes = outputs_class, outputs_coord
+    else:
+        logits, pred_boxes = logits[None], pred_boxes[None]
+    encoder_logits = encoder_boxes = None
+    if adapter.hook_handle is not None:
+        encoder_class, encoder_coord_logits = adapter.pop_encoder_outputs()
+        if encoder_class is None and adapter.options.encoder_num_gt_repeat != 0:
+            raise ValueError(
+                f"{adapter.model_class_name} (two_stage=True) ran its loss without the encoder outputs of its base "
+                f"model's forward (the hook set by use_align_detr_loss on model.model did not see them). Call "
+                f"the model as model(pixel_values, labels=...), or pass encoder_num_gt_repeat=0."
+            )
+        if encoder_class is not None:
+            topk = encoder_class[..., 0].topk(min(logits.shape[2], encoder_class.shape[1]), dim=1)[1]
+            encoder_logits = encoder_class.gather(1, topk[..., None])  # (B, K, 1)
+            encoder_boxes = encoder_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
+    return AlignDetrLossInputs(logits, pred_boxes, decoder_layer_names(logits.shape[0]), encoder_logits, encoder_boxes)
+
+
+def _rt_detr_inputs(adapter, logits, pred_boxes, config, outputs_class, outputs_coord, enc_topk_logits=None,
+                    enc_topk_bboxes=None, denoising_meta_values=None, **kwargs):
+    """RT-DETR / RT-DETRv2: `outputs_class` (B, L, D + Q, C) batch-first, denoising queries first (`dn_num_split`,
+    DINO's layout), the encoder's top-k proposals as `enc_topk_*`."""
+    logits, boxes = outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1)
+    dn_logits = dn_boxes = denoising = None
+    if denoising_meta_values is not None:
+        num_dn, num_queries = denoising_meta_values["dn_num_split"]
+        num_groups = int(denoising_meta_values["dn_num_group"])
+        dn_logits, logits = logits.split([num_dn, num_queries], dim=2)
+        dn_boxes, boxes = boxes.split([num_dn, num_queries], dim=2)
+        denoising = DenoisingLayout(num_groups, num_dn // (2 * num_groups))
+    return AlignDetrLossInputs(logits, boxes, decoder_layer_names(logits.shape[0]), enc_topk_logits, enc_topk_bboxes,
+                               dn_logits, dn_boxes, denoising)
+
+
+def _d_fine_inputs(adapter, logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs):
+    """D-FINE: RT-DETR's layout, boxes clamped to the image as D-FINE's own loss does (its distance2bbox can leave
+    it). In training, entry 0 is the first layer's initial prediction (`pre_bbox_head`), named `pre.`; in eval mode
+    it passes its evaluation layer alone."""
+    inputs = _rt_detr_inputs(adapter, logits, pred_boxes, config, outputs_class, outputs_coord.clamp(0, 1), **kwargs)
+    if inputs.logits.shape[0] == config.decoder_layers + 1:
+        inputs = dataclasses.replace(inputs, layer_names=["pre."] + decoder_layer_names(config.decoder_layers))
+    return inputs
+
+
+def _refuse_encoder_term(adapter) -> None:
+    if adapter.options.encoder_num_gt_repeat:
+        raise ValueError(f"encoder_num_gt_repeat={adapter.options.encoder_num_gt_repeat} asks for an encoder term, but "
+                         f"{adapter.model_class_name} has no encoder proposals (Deformable DETR needs two_stage=True).")
+
+
+def _deformable_detr_setup(adapter, model) -> None:
+    if model.config.two_stage:  # its loss function is not given the proposals: a hook on the base model keeps them
+        adapter.hook_handle = model.model.register_forward_hook(adapter.capture_encoder_outputs)
+    else:
+        _refuse_encoder_term(adapter)
+
+
+def _conditional_detr_setup(adapter, model) -> None:
+    if not model.config.auxiliary_loss and len(adapter.options.decoder_num_gt_repeat or [0, 0]) > 1:
+        raise ValueError("ConditionalDetrForObjectDetection passes its per-layer predictions to the loss only with "
+                         "config.auxiliary_loss=True; set it, or pass decoder_num_gt_repeat=[k] (last layer only).")
+    _refuse_encoder_term(adapter)
+
+
+def _detr_own_term_weight(key: str, config) -> float | None:
+    """Deformable / Conditional DETR weight their terms (`loss_ce`, `loss_bbox`, `loss_giou` and the per-layer
+    `..._<i>` copies) only when they add them up."""
+    base = key.rsplit("_", 1)[0] if key[-1].isdigit() else key
+    weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+    return None if base not in weights else float(weights[base])
+
+
+MODEL_FAMILIES = {
+    "deformable_detr": ModelFamily(_detr_inputs, _deformable_detr_setup, own_term_weight=_detr_own_term_weight),
+    "conditional_detr": ModelFamily(_detr_inputs, _conditional_detr_setup, own_term_weight=_detr_own_term_weight),
+    "rt_detr": ModelFamily(_rt_detr_inputs),
+    "d_fine": ModelFamily(_d_fine_inputs, keep_terms=("loss_fgl", "loss_ddf"), last_layer_alone=True),
+}
+
+# Model class name -> its family in MODEL_FAMILIES.
+SUPPORTED_MODELS = {
+    "DeformableDetrForObjectDetection": "deformable_detr",
+    "ConditionalDetrForObjectDetection": "conditional_detr",
+    "RTDetrForObjectDetection": "rt_detr",
+    "RTDetrV2ForObjectDetection": "rt_detr",
+    "DFineForObjectDetection": "d_fine",
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The adapter
+# ------------------------------------------------------------------------------------------------------------------
+
+
 class AlignDetrLossAdapter:
     """A transformers `loss_function` computing the Align-DETR loss for one model family (see module docstring).
 
@@ -118,14 +242,14 @@ class AlignDetrLossAdapter:
                 f"do not fit a sigmoid IA-BCE loss.)"
             )
         self.model_class_name = model_class_name
-        self.family = SUPPORTED_MODELS[model_class_name]
+        self.family = MODEL_FAMILIES[SUPPORTED_MODELS[model_class_name]]
         self.options = options
         self.own_loss_function = own_loss_function
         if options.keep_terms and own_loss_function is None:
             raise ValueError("keep_terms needs the model's own loss function.")
-        self._captured = threading.local()  # encoder outputs of the current forward (Deformable DETR two-stage)
+        self._captured = threading.local()  # base-model outputs of the current forward (Deformable DETR two-stage)
         self._losses: dict[tuple, AlignDetrLoss] = {}
-        self.hook_handle = None  # the encoder-output hook (Deformable DETR two-stage)
+        self.hook_handle = None  # the hook set by the family's setup, if any
 
     def __getstate__(self):  # deepcopy / pickle (e.g. an EMA copy of the model): not the thread-local slot
         return {k: v for k, v in self.__dict__.items() if k not in ("_captured", "_losses")}
@@ -141,6 +265,13 @@ class AlignDetrLossAdapter:
         self._captured.encoder = (getattr(output, "enc_outputs_class", None),
                                   getattr(output, "enc_outputs_coord_logits", None))
 
+    def pop_encoder_outputs(self) -> tuple:
+        """The encoder outputs captured in this thread's current forward, once (a later call must not see stale
+        tensors); (None, None) if there are none."""
+        captured = getattr(self._captured, "encoder", (None, None))
+        self._captured.encoder = (None, None)
+        return captured
+
     # ---------------------------------------------------------------------------------------------------- loss
 
     def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
@@ -154,6 +285,14 @@ class AlignDetrLossAdapter:
         loss = sum(loss_dict.values())
         auxiliary_outputs = [{"logits": lg, "pred_boxes": bx} for lg, bx in zip(inputs.logits[:-1], inputs.boxes[:-1])]
         return loss, loss_dict, auxiliary_outputs
+
+    def adapt(self, logits, pred_boxes, config, outputs_class=None, outputs_coord=None,
+              **kwargs) -> AlignDetrLossInputs:
+        """Re-lay a model's loss-function arguments out as [`AlignDetrLoss`] reads them (the family's `inputs`)."""
+        if logits.shape[-1] != config.num_labels:
+            raise ValueError(f"{self.model_class_name} gives {logits.shape[-1]} logits per query but config.num_labels "
+                             f"is {config.num_labels}; the Align-DETR loss needs one sigmoid logit per class.")
+        return self.family.inputs(self, logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
 
     def align_detr_losses(self, inputs: AlignDetrLossInputs, labels: list[dict], config) -> dict:
         """The Align-DETR terms of a model's adapted predictions, named as mmdetection names them."""
@@ -171,67 +310,11 @@ class AlignDetrLossAdapter:
             loss_dict.update(self._loss(1, [encoder_k], None)(encoder, agnostic)[1])
         return loss_dict
 
-    def adapt(self, logits, pred_boxes, config, outputs_class=None, outputs_coord=None,
-              **kwargs) -> AlignDetrLossInputs:
-        """Re-lay a model family's loss-function inputs out as [`AlignDetrLoss`] expects them."""
-        if logits.shape[-1] != config.num_labels:
-            raise ValueError(f"{self.model_class_name} gives {logits.shape[-1]} logits per query but config.num_labels "
-                             f"is {config.num_labels}; the Align-DETR loss needs one sigmoid logit per class.")
-        if self.family in ("deformable_detr", "conditional_detr"):
-            return self._adapt_detr_family(logits, pred_boxes, outputs_class, outputs_coord)
-        return self._adapt_rt_detr_family(config, outputs_class, outputs_coord, **kwargs)
-
     # ---------------------------------------------------------------------------------------------------------------
-
-    def _adapt_detr_family(self, logits, pred_boxes, outputs_class, outputs_coord) -> AlignDetrLossInputs:
-        # Deformable / Conditional DETR: outputs_class (L, B, Q, C) layer-first, None without auxiliary outputs.
-        if outputs_class is None:
-            all_logits, all_boxes = logits[None], pred_boxes[None]
-        else:
-            all_logits, all_boxes = outputs_class, outputs_coord
-        inputs = AlignDetrLossInputs(all_logits, all_boxes, decoder_layer_names(all_logits.shape[0]))
-        if self.hook_handle is not None:
-            encoder_class, encoder_coord_logits = getattr(self._captured, "encoder", (None, None))
-            self._captured.encoder = (None, None)  # used once: a later call must not see stale tensors
-            if encoder_class is None and self.options.encoder_num_gt_repeat != 0:
-                raise ValueError(
-                    f"{self.model_class_name} (two_stage=True) ran its loss without the encoder outputs of its base "
-                    f"model's forward (the hook set by use_align_detr_loss on model.model did not see them). Call "
-                    f"the model as model(pixel_values, labels=...), or pass encoder_num_gt_repeat=0."
-                )
-            if encoder_class is not None:
-                # the model's own top-k: by the class-0 logit (see module docstring)
-                num_proposals = min(all_logits.shape[2], encoder_class.shape[1])
-                topk = encoder_class[..., 0].topk(num_proposals, dim=1)[1]
-                inputs.encoder_logits = encoder_class.gather(1, topk[..., None])  # (B, K, 1): class-agnostic
-                inputs.encoder_boxes = encoder_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()
-        return inputs
-
-    def _adapt_rt_detr_family(self, config, outputs_class, outputs_coord, enc_topk_logits=None,
-                              enc_topk_bboxes=None, denoising_meta_values=None, **kwargs) -> AlignDetrLossInputs:
-        # RT-DETR / D-FINE: outputs_class (B, L, D + Q, C) batch-first, denoising queries first.
-        all_logits, all_boxes = outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1)
-        if self.family == "d_fine":
-            all_boxes = all_boxes.clamp(0, 1)  # as D-FINE's own loss: distance2bbox can leave the image
-        dn_logits = dn_boxes = denoising = None
-        if denoising_meta_values is not None:
-            num_dn, num_queries = denoising_meta_values["dn_num_split"]
-            num_groups = int(denoising_meta_values["dn_num_group"])
-            dn_logits, all_logits = all_logits.split([num_dn, num_queries], dim=2)
-            dn_boxes, all_boxes = all_boxes.split([num_dn, num_queries], dim=2)
-            denoising = DenoisingLayout(num_groups, num_dn // (2 * num_groups))
-        names = decoder_layer_names(all_logits.shape[0])
-        # D-FINE in training: entry 0 is the first layer's initial prediction (pre_bbox_head); in eval mode it
-        # passes its evaluation layer alone
-        with_pre = self.family == "d_fine" and all_logits.shape[0] == config.decoder_layers + 1
-        if with_pre:
-            names = ["pre."] + decoder_layer_names(all_logits.shape[0] - 1)
-        return AlignDetrLossInputs(all_logits, all_boxes, names, enc_topk_logits, enc_topk_bboxes, dn_logits, dn_boxes,
-                                   denoising)
 
     def _last_layer_alone(self, inputs: AlignDetrLossInputs) -> bool:
         """Whether the model passed its last layer alone by design (D-FINE in eval mode)."""
-        return self.family == "d_fine" and inputs.logits.shape[0] == 1
+        return self.family.last_layer_alone and inputs.logits.shape[0] == 1
 
     def _select_layers(self, inputs: AlignDetrLossInputs, config) -> tuple[AlignDetrLossInputs, list[int]]:
         """The prediction layers the loss covers and their k, from `decoder_num_gt_repeat` (see the options)."""
@@ -294,14 +377,13 @@ class AlignDetrLossAdapter:
         return kept
 
     def _own_weight(self, key: str, config) -> float:
-        """The weight the model's own loss function gives `key` (RT-DETR and D-FINE weight their dict already)."""
-        if self.family not in ("deformable_detr", "conditional_detr"):
+        """The weight the model's own loss function gives `key` in its total."""
+        if self.family.own_term_weight is None:
             return 1.0
-        base = key.rsplit("_", 1)[0] if key[-1].isdigit() else key
-        weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
-        if base not in weights:
+        weight = self.family.own_term_weight(key, config)
+        if weight is None:
             raise ValueError(f"Cannot keep '{key}': {self.model_class_name}'s loss does not add it to its total.")
-        return float(weights[base])
+        return weight
 
 
 def use_align_detr_loss(
@@ -334,23 +416,16 @@ def use_align_detr_loss(
     class_name = type(model).__name__
     if isinstance(getattr(model, "_loss_function", None), AlignDetrLossAdapter):
         raise ValueError(f"This {class_name} already uses the Align-DETR loss; call remove_align_detr_loss first.")
-    family = SUPPORTED_MODELS.get(class_name)
+    family = MODEL_FAMILIES.get(SUPPORTED_MODELS.get(class_name))
     options = AlignDetrLossOptions(
         decoder_num_gt_repeat=None if decoder_num_gt_repeat is None else list(decoder_num_gt_repeat),
         encoder_num_gt_repeat=encoder_num_gt_repeat,
         loss_overrides={"quality_alpha": alpha, "negative_gamma": gamma, "rank_tau": tau, **loss_overrides},
-        keep_terms=_DEFAULT_KEEP_TERMS.get(family, ()) if keep_terms is None else tuple(keep_terms),
+        keep_terms=(family.keep_terms if family else ()) if keep_terms is None else tuple(keep_terms),
     )
     adapter = AlignDetrLossAdapter(class_name, options, own_loss_function=model.loss_function)
-    config = model.config
-    if family == "conditional_detr" and not config.auxiliary_loss and len(options.decoder_num_gt_repeat or [0, 0]) > 1:
-        raise ValueError("ConditionalDetrForObjectDetection passes its per-layer predictions to the loss only with "
-                         "config.auxiliary_loss=True; set it, or pass decoder_num_gt_repeat=[k] (last layer only).")
-    if family == "deformable_detr" and config.two_stage:
-        adapter.hook_handle = model.model.register_forward_hook(adapter.capture_encoder_outputs)
-    elif options.encoder_num_gt_repeat and family in ("deformable_detr", "conditional_detr"):
-        raise ValueError(f"encoder_num_gt_repeat={options.encoder_num_gt_repeat} asks for an encoder term, but "
-                         f"{class_name} has no encoder proposals (Deformable DETR needs two_stage=True).")
+    if adapter.family.setup is not None:
+        adapter.family.setup(adapter, model)
     model.loss_function = adapter
     return adapter
 
@@ -365,5 +440,5 @@ def remove_align_detr_loss(model) -> None:
     del model._loss_function
 
 
-__all__ = ["AlignDetrLossAdapter", "AlignDetrLossOptions", "LOSS_HYPER_PARAMETERS",
+__all__ = ["AlignDetrLossAdapter", "AlignDetrLossOptions", "LOSS_HYPER_PARAMETERS", "MODEL_FAMILIES", "ModelFamily",
            "SUPPORTED_MODELS", "remove_align_detr_loss", "use_align_detr_loss"]
