@@ -66,6 +66,11 @@ from .targets_align_detr import check_target_structure
 _AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Hyper-parameters
+# --------------------------------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class AlignDetrLossConfig:
     """Every hyper-parameter of the losses: [`AlignDetrConfig`]'s loss fields under the same names, except that its
