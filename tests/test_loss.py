@@ -23,7 +23,12 @@ from align_detr_hf.loss_align_detr import (
     mmdet_key_order,
     prime_sample_weights,
 )
-from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
+from align_detr_hf.matching_align_detr import (
+    LayerMatches,
+    OneToKMatcher,
+    effective_num_gt_repeat,
+    solve_one_to_k_assignments,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "small"
 
@@ -202,6 +207,23 @@ def test_solver_takes_all_problems_from_one_tensor_and_handles_nonfinite():
     # the NaN / +inf entries are avoided when possible
     queries, gts = solutions[2]
     assert 0 not in queries.tolist() and (1, 2) not in list(zip(queries.tolist(), gts.tolist()))
+
+
+def test_the_matcher_alone():
+    """OneToKMatcher without the loss (as an adapter or another criterion would call it): k per layer, positives
+    grouped by GT, bad targets reported from the same host copy."""
+    g = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 10, 3, generator=g), random_boxes(20, g).view(2, 10, 4)
+    gt_labels = [torch.tensor([0, 2]), torch.zeros(0, dtype=torch.long)]
+    gt_boxes = [random_boxes(2, g), torch.zeros(0, 4)]
+    matcher = OneToKMatcher()
+    first, last = matcher([(logits, boxes), (logits, boxes)], gt_labels, gt_boxes, ks=[3, 1])
+    assert isinstance(first, LayerMatches) and first.batch.tolist() == [0] * 6  # image 1 has no GT
+    assert first.gt.tolist() == [0, 0, 0, 1, 1, 1] and len(set(first.query.tolist())) == 6
+    assert first.groups.shape == (2, 3) and torch.equal(first.gt[first.groups], torch.tensor([[0] * 3, [1] * 3]))
+    assert last.gt.tolist() == [0, 1] and last.groups.tolist() == [[0], [1]]
+    with pytest.raises(ValueError, match=r"targets\[0\]\['class_labels'\] must lie in \[0, 3\)"):
+        matcher([(logits, boxes)], [torch.tensor([0, 5]), gt_labels[1]], gt_boxes, ks=[1])
 
 
 def test_prime_sample_weights():
