@@ -17,7 +17,7 @@ from .hub import (
 )
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .loss_adapters import remove_align_detr_loss, use_align_detr_loss
-from .loss_align_detr import AlignDetrLoss, AlignDetrLossConfig, DinoLoss
+from .loss_align_detr import AlignDetrLoss, AlignDetrLossConfig, AlignDetrLossInputs, DinoLoss
 from .modeling_align_detr import (
     AlignDetrDenoisingQueries,
     AlignDetrForObjectDetection,
@@ -33,6 +33,7 @@ __all__ = [
     "AlignDetrImageProcessor",
     "AlignDetrLoss",
     "AlignDetrLossConfig",
+    "AlignDetrLossInputs",
     "AlignDetrModel",
     "AlignDetrObjectDetectionPipeline",
     "AlignDetrPreTrainedModel",
