@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 
 import align_detr_hf  # noqa: F401  (registers the Auto classes)
 from align_detr_hf import AlignDetrImageProcessor
-from align_detr_hf import loss_align_detr
 from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import (
     build_eval_transforms,
@@ -175,26 +174,27 @@ def recipe_from_args(args):
 
 
 class NormaliserRecorder:
-    """Wraps the loss's cross-process GT-count reduction to record its input and result on this rank."""
+    """Wraps the model's loss function to record, at every call, the GT counts that normalised it on this rank and
+    their mean over the ranks (`AlignDetrLoss.normalisers`)."""
 
-    def __init__(self):
-        self.records = []
-        self._original = loss_align_detr._reduce_mean
+    def __init__(self, model):
+        self.model, self.records = model, []
 
     def __enter__(self):
-        original = self._original
+        loss_function = self.model.loss_function
 
-        def recording_reduce_mean(values, device):
-            result = original(values, device)
-            reduced = result.tolist() if torch.is_tensor(result) else list(result)
-            self.records.append({"local": list(values), "reduced": reduced})
+        def recording_loss(inputs, labels):
+            result = loss_function(inputs, labels)
+            local, reduced = loss_function.normalisers
+            self.records.append({"local": list(local),
+                                 "reduced": reduced.tolist() if torch.is_tensor(reduced) else list(reduced)})
             return result
 
-        loss_align_detr._reduce_mean = recording_reduce_mean
+        self.model.loss_function = recording_loss
         return self
 
     def __exit__(self, *exc):
-        loss_align_detr._reduce_mean = self._original
+        self.model.loss_function = None  # the model's own loss again
 
 
 @torch.no_grad()
@@ -324,7 +324,7 @@ def main(argv=None):
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
                     desc="train")
     checkpoint_every = None if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps)
-    recorder = NormaliserRecorder() if args.debug_log_normaliser else None
+    recorder = NormaliserRecorder(accelerator.unwrap_model(model)) if args.debug_log_normaliser else None
     if recorder:
         recorder.__enter__()
     model.train()

@@ -23,7 +23,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor
-from align_detr_hf.loss_align_detr import validate_labels
+from align_detr_hf.targets_align_detr import validate_labels
 
 # ---------------------------------------------------------------------------------------------- fixtures
 

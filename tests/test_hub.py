@@ -26,7 +26,7 @@ TINY = ["--synthetic_shapes", "12", "--synthetic_image_size", "64", "--demo_mode
         "--num_queries", "10", "--image_scale", "0.08", "--warmup_steps", "2", "--seed", "3"]
 CODE_FILES = {"configuration_align_detr.py", "modeling_align_detr.py", "image_processing_align_detr.py",
               "loss_align_detr.py", "box_ops.py", "ms_deform_attn.py", "ms_deform_attn_gather.py",
-              "backbone_align_detr.py", "denoising_align_detr.py"}
+              "backbone_align_detr.py", "denoising_align_detr.py", "matching_align_detr.py", "targets_align_detr.py"}
 SIZE = {"shortest_edge": 64, "longest_edge": 96}
 
 # Started with `python -c`: hides align_detr_hf from the import system, loads FOLDER with trust_remote_code, runs the

@@ -11,6 +11,7 @@ import torch
 from conftest import NOISE_FACTOR, float32_noise, tiny_config
 
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrLoss, AlignDetrModel
+from align_detr_hf.loss_align_detr import AlignDetrLossInputs, DenoisingLayout, build_loss
 from align_detr_hf.modeling_align_detr import AlignDetrModelOutput, AlignDetrObjectDetectionOutput
 
 BATCH, SIZE = 2, 64
@@ -341,19 +342,20 @@ def test_loss_function_is_settable_like_transformers_own():
     assert isinstance(model.loss_function, AlignDetrLoss)
     seen = {}
 
-    def constant_loss(outputs, labels):
-        seen["keys"] = sorted(outputs)
-        value = outputs["intermediate_logits"].sum() * 0 + 7.0
+    def constant_loss(inputs, labels):
+        seen["inputs"] = inputs
+        value = inputs.logits.sum() * 0 + 7.0
         return value, {"loss_constant": value}
 
     model.loss_function = constant_loss
     out = _run(model, pixel_values=_pixels(), labels=LABELS)
     assert out.loss.item() == 7.0 and list(out.loss_dict) == ["loss_constant"]
-    assert "denoising_meta" in seen["keys"] and "dn_logits" in seen["keys"]
+    assert isinstance(seen["inputs"], AlignDetrLossInputs) and seen["inputs"].dn_logits is not None
+    assert isinstance(seen["inputs"].denoising, DenoisingLayout) and seen["inputs"].layer_names == ["d0.", ""]
 
     class HalfLoss(torch.nn.Module):  # a module is accepted too (nn.Module would register it as a submodule)
         def forward(self, outputs, labels):
-            loss, loss_dict = AlignDetrLoss(model.config)(outputs, labels)
+            loss, loss_dict = build_loss(model.config)(outputs, labels)
             return loss / 2, loss_dict
 
     full = _run(model.__class__.from_pretrained(None, config=model.config, state_dict=model.state_dict()).train(),

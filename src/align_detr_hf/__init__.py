@@ -19,8 +19,7 @@ from .hub import (
 from .hub_kernels import use_triton_deformable_attention
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .loss_adapters import remove_align_detr_loss, use_align_detr_loss
-from .loss_align_detr import AlignDetrLoss
-from .loss_dino import DinoLoss
+from .loss_align_detr import AlignDetrLoss, AlignDetrLossConfig, AlignDetrLossInputs, DinoLoss
 from .modeling_align_detr import (
     AlignDetrDenoisingQueries,
     AlignDetrForObjectDetection,
@@ -36,6 +35,8 @@ __all__ = [
     "AlignDetrForObjectDetection",
     "AlignDetrImageProcessor",
     "AlignDetrLoss",
+    "AlignDetrLossConfig",
+    "AlignDetrLossInputs",
     "AlignDetrModel",
     "AlignDetrObjectDetectionPipeline",
     "AlignDetrPreTrainedModel",

@@ -22,10 +22,10 @@ from transformers.utils import ModelOutput
 from .backbone_align_detr import AlignDetrConvEncoder, AlignDetrFrozenBatchNorm2d  # noqa: F401 (public here too)
 from .box_ops import inverse_sigmoid
 from .configuration_align_detr import AlignDetrConfig
-from .denoising_align_detr import AlignDetrDenoisingQueries, build_denoising_queries
-from .loss_align_detr import validate_labels
-from .loss_dino import build_loss
+from .denoising_align_detr import AlignDetrDenoisingQueries, DenoisingLayout, build_denoising_queries
+from .loss_align_detr import AlignDetrLossInputs, build_loss, decoder_layer_names
 from .ms_deform_attn import multi_scale_deformable_attention
+from .targets_align_detr import validate_labels
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -935,7 +935,8 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
 
     @property
     def loss_function(self):
-        """The training criterion: `loss, loss_dict = loss_function(outputs_dict, labels)`.
+        """The training criterion: `loss, loss_dict = loss_function(inputs, labels)`, `inputs` an
+        [`AlignDetrLossInputs`].
 
         Defaults to `_build_loss()` (transformers would otherwise dispatch "ForObjectDetection" to DETR's softmax
         cross-entropy loss). Settable like transformers' own: `model.loss_function = my_loss`.
@@ -1009,21 +1010,20 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
 
         loss = loss_dict = None
         if labels is not None:
-            denoising_meta = None
+            denoising = None
             if outputs.num_denoising_queries is not None:
-                denoising_meta = {"num_groups": outputs.num_denoising_groups, "max_gt": outputs.denoising_max_gt}
-            loss, loss_dict = self.loss_function(
-                {
-                    "intermediate_logits": logits,
-                    "intermediate_pred_boxes": boxes,
-                    "enc_topk_logits": outputs.enc_topk_logits,
-                    "enc_topk_boxes": outputs.enc_topk_boxes,
-                    "dn_logits": dn_logits,
-                    "dn_pred_boxes": dn_boxes,
-                    "denoising_meta": denoising_meta,
-                },
-                labels,
+                denoising = DenoisingLayout(outputs.num_denoising_groups, outputs.denoising_max_gt)
+            loss_inputs = AlignDetrLossInputs(
+                logits=logits,
+                boxes=boxes,
+                layer_names=decoder_layer_names(len(self.class_embed)),
+                encoder_logits=outputs.enc_topk_logits,
+                encoder_boxes=outputs.enc_topk_boxes,
+                dn_logits=dn_logits,
+                dn_boxes=dn_boxes,
+                denoising=denoising,
             )
+            loss, loss_dict = self.loss_function(loss_inputs, labels)
         output = AlignDetrObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
