@@ -62,7 +62,7 @@ def test_the_loss_modules_import_downwards_only():
     assert graph["matching_align_detr"] <= {"box_ops", "targets_align_detr"}
     assert graph["loss_align_detr"] <= {"box_ops", "configuration_align_detr", "denoising_align_detr",
                                         "matching_align_detr", "targets_align_detr"}
-    assert graph["loss_adapters"] == {"loss_align_detr"}
+    assert graph["loss_adapters"] <= {"loss_align_detr", "configuration_align_detr"}  # its options are checked by the config's rules
 
 
 @pytest.mark.xfail(strict=True, reason="design_next.md item 4: cli <-> export_align_detr and demo <-> recipes are "

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from .configuration_align_detr import AlignDetrConfig
 from .loss_align_detr import (
     AlignDetrLoss,
     AlignDetrLossConfig,
