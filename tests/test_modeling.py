@@ -39,9 +39,12 @@ def test_encoder_topk_matches_mmdet(small_eval_outputs, small_outputs):
 
 def test_every_decoder_layer_matches_mmdet(small_eval_outputs, small_outputs):
     out = small_eval_outputs
-    assert out.intermediate_logits.shape == small_outputs["all_dec_logits"].shape == (2, 2, 100, 80)
-    torch.testing.assert_close(out.intermediate_logits, small_outputs["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, small_outputs["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    # the fixture is mmdetection's layer-first (L, B, ...) layout; our outputs are batch-first (B, L, ...)
+    assert out.intermediate_logits.shape == (2, 2, 100, 80)
+    torch.testing.assert_close(out.intermediate_logits, small_outputs["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, small_outputs["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
     torch.testing.assert_close(out.logits, small_outputs["dec_logits"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(out.pred_boxes, small_outputs["dec_boxes"], atol=BOXES_ATOL, rtol=0)
 

@@ -468,8 +468,9 @@ def test_cuda_training_loss_synchronises_at_most_once():
               {"class_labels": torch.tensor([1], device="cuda"),
                "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]], device="cuda")}]
     outputs = model(torch.randn(2, 3, 64, 64, device="cuda"))  # warm-up, no loss
-    hidden = {k: getattr(outputs, k) for k in ("intermediate_logits", "intermediate_pred_boxes",
-                                               "enc_topk_logits", "enc_topk_boxes")}
+    hidden = {k: getattr(outputs, k) for k in ("enc_topk_logits", "enc_topk_boxes")}
+    # the loss takes the per-layer predictions layer-first (L, B, ...); the outputs are batch-first
+    hidden.update({k: getattr(outputs, k).transpose(0, 1) for k in ("intermediate_logits", "intermediate_pred_boxes")})
     loss_inputs = {**hidden, "dn_logits": None, "dn_pred_boxes": None, "denoising_meta": None}
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
