@@ -34,6 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
 from .image_processing_align_detr import AlignDetrImageProcessor
+from .image_processing_pil_align_detr import AlignDetrImageProcessorPil
 from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel
 
 __all__ = [
@@ -55,6 +56,7 @@ AUTO_CLASSES = {
     AlignDetrModel: "AutoModel",
     AlignDetrForObjectDetection: "AutoModelForObjectDetection",
     AlignDetrImageProcessor: "AutoImageProcessor",
+    AlignDetrImageProcessorPil: "AutoImageProcessor",
 }
 
 README = "README.md"
