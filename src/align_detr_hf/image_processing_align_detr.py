@@ -575,9 +575,9 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
     def _read(image: Any) -> Any:
         """Paths, URLs and encoded bytes are read as `align-detr predict` reads them (EXIF, 16-bit; see image_io)."""
         if isinstance(image, (str, bytes, os.PathLike)):
-            from .image_io import open_image
+            from .image_io import read_image
 
-            return open_image(image)
+            return read_image(image)
         return image
 
     @staticmethod

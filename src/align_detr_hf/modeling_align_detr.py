@@ -832,6 +832,14 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def _remote_pipelines() -> dict:
+    """`config.custom_pipelines` of a saved folder. The relative import (not run at import time: it loads
+    transformers' pipelines) is also what makes transformers copy the pipeline's code into every saved folder."""
+    from .pipeline_align_detr import TASK, custom_pipeline_entry
+
+    return {TASK: custom_pipeline_entry()}
+
+
 def _check_inputs(pixel_values, pixel_mask, model_dtype):
     """Shape and mask checks; returns pixel values in the model's dtype and the pixel mask (all ones if not given).
 
@@ -957,6 +965,9 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
             # folder, as it does from transformers' own detection checkpoints
             base = f"{AlignDetrModel.__module__.rsplit('.', 1)[-1]}.{AlignDetrModel.__name__}"
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": base}
+            # and `pipeline("object-detection", ..., trust_remote_code=True)` runs our pipeline from the folder
+            self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}),
+                                            **_remote_pipelines()}
         return super().save_pretrained(*args, **kwargs)
 
     def _build_loss(self) -> nn.Module:
