@@ -372,10 +372,12 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
         bookkeeping = {key: kwargs.pop(key) for key in _BOOKKEEPING_KEYS if key in kwargs}
         self._reject_unknown(kwargs, f"{type(self).__name__}()")
         super().__init__(**bookkeeping)
+        # as DeformableDetrImageProcessor's constructor: an int size is the shortest edge, the longest edge max_size
+        # or 1333
         if max_size is not None and kwargs.get("size") is None:
             kwargs["size"] = {"shortest_edge": 800, "longest_edge": max_size}
-        elif max_size is not None and isinstance(kwargs.get("size"), int):
-            kwargs["size"] = {"shortest_edge": kwargs["size"], "longest_edge": max_size}
+        elif isinstance(kwargs.get("size"), int) and not kwargs.get("default_to_square"):
+            kwargs["size"] = {"shortest_edge": kwargs["size"], "longest_edge": max_size or 1333}
         for key, value in self._resolve(kwargs, defaults=type(self)).items():
             setattr(self, key, value)
 
