@@ -45,11 +45,12 @@ def _axis_taps(in_size: int, out_size: int, mode: str) -> tuple[np.ndarray, np.n
 
 
 def _resample_axis(image: np.ndarray, axis: int, index: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    taken = np.moveaxis(image, axis, -1)[..., index]  # (..., out, taps)
-    result = taken[..., 0] * weights[:, 0]
+    shape = [1] * image.ndim
+    shape[axis] = -1
+    result = np.take(image, index[:, 0], axis=axis) * weights[:, 0].reshape(shape)
     for tap in range(1, weights.shape[1]):  # left to right, as torch adds the taps
-        result += taken[..., tap] * weights[:, tap]
-    return np.moveaxis(result, -1, axis)
+        result += np.take(image, index[:, tap], axis=axis) * weights[:, tap].reshape(shape)
+    return result
 
 
 def resize_array(image: np.ndarray, new_size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
