@@ -183,7 +183,8 @@ def test_trust_remote_code_loads_in_a_process_without_the_package(tmp_path):
         found = detector(Image.new("RGB", (80, 60), "white"), threshold=0.0)
         assert "align_detr_hf" not in sys.modules
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert type(processor).__name__ == "AlignDetrImageProcessor", type(processor)
+        # AutoImageProcessor's rule there too: the torchvision backend with torchvision installed, else the PIL one
+        assert type(processor).__name__ in ("AlignDetrImageProcessor", "AlignDetrImageProcessorPil"), type(processor)
         assert found and found[0]["label"] in ("circle", "square", "triangle"), found[:1]
         print("max_diff", (logits - io["logits"]).abs().max().item())
         """

@@ -384,11 +384,12 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
                 module.freeze()
         return loaded
 
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # transformers skips modules without parameters of their own for code outside its tree, which would skip
-        # the deformable-attention grid and the head inits below. Every init here goes through
-        # `transformers.initialization`, which leaves loaded tensors alone, so the in-tree behaviour is safe.
-        super()._initialize_weights(module, is_custom_code=False)
+    def _initialize_weights(self, module, *args, **kwargs):
+        # transformers >= 5.13 passes `is_custom_code` and then skips modules without parameters of their own for
+        # code outside its tree, which would skip the deformable-attention grid and the head inits below. Every init
+        # here goes through `transformers.initialization`, which leaves loaded tensors alone, so the in-tree
+        # behaviour (the default, and all that older versions know) is safe.
+        super()._initialize_weights(module)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
