@@ -1,9 +1,10 @@
 """The Hub side of Align-DETR: our code in every saved folder, and a model card on every push.
 
 Remote code: `register_remote_code()` (run once when `align_detr_hf` is imported) registers the config, both
-model classes and the image processor for their Auto classes, permanently. From then on every `save_pretrained` /
-`push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts, the converter)
-writes `auto_map` and copies the defining modules with their relative imports, so the folder loads with
+model classes and both image-processor backends for their Auto classes, permanently. From then on every
+`save_pretrained` / `push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts,
+the converter) writes `auto_map` and copies the defining modules with their relative imports (the pipeline and image
+reading too; the model's save also names the pipeline in `custom_pipelines`), so the folder loads with
 `trust_remote_code=True` on a machine without this package. The Triton kernel module is imported with `from . import`
 inside a `try` and is therefore not copied (transformers only follows `from .module import`): remote code runs the
 pure-PyTorch deformable attention, with identical results.

@@ -612,9 +612,10 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
                     "({'image_id': int, 'annotations': [...]}), as transformers' DETR processors require."
                 )
             image_id = annotation["image_id"]
-            if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)):
-                if not (isinstance(image_id, torch.Tensor) and image_id.numel() == 1 and not image_id.is_floating_point()):
-                    raise ValueError(f"annotations[{index}]['image_id'] must be an integer, got {image_id!r}.")
+            integer_tensor = isinstance(image_id, torch.Tensor) and image_id.numel() == 1 and not (
+                image_id.is_floating_point() or image_id.dtype == torch.bool)
+            if not integer_tensor and (isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer))):
+                raise ValueError(f"annotations[{index}]['image_id'] must be an integer, got {image_id!r}.")
             if not isinstance(annotation["annotations"], (list, tuple)):
                 raise ValueError(f"annotations[{index}]['annotations'] must be a list of object dicts.")
             AlignDetrImageProcessorBase._check_objects(int(image_id), annotation["annotations"])
@@ -812,7 +813,9 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
             try:
                 height, width = (float(v) for v in size)
             except (TypeError, ValueError):
-                raise ValueError(f"target_sizes[{i}] must be a (height, width) pair, got {size!r}; {expected}.") from None
+                raise ValueError(
+                    f"target_sizes[{i}] must be a (height, width) pair, got {size!r}; {expected}."
+                ) from None
             if not (math.isfinite(height) and math.isfinite(width) and height > 0 and width > 0):
                 raise ValueError(f"target_sizes[{i}] must be positive finite (height, width), got {size!r}.")
 
@@ -881,10 +884,12 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
         boxes = box_cxcywh_to_xyxy(pred_boxes.gather(1, query_index[..., None].expand(-1, -1, 4)))
 
         if target_sizes is not None:
-            sizes = torch.as_tensor(
-                np.asarray(target_sizes.tolist() if isinstance(target_sizes, torch.Tensor) else target_sizes,
-                           dtype=np.float64).reshape(batch, 2)
-            ).to(device=boxes.device, dtype=boxes.dtype)
+            if isinstance(target_sizes, torch.Tensor):
+                sizes = target_sizes.reshape(batch, 2).to(device=boxes.device, dtype=boxes.dtype)
+            else:
+                sizes = torch.tensor(
+                    [[float(h), float(w)] for h, w in target_sizes], device=boxes.device, dtype=boxes.dtype
+                )
             heights, widths = sizes[:, 0], sizes[:, 1]
             scale = torch.stack([widths, heights, widths, heights], dim=1)[:, None, :]  # (B, 1, 4)
             boxes = boxes * scale
@@ -921,7 +926,10 @@ class AlignDetrImageProcessor(AlignDetrImageProcessorBase):
     def _to_float_tensor(array: np.ndarray, kind: str, device: torch.device | None) -> torch.Tensor:
         if kind == "uint16":  # torch has limited uint16 support; int32 is exact
             array = array.astype(np.int32)
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # e.g. a view of a PIL image: torch would warn
+            array = array.copy()
+        tensor = torch.from_numpy(array)
         if device is not None:
             tensor = tensor.to(device)  # before the float conversion: moves 1 byte per uint8 pixel, not 4
         tensor = tensor.to(torch.float32)
@@ -982,7 +990,8 @@ class AlignDetrImageProcessor(AlignDetrImageProcessorBase):
             {key: torch.from_numpy(value).to(device) for key, value in target.items()} for target in labels
         ]
         if return_tensors == "np":
-            data = {k: [t.cpu().numpy() for t in v] if isinstance(v, list) else v.cpu().numpy() for k, v in data.items()}
+            data = {key: [t.cpu().numpy() for t in value] if isinstance(value, list) else value.cpu().numpy()
+                    for key, value in data.items()}
             labels = None if labels is None else [{k: v.cpu().numpy() for k, v in t.items()} for t in labels]
         return data, labels
 
