@@ -305,3 +305,22 @@ def test_pipeline_reads_files_as_align_detr_predict_does(known_pipe, random_pipe
     assert got == random_pipe(image, threshold=0.0)
     white = random_pipe(Image.new("RGB", (64, 48), (255, 255, 255)), threshold=0.0)
     assert [d["score"] for d in got] != pytest.approx([d["score"] for d in white], abs=1e-4)
+
+
+def test_pipeline_output_format_as_transformers_pipeline_tests(random_pipe, tmp_path):
+    """transformers' ObjectDetectionPipelineTests.run_pipeline_test: one list per input, each detection a dict with a
+    float score, a label of config.id2label and an int box; the `images=` keyword; paths and PIL images alike."""
+    image = _random_images([(70, 90)], seed=5)[0]
+    image.save(tmp_path / "image.png")
+    outputs = random_pipe(images=[image, str(tmp_path / "image.png")], threshold=0.0)
+    assert len(outputs) == 2 and outputs[0] == outputs[1]
+    for detection in outputs[0]:
+        assert set(detection) == {"score", "label", "box"}
+        assert isinstance(detection["score"], float) and 0.0 <= detection["score"] <= 1.0
+        assert detection["label"] in random_pipe.model.config.id2label.values()
+        assert set(detection["box"]) == {"xmin", "ymin", "xmax", "ymax"}
+        assert all(isinstance(v, int) for v in detection["box"].values())
+    scores = [d["score"] for d in outputs[0]]
+    assert scores == sorted(scores, reverse=True)
+    high = random_pipe(image, threshold=0.9)
+    assert all(d["score"] > 0.9 for d in high) and len(high) < len(outputs[0])
