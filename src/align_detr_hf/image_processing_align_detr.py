@@ -617,7 +617,7 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
             if not integer_tensor and (isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer))):
                 raise ValueError(f"annotations[{index}]['image_id'] must be an integer, got {image_id!r}.")
             if not isinstance(annotation["annotations"], (list, tuple)):
-                raise ValueError(f"annotations[{index}]['annotations'] must be a list of object dicts.")
+                raise ValueError(f"annotation['annotations'] must be a list of object dicts (annotations[{index}]).")
             AlignDetrImageProcessorBase._check_objects(int(image_id), annotation["annotations"])
         return list(annotations)
 
