@@ -39,7 +39,8 @@ def processors():
         found.append(("DeformableDetrImageProcessor (transformers, torchvision)", DeformableDetrImageProcessor()))
     else:
         found.append(("DeformableDetrImageProcessor (transformers, torchvision)",
-                      "not measured: torchvision is not installed here (it is no dependency of this package)"))
+                      "not measured: torchvision is not installed here (no dependency of this package; PyPI's "
+                      "torchvision 0.28 wheel is built for CUDA torch and does not import with this CPU torch)"))
     from transformers.models.deformable_detr.image_processing_pil_deformable_detr import (
         DeformableDetrImageProcessorPil,
     )
