@@ -148,7 +148,7 @@ class AlignDetrConfig(PreTrainedConfig):
 
         custom = getattr(self, "custom_pipelines", None)
         pipelines = sys.modules.get("transformers.pipelines")  # not imported: no pipeline is being built
-        if not custom or pipelines is None:
+        if not isinstance(custom, dict) or not custom or pipelines is None:
             return
         served = {task: getattr(entry.get("impl"), "__name__", None)
                   for task, entry in pipelines.PIPELINE_REGISTRY.supported_tasks.items()}
