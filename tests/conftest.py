@@ -138,7 +138,8 @@ def assert_train_outputs_match(out, head: dict, num_dn: int, losses: dict, logit
     """A train-mode forward (mmdetection's denoising queries injected) against mmdetection's recorded head outputs
     and loss terms: identical encoder top-k, denoising and matching parts of every layer, every loss term."""
     assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
-    scores, boxes = head["all_layers_cls_scores"], head["all_layers_bbox_preds"]
+    # mmdetection's head outputs are layer-first (L, B, ...); ours are batch-first (B, L, ...)
+    scores, boxes = head["all_layers_cls_scores"].transpose(0, 1), head["all_layers_bbox_preds"].transpose(0, 1)
     torch.testing.assert_close(out.dn_logits, scores[:, :, :num_dn], atol=logits_atol, rtol=0)
     torch.testing.assert_close(out.intermediate_logits, scores[:, :, num_dn:], atol=logits_atol, rtol=0)
     torch.testing.assert_close(out.dn_pred_boxes, boxes[:, :, :num_dn], atol=boxes_atol, rtol=0)

@@ -50,8 +50,11 @@ def test_swin_dino_eval_outputs_match_mmdetection(swin_model, small_inputs):
     torch.testing.assert_close(out.enc_topk_logits, reference["enc_topk_logits"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(out.enc_topk_boxes, reference["enc_topk_boxes"], atol=BOXES_ATOL, rtol=0)
     assert out.intermediate_logits.shape == reference["all_dec_logits"].shape == (2, 2, 100, 80)
-    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    # the reference is layer-first (L, B, ...), our outputs batch-first (B, L, ...)
+    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
 
 
 def test_swin_dino_train_outputs_and_losses_match_mmdetection(swin_model, small_inputs):
@@ -83,8 +86,10 @@ def test_plain_conversion_of_mmdetections_dino_r50_matches_its_eval_outputs(smal
     with torch.no_grad():
         out = model(small_inputs["pixel_values"], small_inputs["pixel_mask"].long())
     assert torch.equal(out.enc_topk_indices, reference["enc_topk_indices"])
-    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ key lists of real checkpoints

@@ -106,8 +106,11 @@ def test_converted_dino_eval_outputs_match_mmdetection(dino_model, small_inputs)
     assert torch.equal(out.enc_topk_indices, reference["enc_topk_indices"])
     torch.testing.assert_close(out.enc_topk_logits, reference["enc_topk_logits"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(out.enc_topk_boxes, reference["enc_topk_boxes"], atol=BOXES_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    # the reference is layer-first (L, B, ...), our outputs batch-first (B, L, ...)
+    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
 
 
 def test_converted_dino_train_forward_matches_mmdetection_term_for_term(dino_model, small_inputs, dino_recorded):
@@ -124,8 +127,8 @@ def test_converted_dino_train_forward_matches_mmdetection_term_for_term(dino_mod
         dino_model.eval()
     num_dn = dn["num_denoising_queries"]
     assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
-    logits = torch.cat([out.dn_logits, out.intermediate_logits], 2)
-    boxes = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2)
+    logits = torch.cat([out.dn_logits, out.intermediate_logits], 2).transpose(0, 1)  # mmdet's (L, B, ...)
+    boxes = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2).transpose(0, 1)
     assert logits.shape[2] == num_dn + 100
     torch.testing.assert_close(logits, head["all_layers_cls_scores"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(boxes, head["all_layers_bbox_preds"], atol=BOXES_ATOL, rtol=0)

@@ -211,8 +211,8 @@ def test_rt_detr_layout_reproduces_our_models_loss():
     num_dn = out.dn_logits.shape[2]
     max_gt = max(len(t["class_labels"]) for t in labels)
     groups = num_dn // (2 * max_gt)
-    outputs_class = torch.cat([out.dn_logits, out.intermediate_logits], 2).transpose(0, 1)
-    outputs_coord = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2).transpose(0, 1)
+    outputs_class = torch.cat([out.dn_logits, out.intermediate_logits], 2)  # both batch-first (B, L, ...)
+    outputs_coord = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2)
     positive = [torch.cat([torch.arange(len(t["class_labels"])) + 2 * max_gt * g for g in range(groups)])
                 for t in labels]
     adapter = AlignDetrLossAdapter("RTDetrForObjectDetection", AlignDetrLossOptions())
@@ -226,7 +226,7 @@ def test_rt_detr_layout_reproduces_our_models_loss():
     for key in loss_dict:
         torch.testing.assert_close(loss_dict[key], out.loss_dict[key], rtol=0, atol=0, msg=key)
     torch.testing.assert_close(loss, out.loss, rtol=1e-6, atol=0)
-    assert len(auxiliary) == 1 and auxiliary[0]["logits"].shape == out.intermediate_logits[0].shape
+    assert len(auxiliary) == 1 and auxiliary[0]["logits"].shape == out.intermediate_logits[:, 0].shape
 
 
 def _random_rt_detr_inputs(num_layers=2, num_queries=8, num_classes=3):

@@ -108,12 +108,12 @@ def test_batch_equals_one_by_one_on_unpadded_images(model_class):
     model = _model(model_class)
     pixel_values = _pixels(batch=3)
     names = ["last_hidden_state", "enc_topk_logits", "enc_topk_boxes", "encoder_last_hidden_state"]
-    names += ["logits", "pred_boxes"] if model_class is AlignDetrForObjectDetection else ["intermediate_pred_boxes"]
+    names += (["logits", "pred_boxes", "intermediate_logits", "intermediate_pred_boxes"]
+              if model_class is AlignDetrForObjectDetection
+              else ["intermediate_pred_boxes", "intermediate_hidden_states", "intermediate_reference_points"])
 
-    def outputs(out, i=0):
-        picked = {name: getattr(out, name)[:, i] if name.startswith("intermediate") else getattr(out, name)[i]
-                  for name in names}
-        return {**picked, "decoder_attentions": out.decoder_attentions[-1][i]}
+    def outputs(out, i=0):  # every tensor output is batch-first, the per-layer ones too
+        return {**{name: getattr(out, name)[i] for name in names}, "decoder_attentions": out.decoder_attentions[-1][i]}
 
     # tolerances: the float32 rounding noise of the one-image runs, measured against float64 (see conftest)
     singles = [{"pixel_values": pixel_values[i : i + 1], "output_attentions": True} for i in range(3)]
@@ -236,8 +236,10 @@ def test_output_attentions_keeps_mmdetection_parity(small_model, small_inputs, s
         out = small_model(small_inputs["pixel_values"], small_inputs["pixel_mask"].long(), output_attentions=True,
                           output_hidden_states=True)
     assert torch.equal(out.enc_topk_indices, small_outputs["enc_topk_indices"])
-    torch.testing.assert_close(out.intermediate_logits, small_outputs["all_dec_logits"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, small_outputs["all_dec_boxes"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.intermediate_logits, small_outputs["all_dec_logits"].transpose(0, 1), atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, small_outputs["all_dec_boxes"].transpose(0, 1),
+                               atol=1e-5, rtol=0)
     assert len(out.decoder_attentions) == small_model.config.decoder_layers
 
 

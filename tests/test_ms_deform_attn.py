@@ -469,7 +469,9 @@ def test_cuda_training_loss_synchronises_at_most_once():
               {"class_labels": torch.tensor([1], device="cuda"),
                "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]], device="cuda")}]
     outputs = model(torch.randn(2, 3, 64, 64, device="cuda"))  # warm-up, no loss
-    loss_inputs = AlignDetrLossInputs(outputs.intermediate_logits, outputs.intermediate_pred_boxes,
+    # the loss takes the per-layer predictions layer-first (L, B, ...); the outputs are batch-first
+    loss_inputs = AlignDetrLossInputs(outputs.intermediate_logits.transpose(0, 1),
+                                      outputs.intermediate_pred_boxes.transpose(0, 1),
                                       decoder_layer_names(2), outputs.enc_topk_logits, outputs.enc_topk_boxes)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:

@@ -697,8 +697,8 @@ def processor_nan_image(ctx):
     return lambda: _processor()(image)
 
 
-@case("processor", Err(ValueError, r"Unsupported image type str"))
-def processor_path_instead_of_image(ctx):
+@case("processor", Err(FileNotFoundError, r"image not found: cat.jpg"))
+def processor_missing_image_path(ctx):  # paths are read (as `align-detr predict` reads them)
     return lambda: _processor()("cat.jpg")
 
 

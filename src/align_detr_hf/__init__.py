@@ -18,6 +18,7 @@ from .hub import (
 )
 from .hub_kernels import use_triton_deformable_attention
 from .image_processing_align_detr import AlignDetrImageProcessor
+from .image_processing_pil_align_detr import AlignDetrImageProcessorPil
 from .loss_adapters import remove_align_detr_loss, use_align_detr_loss
 from .loss_align_detr import AlignDetrLoss, AlignDetrLossConfig, AlignDetrLossInputs, DinoLoss
 from .modeling_align_detr import (
@@ -34,6 +35,7 @@ __all__ = [
     "AlignDetrDenoisingQueries",
     "AlignDetrForObjectDetection",
     "AlignDetrImageProcessor",
+    "AlignDetrImageProcessorPil",
     "AlignDetrLoss",
     "AlignDetrLossConfig",
     "AlignDetrLossInputs",
@@ -56,11 +58,11 @@ AutoConfig.register("align_detr", AlignDetrConfig, exist_ok=True)
 AutoModel.register(AlignDetrConfig, AlignDetrModel, exist_ok=True)
 AutoModelForObjectDetection.register(AlignDetrConfig, AlignDetrForObjectDetection, exist_ok=True)
 
-# One pure-PyTorch implementation serves both backend names, so AutoImageProcessor picks it with or without
-# torchvision installed (and never warns about a fallback).
+# Two backends, as transformers names them: AutoImageProcessor picks "torchvision" (our plain-PyTorch tensor backend)
+# where torchvision is installed, else "pil" (the NumPy twin, same rule); `backend=` selects either explicitly.
 AutoImageProcessor.register(
     AlignDetrConfig,
-    image_processor_classes={"torchvision": AlignDetrImageProcessor, "pil": AlignDetrImageProcessor},
+    image_processor_classes={"torchvision": AlignDetrImageProcessor, "pil": AlignDetrImageProcessorPil},
     exist_ok=True,
 )
 

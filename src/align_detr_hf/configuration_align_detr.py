@@ -154,6 +154,7 @@ class AlignDetrConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.label2id is None or len(self.label2id) != len(self.id2label):
             self.label2id = {name: index for index, name in self.id2label.items()}
+        self._drop_custom_pipelines_served_here()
         self._check_across_fields()
 
     def validate(self):
@@ -162,6 +163,25 @@ class AlignDetrConfig(PreTrainedConfig):
         super().validate()
         check_fields(self)
         self._check_across_fields()
+
+    def _drop_custom_pipelines_served_here(self):
+        """A saved folder names our pipeline in `custom_pipelines`, so that where this package is not installed
+        `pipeline(..., trust_remote_code=True)` runs it. Where a task is already served by that pipeline (the
+        installed package registers it), the entry is dropped: transformers would demand `trust_remote_code` for it."""
+        import sys
+
+        custom = getattr(self, "custom_pipelines", None)
+        pipelines = sys.modules.get("transformers.pipelines")  # not imported: no pipeline is being built
+        if not isinstance(custom, dict) or not custom or pipelines is None:
+            return
+        served = {task: getattr(entry.get("impl"), "__name__", None)
+                  for task, entry in pipelines.PIPELINE_REGISTRY.supported_tasks.items()}
+        kept = {task: entry for task, entry in custom.items()
+                if not (isinstance(entry, dict) and served.get(task) == str(entry.get("impl", "")).rsplit(".", 1)[-1])}
+        if kept:
+            self.custom_pipelines = kept
+        else:
+            del self.custom_pipelines
 
     def _check_across_fields(self):
         def refuse(name: str, allowed: str, got) -> None:

@@ -7,9 +7,10 @@ since (`save_pretrained(..., overwrite=True)`: any); other files in the folder a
 modes of any new file (safetensors writes 0600). The model card and the copied code follow the same rule.
 
 Remote code: `register_remote_code()` (run once when `align_detr_hf` is imported) registers the config, both
-model classes and the image processor for their Auto classes, permanently. From then on every `save_pretrained` /
-`push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts, the converter)
-writes `auto_map` and copies the defining modules with their relative imports, so the folder loads with
+model classes and both image-processor backends for their Auto classes, permanently. From then on every
+`save_pretrained` / `push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts,
+the converter) writes `auto_map` and copies the defining modules with their relative imports (the pipeline and image
+reading too; the model's save also names the pipeline in `custom_pipelines`), so the folder loads with
 `trust_remote_code=True` on a machine without this package. The Triton kernel module is imported with `from . import`
 inside a `try` and is therefore not copied (transformers only follows `from .module import`): remote code runs the
 pure-PyTorch deformable attention, with identical results.
@@ -44,6 +45,7 @@ from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
 from .file_io import MANIFEST_NAME, owned_file, owned_files_in
 from .image_processing_align_detr import AlignDetrImageProcessor
+from .image_processing_pil_align_detr import AlignDetrImageProcessorPil
 from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel, AlignDetrPreTrainedModel
 
 __all__ = [
@@ -66,6 +68,7 @@ AUTO_CLASSES = {
     AlignDetrModel: "AutoModel",
     AlignDetrForObjectDetection: "AutoModelForObjectDetection",
     AlignDetrImageProcessor: "AutoImageProcessor",
+    AlignDetrImageProcessorPil: "AutoImageProcessor",
 }
 
 README = "README.md"

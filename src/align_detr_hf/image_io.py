@@ -1,4 +1,5 @@
-"""The one way images are read from files and URLs (the `predict` command, the data loaders, the demo).
+"""The one way images are read from files and URLs (the `predict` command, the pipeline, the image processor given a
+path, `examples/predict.py`, the data loaders, the demo).
 
 - EXIF orientation is applied, so pixels and boxes refer to the image *as displayed* (as in image viewers, the
   transformers pipeline and COCO annotation tools).
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from pathlib import Path
@@ -22,7 +24,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .download import DownloadError, download, is_url
 from .image_processing_align_detr import AlignDetrImageProcessor
 
-__all__ = ["ImageReadError", "displayed_size", "is_url", "open_image", "read_source", "to_rgb8", "to_rgb_tensor"]
+__all__ = [
+    "ImageReadError", "displayed", "displayed_size", "is_url", "open_image", "read_image", "read_source", "to_rgb8",
+    "to_rgb_tensor",
+]
 
 _EXIF_ORIENTATION = 0x0112
 URL_DEADLINE_S = 120.0  # a whole image download
@@ -82,11 +87,36 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     with _open(data, name) as image:
         try:
             image.load()
-            return ImageOps.exif_transpose(image)
+            return displayed(image)
         except Image.DecompressionBombError as error:
             raise ImageReadError(f"cannot read image {name}: {error}") from error
         except (OSError, SyntaxError, ValueError) as error:  # truncated / corrupt data
             raise ImageReadError(f"cannot read image {name}: {error}") from error
+
+
+def displayed(image: Image.Image) -> Image.Image:
+    """The image as displayed: its EXIF orientation applied, its mode (8-bit, 16-bit, ...) kept."""
+    return ImageOps.exif_transpose(image)
+
+
+def read_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
+    """What `pipeline(...)` and `examples/predict.py` accept -> a PIL image as displayed, in its own mode: a PIL image,
+    a file path, an http(s) URL, encoded bytes or a `data:image/...;base64,` string (as transformers' `load_image`,
+    but 16-bit images keep their depth)."""
+    if isinstance(image, Image.Image):
+        return displayed(image)
+    if isinstance(image, str) and image.startswith("data:image/"):
+        try:
+            data = base64.b64decode(image.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError) as error:
+            raise ImageReadError(f"cannot read image {image[:40]}...: not valid base64 data.") from error
+        return open_image(data, name=image[:40] + "...")
+    if isinstance(image, (str, os.PathLike, bytes)):
+        return open_image(image)
+    raise TypeError(
+        f"Unsupported image {type(image).__name__}: pass a PIL image, a file path, an http(s) URL, encoded bytes or a "
+        "data:image base64 string."
+    )
 
 
 def to_rgb_tensor(image: Image.Image) -> torch.Tensor:

@@ -20,7 +20,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
+from transformers.utils import is_scipy_available
+
+# Training only: inference through remote code (a saved folder loaded without this package) must not need scipy,
+# and transformers checks a remote module's imports except those under an `is_..._available()` test.
+if is_scipy_available():
+    from scipy.optimize import linear_sum_assignment
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .targets_align_detr import NUM_TARGET_STATISTICS, check_target_statistics, target_statistics
@@ -79,6 +84,8 @@ def solve_one_to_k_assignments(
         # scipy rejects NaN/inf; a NaN prediction should simply be a bad match.
         cost = np.nan_to_num(cost, nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
         k = effective_num_gt_repeat(k, num_queries, num_gt)
+        if not is_scipy_available():
+            raise ImportError("The Align-DETR loss (training) needs scipy for its matching: `pip install scipy`.")
         rows, cols = linear_sum_assignment(np.tile(cost, (1, k)))
         results.append((rows.astype(np.int64), (cols % num_gt).astype(np.int64)))
     if offset > costs.shape[0]:
