@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import torch
 from transformers.pipelines import PIPELINE_REGISTRY, ObjectDetectionPipeline
+from transformers.image_utils import load_image
 from transformers.utils import ModelOutput
+
+from .slicing import SliceConfig, sliced_detect
 
 TASK = "object-detection"
 _IMAGE_INPUTS = "align_detr_image_inputs"  # not a tensor: the collate function keeps these as a list
+_SLICED = "align_detr_sliced"  # sliced inference (`slice=`): the image and its SliceConfig, then the detections
 
 
 class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
@@ -44,13 +48,29 @@ class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
         if not self._is_align_detr():  # ours is registered with AutoModelForObjectDetection
             super().check_model_type(supported_models)
 
-    def preprocess(self, image, timeout=None):
+    def _sanitize_parameters(self, slice=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if slice is not None:  # `pipe(image, slice=True | dict | SliceConfig)`: see align_detr_hf.slicing
+            preprocess_params["slice"] = slice
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(self, image, timeout=None, slice=None):
+        config = SliceConfig.coerce(slice)
+        if config is not None and self._is_align_detr():
+            image = load_image(image, timeout=timeout)
+            return {"target_size": torch.IntTensor([[image.height, image.width]]),
+                    _SLICED: {"image": image, "config": config}}
         inputs = super().preprocess(image, timeout=timeout)
         if not self._is_align_detr():
             return inputs
         return {_IMAGE_INPUTS: dict(inputs)}
 
     def _forward(self, model_inputs):
+        if _SLICED in model_inputs:
+            jobs = model_inputs[_SLICED]
+            jobs = jobs if isinstance(jobs, list) else [jobs]
+            found = [sliced_detect(self.model, self.image_processor, job["image"], job["config"]) for job in jobs]
+            return {"target_size": model_inputs["target_size"], _SLICED: found}
         if _IMAGE_INPUTS not in model_inputs:
             return super()._forward(model_inputs)
         images = model_inputs[_IMAGE_INPUTS]
@@ -76,6 +96,21 @@ class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
                 "pred_boxes": torch.cat(pred_boxes),
             }
         )
+
+
+    def postprocess(self, model_outputs, threshold=0.5):
+        if _SLICED not in model_outputs:
+            return super().postprocess(model_outputs, threshold=threshold)
+        found = model_outputs[_SLICED]
+        found = found[0] if isinstance(found, list) else found
+        keep = found["scores"] > threshold
+        id2label = self.model.config.id2label
+        return [
+            {"score": score, "label": id2label[label], "box": self._get_bounding_box(box)}
+            for score, label, box in zip(
+                found["scores"][keep].tolist(), found["labels"][keep].tolist(), found["boxes"][keep]
+            )
+        ]
 
 
 def register_pipeline() -> None:
