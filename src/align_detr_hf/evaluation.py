@@ -94,7 +94,11 @@ def coco_summary(
         coco_eval.summarize()
     if verbose:
         print(out.getvalue())
-    return {name: float(value) for name, value in zip(names, coco_eval.stats[: len(names)])}
+    stats = [float(v) for v in coco_eval.stats[: len(names)]]
+    # pycocotools' summary takes the first AP at 100 detections whatever maxDets says; take it at max_dets[-1]
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (iou, recall, class) for area "all", last limit
+    stats[0] = float(precision[precision > -1].mean()) if (precision > -1).any() else -1.0
+    return dict(zip(names, stats))
 
 
 def _to_list(x) -> list:
