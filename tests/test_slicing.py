@@ -173,3 +173,39 @@ def test_pipeline_slice_option(tiny):
     assert out[0]["box"]["xmin"] == int(expected["boxes"][0, 0].item())
     batched = pipe([image, _image(100, 100)], threshold=0.0, slice=config, batch_size=2)
     assert len(batched[0]) == len(out)
+
+
+def test_fine_tuning_with_more_queries(tmp_path):
+    from align_detr_hf.queries import load_with_num_queries
+
+    torch.manual_seed(0)
+    trained = AlignDetrForObjectDetection(tiny_config(num_queries=12))
+    trained.save_pretrained(tmp_path / "q12")
+    model = load_with_num_queries(tmp_path / "q12", num_queries=30)
+    rows = model.model.query_embedding.weight
+    assert rows.shape == (30, 64) and model.config.num_queries == 30
+    assert torch.equal(rows[:12], trained.model.query_embedding.weight)  # trained rows kept
+    assert torch.equal(rows[12:24], trained.model.query_embedding.weight)  # new rows: copies, cycled
+
+    # a fine-tuning step with the new count, then save and reload without any size mismatch
+    pixel_values = torch.randn(2, 3, 128, 128)
+    labels = [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.1, 0.2]])}
+              for _ in range(2)]
+    model.train()
+    out = model(pixel_values=pixel_values, labels=labels)
+    assert out.logits.shape[1] == 30 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.query_embedding.weight.grad[12:].abs().sum() > 0
+    model.save_pretrained(tmp_path / "q30")
+    reloaded = AlignDetrForObjectDetection.from_pretrained(tmp_path / "q30")
+    assert torch.equal(reloaded.model.query_embedding.weight, rows)
+
+    # transformers' route: the mismatched embedding is re-initialised, the rest loaded
+    fresh = AlignDetrForObjectDetection.from_pretrained(tmp_path / "q12", num_queries=30, ignore_mismatched_sizes=True)
+    assert fresh.model.query_embedding.weight.shape == (30, 64)
+    expected = trained.state_dict()
+    for name, value in fresh.state_dict().items():
+        if name != "model.query_embedding.weight":
+            assert torch.equal(value, expected[name]), name
+    with pytest.raises(ValueError, match="num_queries"):
+        load_with_num_queries(tmp_path / "q12", num_queries=0)
