@@ -34,12 +34,12 @@ from align_detr_hf.demo import demo_config  # noqa: E402
 from align_detr_hf.evaluation import coco_summary  # noqa: E402
 from align_detr_hf.optim import build_optimizer, build_scheduler  # noqa: E402
 from align_detr_hf.recipes import FROM_SCRATCH, apply_recipe_to_model, build_recipe_transforms  # noqa: E402
-from align_detr_hf.slicing import SliceConfig, slice_coco_dataset, sliced_detect  # noqa: E402
+from align_detr_hf.slicing import SliceConfig, detect_passes, merge_detections, slice_coco_dataset, sliced_detect  # noqa: E402
 from align_detr_hf.synthetic import generate_dense_dataset  # noqa: E402
 
 TILE = 128  # set by --tile
 MAX_DETS = (100, 300, 1000)
-SIZES = (512, 768, 1024)
+SIZES = (512, 1024)
 
 
 def processor_for_tiles() -> AlignDetrImageProcessor:
@@ -99,29 +99,32 @@ def plain_detect(model, processor, image, top_k=1000):
 METHODS = {
     "full image": lambda m, p, image: plain_detect(m, p, image),
     "sliced (NMS)": lambda m, p, image: sliced_detect(m, p, image, SliceConfig(tile_size=TILE, merge="nms")),
-    "sliced (WBF)": lambda m, p, image: sliced_detect(m, p, image, SliceConfig(tile_size=TILE, merge="wbf")),
-    "tiles only (NMS)": lambda m, p, image: sliced_detect(m, p, image,
-                                                           SliceConfig(tile_size=TILE, full_image=False)),
 }
 
 
 def evaluate(folder: Path, val_ann: Path) -> dict:
+    """COCO scores of the full-image pass and of the merges, from one run of the passes per image."""
     from PIL import Image
 
     model, processor = load(folder)
     gt = json.loads(val_ann.read_text())
-    scores = {}
-    for name, method in METHODS.items():
-        results = []
-        for info in gt["images"]:
-            image = Image.open(val_ann.parent / "images" / info["file_name"]).convert("RGB")
-            found = method(model, processor, image)
-            for score, label, (x0, y0, x1, y1) in zip(found["scores"].tolist(), found["labels"].tolist(),
-                                                       found["boxes"].tolist()):
-                results.append({"image_id": info["id"], "category_id": label + 1, "score": score,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0]})
-        scores[name] = coco_summary(gt, results, max_dets=MAX_DETS)
-        print(name, {k: round(v, 3) for k, v in scores[name].items()}, flush=True)
+    merges = {"sliced (NMS)": SliceConfig(tile_size=TILE), "sliced (WBF)": SliceConfig(tile_size=TILE, merge="wbf")}
+    results = {name: [] for name in ("full image", *merges, "tiles only (NMS)")}
+    for info in gt["images"]:
+        image = Image.open(val_ann.parent / "images" / info["file_name"]).convert("RGB")
+        passes = detect_passes(model, processor, image, merges["sliced (NMS)"])
+        found = {"full image": plain_detect(model, processor, image),
+                 "tiles only (NMS)": merge_detections([p for p in passes if p[1] is not None], image.size,
+                                                      merges["sliced (NMS)"])}
+        found.update({name: merge_detections(passes, image.size, config) for name, config in merges.items()})
+        for name, det in found.items():
+            for score, label, (x0, y0, x1, y1) in zip(det["scores"].tolist(), det["labels"].tolist(),
+                                                       det["boxes"].tolist()):
+                results[name].append({"image_id": info["id"], "category_id": label + 1, "score": score,
+                                      "bbox": [x0, y0, x1 - x0, y1 - y0]})
+    scores = {name: coco_summary(gt, found, max_dets=MAX_DETS) for name, found in results.items()}
+    for name, summary in scores.items():
+        print(name, {k: round(v, 3) for k, v in summary.items()}, flush=True)
     return scores
 
 
@@ -239,8 +242,8 @@ def main():
     parser.add_argument("--work_dir", default="/tmp/bench_slicing")
     parser.add_argument("--tile", type=int, default=128, help="tile side = the processor's size")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--time_budget_s", type=float, default=720)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--time_budget_s", type=float, default=540)
+    parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--num_queries", type=int, default=60)
     parser.add_argument("--train_images", type=int, default=4)
     parser.add_argument("--train_size", type=int, default=512)

@@ -40,7 +40,7 @@ from PIL import Image
 
 from .box_ops import box_area, box_iou
 
-__all__ = ["SliceConfig", "merge_detections", "slice_coco_dataset", "sliced_detect", "tile_grid"]
+__all__ = ["SliceConfig", "detect_passes", "merge_detections", "slice_coco_dataset", "sliced_detect", "tile_grid"]
 
 MERGE_METHODS = ("nms", "wbf")
 
@@ -164,15 +164,24 @@ def sliced_detect(
     """
     config = config or SliceConfig()
     image = _as_pil(image)
+    return merge_detections(detect_passes(model, processor, image, config, threshold), image.size, config)
+
+
+def detect_passes(
+    model, processor, image: Image.Image, config: SliceConfig | None = None, threshold: float = 0.0
+) -> list[tuple[dict, Any]]:
+    """The unmerged passes of [`sliced_detect`]: `(detections in image pixels, tile (x0, y0, x1, y1) or None for the
+    full image)` pairs, for [`merge_detections`] (e.g. to compare merge settings without running the model again)."""
+    config = config or SliceConfig()
+    image = _as_pil(image)
     tile_size = _tile_size(processor, config)
-    width, height = image.size
     was_training = model.training
     model.eval()
     try:
-        passes = []  # (detections, tile box or None for the full image)
+        passes = []
         if config.full_image:
             passes.append((_detect(model, processor, [image], config.tile_top_k, threshold)[0], None))
-        tiles = tile_grid(width, height, tile_size, config.overlap)
+        tiles = tile_grid(image.width, image.height, tile_size, config.overlap)
         for start in range(0, len(tiles), config.batch_size):
             chunk = tiles[start : start + config.batch_size]
             found = _detect(model, processor, [image.crop(t) for t in chunk], config.tile_top_k, threshold)
@@ -181,7 +190,7 @@ def sliced_detect(
                 passes.append(({**det, "boxes": det["boxes"] + offset.to(det["boxes"].device)}, tile))
     finally:
         model.train(was_training)
-    return merge_detections(passes, (width, height), config)
+    return passes
 
 
 def _cut_flags(boxes: torch.Tensor, tile, image_size, margin: float) -> torch.Tensor:
