@@ -209,3 +209,27 @@ def test_fine_tuning_with_more_queries(tmp_path):
             assert torch.equal(value, expected[name]), name
     with pytest.raises(ValueError, match="num_queries"):
         load_with_num_queries(tmp_path / "q12", num_queries=0)
+
+
+def test_predict_cli_slice_flags(tiny, tmp_path, capsys):
+    import json
+
+    from align_detr_hf.cli import main
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    image = _image(200, 150, seed=3)
+    image.save(tmp_path / "big.png")
+    common = ["predict", str(tmp_path / "big.png"), "--model", str(tmp_path / "model"), "--threshold", "0.0",
+              "--top-k", "500", "--no-draw"]
+    main(common + ["--output", str(tmp_path / "plain")])
+    main(common + ["--output", str(tmp_path / "sliced"), "--slice", "--slice-tile-size", "96", "--slice-merge", "wbf"])
+    plain = json.loads((tmp_path / "plain" / "detections.json").read_text())["images"][0]["detections"]
+    sliced = json.loads((tmp_path / "sliced" / "detections.json").read_text())["images"][0]["detections"]
+    expected = sliced_detect(model, processor, image, SliceConfig(tile_size=96, merge="wbf", max_detections=500))
+    assert len(plain) == 36 and len(sliced) == len(expected["scores"]) > 36
+    assert sliced[0]["score"] == pytest.approx(expected["scores"][0].item(), abs=1e-5)
+    with pytest.raises(SystemExit):
+        main(common + ["--output", str(tmp_path / "bad"), "--slice", "--slice-overlap", "1.5"])
+    assert "overlap" in capsys.readouterr().err
