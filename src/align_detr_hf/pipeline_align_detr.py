@@ -14,6 +14,9 @@ and returns per-image `logits`, `pred_boxes` and `target_size`. Every result is 
 images of different sizes are never padded to each other. (Give the image processor a fixed `pad_size` to put every
 image in one batch.) Any other model gets the parent's behaviour unchanged.
 
+`pipe(image, slice=True | dict | SliceConfig)` runs sliced inference on Align-DETR models (overlapping tiles plus the
+full image, merged; see `align_detr_hf.slicing`); the pipeline's `threshold` applies to the merged detections.
+
 `register_pipeline()` (run when `align_detr_hf` is imported) makes it the implementation of the "object-detection"
 task. Folders loaded with `trust_remote_code=True` where this package is absent get transformers' own pipeline:
 single images work there, and its log line and batching limits apply.
