@@ -26,6 +26,10 @@ overlap equals the plain pass exactly. Then:
 Either way a detection of the full-image pass is never dropped: it is kept, or (NMS) suppressed only by a
 higher-scoring box of its class overlapping it by more than `iou_threshold`, or (WBF) the best box of its cluster
 is it or scores higher. The merged detections are sorted by score and cut to `max_detections`.
+
+Cost: the merge compares the boxes of a class pairwise (an n x n IoU matrix; WBF also loops over the boxes in
+Python), so pass a score `threshold` on images with many tiles: at threshold 0, 100 tiles x 240 detections make
+24,000 boxes, ~1 GiB and seconds (NMS) to minutes (WBF) on CPU.
 """
 
 from __future__ import annotations
