@@ -27,7 +27,7 @@ TINY = ["--synthetic_shapes", "12", "--synthetic_image_size", "64", "--demo_mode
 CODE_FILES = {"configuration_align_detr.py", "modeling_align_detr.py", "image_processing_align_detr.py",
               "image_processing_pil_align_detr.py", "loss_align_detr.py", "box_ops.py",
               "ms_deform_attn.py", "ms_deform_attn_gather.py", "backbone_align_detr.py", "denoising_align_detr.py",
-              "matching_align_detr.py", "targets_align_detr.py", "pipeline_align_detr.py", "image_io.py"}
+              "matching_align_detr.py", "targets_align_detr.py", "pipeline_align_detr.py", "image_io.py", "slicing.py"}
 SIZE = {"shortest_edge": 64, "longest_edge": 96}
 
 # What a Hub user has: transformers, torch, Pillow, but neither this package nor scipy (inference must not need it).

@@ -1,6 +1,7 @@
 """The `align-detr` command: `convert` (mmdetection checkpoint -> Hugging Face folder), `predict`, `export`, `demo`."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -135,6 +136,7 @@ def predict(
     top_k: int = 100,
     draw: bool = True,
     overwrite: bool = False,
+    slice=None,
 ) -> dict:
     """Run the detector on image files; write `<output>/detections.json` and one `<stem>_detections.png` each.
 
@@ -143,7 +145,8 @@ def predict(
 
     Returns the JSON content: `{"model", "threshold", "top_k", "images": [{"file", "width", "height",
     "detections": [{"label", "score", "box": [xmin, ymin, xmax, ymax]}], "drawing"}]}` (boxes in pixels of the
-    original image, detections sorted by descending score).
+    original image, detections sorted by descending score). `slice` (`True`, a dict or a
+    [`align_detr_hf.slicing.SliceConfig`]): sliced inference, `top_k` then caps the merged detections.
     """
     import torch
 
@@ -162,6 +165,9 @@ def predict(
         raise ValueError(f"--threshold must be between 0 and 1, got {threshold}.")
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}.")
+    from .slicing import SliceConfig, sliced_detect
+
+    slice_config = SliceConfig.coerce(slice)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -192,12 +198,16 @@ def predict(
     try:
         for name, path, png_name in zip(images, paths, png_names):
             image = open_image(sources[name], name=name)  # displayed orientation, native bit depth
-            inputs = processor(images=image, return_tensors="pt").to(device)
-            with torch.no_grad():
-                outputs = detector(**inputs)
-            detected = processor.post_process_object_detection(
-                outputs, threshold=threshold, target_sizes=[(image.height, image.width)], top_k=top_k
-            )[0]
+            if slice_config is not None:
+                config = dataclasses.replace(slice_config, max_detections=top_k)
+                detected = sliced_detect(detector, processor, image, config, threshold=threshold)
+            else:
+                inputs = processor(images=image, return_tensors="pt").to(device)
+                with torch.no_grad():
+                    outputs = detector(**inputs)
+                detected = processor.post_process_object_detection(
+                    outputs, threshold=threshold, target_sizes=[(image.height, image.width)], top_k=top_k
+                )[0]
             detections = [
                 {
                     "label": str(id2label.get(int(label), id2label.get(str(int(label)), int(label)))),
@@ -236,7 +246,16 @@ def _predict(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         draw=not args.no_draw,
         overwrite=args.overwrite,
+        slice=_slice_options(args),
     )
+
+
+def _slice_options(args: argparse.Namespace) -> dict | None:
+    """The `--slice` flags as SliceConfig fields (None without --slice)."""
+    if not args.slice:
+        return None
+    options = {"overlap": args.slice_overlap, "merge": args.slice_merge, "full_image": not args.slice_no_full_image}
+    return options if args.slice_tile_size is None else {**options, "tile_size": args.slice_tile_size}
 
 
 # --------------------------------------------------------------------------------------------------------- demo
@@ -347,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace output files that an earlier predict did not write (or "
         "that were changed since), and allow writing inside the model folder"
     )
+    slicing = predict_parser.add_argument_group("sliced inference (large images, small objects)")
+    slicing.add_argument("--slice", action="store_true", help="detect on overlapping tiles + the full image and "
+                         "merge (--top-k then caps the merged detections: raise it for dense images, e.g. 1000)")
+    slicing.add_argument("--slice-tile-size", type=int, default=None,
+                         help="tile side in pixels (default: the processor's shortest_edge, scale 1)")
+    slicing.add_argument("--slice-overlap", type=float, default=0.2, help="tile overlap fraction (default 0.2)")
+    slicing.add_argument("--slice-merge", choices=["nms", "wbf"], default="nms", help="merge method (default nms)")
+    slicing.add_argument("--slice-no-full-image", action="store_true", help="tiles only, no full-image pass")
     predict_parser.set_defaults(func=_predict)
 
     export_parser = commands.add_parser(

@@ -8,7 +8,9 @@
 Metrics (pycocotools' standard summary, maxDets 100 for every AP, as pycocotools' `summarize` does): `map` (AP at
 IoU .50:.95), `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`, `mar_100` (AR@100). Note mmdet sets
 maxDets to (100, 300, 1000) and so reports AP50/75/s/m/l at 1000 detections; with `top_k <= 100` detections per image
-the two agree. pycocotools reports -1 for an area range without ground truth.
+the two agree. pycocotools reports -1 for an area range without ground truth. For dense images (more than 100
+objects), pass `max_dets=(100, 300, 1000)` (mmdet's setting): the AP metrics are then computed at 1000 detections per
+image and the recalls are named after their limits (`mar_100`, `mar_300`, `mar_1000`).
 
 Detections are expected in the *original* image's absolute xyxy pixels, with contiguous category ids (the ids of
 [`align_detr_hf.data.DetectionDataset.coco_ground_truth`]).
@@ -41,7 +43,7 @@ import torch
 
 from .validation import Integer, check_coco
 
-__all__ = ["METRIC_NAMES", "CocoEvaluator", "build_compute_metrics", "coco_summary", "evaluate_model"]
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "build_compute_metrics", "coco_summary", "evaluate_model", "metric_names"]
 
 # the first 9 entries of COCOeval.stats: AP, AP50, AP75, APs, APm, APl, AR@1, AR@10, AR@100
 METRIC_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
@@ -72,25 +74,43 @@ def _coco_from_dict(gt: dict):
     return coco
 
 
-def coco_summary(coco_gt: Any, results: list[dict], verbose: bool = False) -> dict[str, float]:
+def metric_names(max_dets: Sequence[int] = (1, 10, 100)) -> tuple[str, ...]:
+    """The summary's keys: the six AP metrics (at `max_dets[-1]` detections per image), then `mar_<m>` per limit."""
+    max_dets = tuple(max_dets)
+    if (len(max_dets) != 3 or any(not isinstance(m, int) or m < 1 for m in max_dets)
+            or list(max_dets) != sorted(set(max_dets))):
+        raise ValueError(f"max_dets must be 3 increasing positive integers (pycocotools' summary), got {max_dets!r}.")
+    return METRIC_NAMES[:6] + tuple(f"mar_{m}" for m in max_dets)
+
+
+def coco_summary(
+    coco_gt: Any, results: list[dict], verbose: bool = False, max_dets: Sequence[int] = (1, 10, 100)
+) -> dict[str, float]:
     """Run COCOeval (bbox) on `results` = [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] against
-    `coco_gt` (a pycocotools `COCO` or a COCO dict). Only the ground truth's images are evaluated."""
+    `coco_gt` (a pycocotools `COCO` or a COCO dict). Only the ground truth's images are evaluated. `max_dets`: the
+    detections per image for the three recalls, the last also for the APs (see the module docstring)."""
     from pycocotools.cocoeval import COCOeval
 
+    names = metric_names(max_dets)
     coco_gt = _checked_coco(coco_gt)
     if not results:
-        return {name: 0.0 for name in METRIC_NAMES}
+        return {name: 0.0 for name in names}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         coco_dt = coco_gt.loadRes(results)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
+        coco_eval.params.maxDets = list(max_dets)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
     if verbose:
         print(out.getvalue())
-    return {name: float(value) for name, value in zip(METRIC_NAMES, coco_eval.stats[: len(METRIC_NAMES)])}
+    stats = [float(v) for v in coco_eval.stats[: len(names)]]
+    # pycocotools' summary takes the first AP at 100 detections whatever maxDets says; take it at max_dets[-1]
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (iou, recall, class) for area "all", last limit
+    stats[0] = float(precision[precision > -1].mean()) if (precision > -1).any() else -1.0
+    return dict(zip(names, stats))
 
 
 def _checked_coco(coco_gt: Any):
@@ -118,13 +138,16 @@ class CocoEvaluator:
         coco_gt: a COCO ground-truth dict (e.g. `DetectionDataset.coco_ground_truth()`) or a pycocotools `COCO`.
         unknown_labels: `"error"` (default) raises on a label that is not a ground-truth category id (see the module
             docstring); `"ignore"` keeps such detections (pycocotools ignores them).
+        max_dets: detections per image for the recalls and APs, e.g. `(100, 300, 1000)` for AR@1000 (module doc).
     """
 
-    def __init__(self, coco_gt: Any, unknown_labels: str = "error"):
+    def __init__(self, coco_gt: Any, unknown_labels: str = "error", max_dets: Sequence[int] = (1, 10, 100)):
         if unknown_labels not in ("error", "ignore"):
             raise ValueError(f"unknown_labels must be 'error' or 'ignore', got {unknown_labels!r}.")
         self.coco_gt = _checked_coco(coco_gt)
         self.unknown_labels = unknown_labels
+        metric_names(max_dets)  # checked here, not after the whole evaluation loop
+        self.max_dets = tuple(max_dets)
         self.category_ids = set(self.coco_gt.getCatIds())
         self.image_ids = set(self.coco_gt.getImgIds())
         self.results: list[dict] = []
@@ -178,7 +201,7 @@ class CocoEvaluator:
             )
 
     def compute(self, verbose: bool = False) -> dict[str, float]:
-        return coco_summary(self.coco_gt, self.results, verbose=verbose)
+        return coco_summary(self.coco_gt, self.results, verbose=verbose, max_dets=self.max_dets)
 
 
 _IMAGE_ID = Integer(whole_floats=True)

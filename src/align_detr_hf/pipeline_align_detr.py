@@ -22,6 +22,9 @@ Where it is used:
   `pipeline("object-detection", model=FOLDER_OR_HUB_ID, trust_remote_code=True)` runs it as remote code. (A model
   *object* passed to `pipeline(...)` there gets transformers' own class, whose batching and log line apply; the
   model's outputs are batch-first, so its same-size batches work.)
+
+`pipe(image, slice=True | dict | SliceConfig)` runs sliced inference on Align-DETR models (overlapping tiles plus the
+full image, merged; see `align_detr_hf.slicing`); the pipeline's `threshold` applies to the merged detections.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from transformers.pipelines import PIPELINE_REGISTRY, ObjectDetectionPipeline
 from transformers.utils import ModelOutput
 
 from .image_io import read_image
+from .slicing import SliceConfig, sliced_detect
 
 TASK = "object-detection"
 _IMAGE_INPUTS = "align_detr_image_inputs"  # not a tensor: the collate function keeps these as a list
+_SLICED = "align_detr_sliced"  # sliced inference (`slice=`): the image and its SliceConfig, then the detections
 
 
 def custom_pipeline_entry() -> dict:
@@ -58,7 +63,18 @@ class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
         if not self._is_align_detr():  # ours is registered with AutoModelForObjectDetection
             super().check_model_type(supported_models)
 
-    def preprocess(self, image, timeout=None):
+    def _sanitize_parameters(self, slice=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if slice is not None:  # `pipe(image, slice=True | dict | SliceConfig)`: see align_detr_hf.slicing
+            preprocess_params["slice"] = slice
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(self, image, timeout=None, slice=None):
+        config = SliceConfig.coerce(slice)
+        if config is not None and self._is_align_detr():
+            image = read_image(image)  # (URLs: image_io's own timeout)
+            return {"target_size": torch.IntTensor([[image.height, image.width]]),
+                    _SLICED: {"image": image, "config": config}}
         if not self._is_align_detr():
             return super().preprocess(image, timeout=timeout)
         image = read_image(image)  # (URLs: image_io's own timeout)
@@ -67,6 +83,11 @@ class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
         return {_IMAGE_INPUTS: inputs}
 
     def _forward(self, model_inputs):
+        if _SLICED in model_inputs:
+            jobs = model_inputs[_SLICED]
+            jobs = jobs if isinstance(jobs, list) else [jobs]
+            found = [sliced_detect(self.model, self.image_processor, job["image"], job["config"]) for job in jobs]
+            return {"target_size": model_inputs["target_size"], _SLICED: found}
         if _IMAGE_INPUTS not in model_inputs:
             return super()._forward(model_inputs)
         images = model_inputs[_IMAGE_INPUTS]
@@ -92,6 +113,21 @@ class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
                 "pred_boxes": torch.cat(pred_boxes),
             }
         )
+
+
+    def postprocess(self, model_outputs, threshold=0.5):
+        if _SLICED not in model_outputs:
+            return super().postprocess(model_outputs, threshold=threshold)
+        found = model_outputs[_SLICED]
+        found = found[0] if isinstance(found, list) else found
+        keep = found["scores"] > threshold
+        id2label = self.model.config.id2label
+        return [
+            {"score": score, "label": id2label[label], "box": self._get_bounding_box(box)}
+            for score, label, box in zip(
+                found["scores"][keep].tolist(), found["labels"][keep].tolist(), found["boxes"][keep]
+            )
+        ]
 
 
 def register_pipeline() -> None:
