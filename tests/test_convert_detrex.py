@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FIXTURES, SMALL, fixture_weights
 
-from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor, AlignDetrLoss
+from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor
 from align_detr_hf.cli import main as cli
 from align_detr_hf.convert_align_detr import (
     ConversionError,
@@ -20,6 +20,8 @@ from align_detr_hf.convert_align_detr import (
     mmdet_names,
 )
 from align_detr_hf.convert_detrex import detrex_to_mmdet, is_detrex_state_dict
+from align_detr_hf.denoising_align_detr import DenoisingLayout
+from align_detr_hf.loss_align_detr import AlignDetrLossInputs, build_loss, decoder_layer_names
 from align_detr_hf.modeling_align_detr import AlignDetrDenoisingQueries
 
 DETREX = FIXTURES / "detrex_small"
@@ -152,8 +154,12 @@ class EvalRun(dict):
     def of(cls, model, pixel_values):
         with torch.no_grad():
             base = model.model(pixel_values)
-            logits = torch.stack([head(h) for head, h in zip(model.class_embed, base.intermediate_hidden_states)])
-        return cls(base, intermediate_logits=logits, logits=logits[-1], pred_boxes=base.intermediate_pred_boxes[-1])
+            hidden = base.intermediate_hidden_states.transpose(0, 1)  # the outputs are batch-first, the fixture not
+            logits = torch.stack([head(h) for head, h in zip(model.class_embed, hidden)])
+        layer_first = {name: getattr(base, name).transpose(0, 1)
+                       for name in ("intermediate_pred_boxes", "intermediate_reference_points")}
+        return cls(base, **layer_first, intermediate_logits=logits, logits=logits[-1],
+                   pred_boxes=layer_first["intermediate_pred_boxes"][-1])
 
 
 @pytest.fixture(scope="module")
@@ -226,20 +232,21 @@ def test_post_processed_detections_match_detectron2s(single_image_runs, batched_
 def _head_outputs(recorded):
     head, dn = recorded["head"], recorded["dn"]
     num_dn = dn["num_denoising_queries"]
-    return {
-        "intermediate_logits": head["all_layers_cls_scores"][:, :, num_dn:],
-        "intermediate_pred_boxes": head["all_layers_bbox_preds"][:, :, num_dn:],
-        "enc_topk_logits": head["enc_cls_scores"],
-        "enc_topk_boxes": head["enc_bbox_preds"],
-        "dn_logits": head["all_layers_cls_scores"][:, :, :num_dn],
-        "dn_pred_boxes": head["all_layers_bbox_preds"][:, :, :num_dn],
-        "denoising_meta": {"num_groups": dn["dn_num"], "max_gt": dn["single_padding"] // 2},
-    }
+    return AlignDetrLossInputs(
+        logits=head["all_layers_cls_scores"][:, :, num_dn:],
+        boxes=head["all_layers_bbox_preds"][:, :, num_dn:],
+        layer_names=decoder_layer_names(head["all_layers_cls_scores"].shape[0]),
+        encoder_logits=head["enc_cls_scores"],
+        encoder_boxes=head["enc_bbox_preds"],
+        dn_logits=head["all_layers_cls_scores"][:, :, :num_dn],
+        dn_boxes=head["all_layers_bbox_preds"][:, :, :num_dn],
+        denoising=DenoisingLayout(dn["dn_num"], dn["single_padding"] // 2),
+    )
 
 
 def test_loss_terms_and_matchings_from_the_official_head_outputs(detrex_model, recorded):
     """The official criterion's 15 terms and its matchings in every layer, from its own head outputs."""
-    loss = AlignDetrLoss(detrex_model.config)
+    loss = build_loss(detrex_model.config)
     head_outputs, targets = _head_outputs(recorded), official_targets(recorded)
     total, loss_dict = loss(head_outputs, targets)
     assert len(loss_dict) == len(recorded["losses"]) == 15
@@ -251,8 +258,8 @@ def test_loss_terms_and_matchings_from_the_official_head_outputs(detrex_model, r
     for layer, name in zip(matches, ("d0", "d1", "enc")):
         reference = recorded["match"][name]
         for image, offset in enumerate(offsets):
-            in_image = layer["batch"] == image
-            ours = set(zip(layer["query"][in_image].tolist(), (layer["gt"][in_image] - offset).tolist()))
+            in_image = layer.batch == image
+            ours = set(zip(layer.query[in_image].tolist(), (layer.gt[in_image] - offset).tolist()))
             expected = set(zip(reference["src"][image].tolist(), reference["tgt"][image].tolist()))
             assert ours == expected, (name, image)
 
@@ -264,10 +271,10 @@ def test_train_forward_matches_the_official_head_outputs_and_losses(detrex_model
     head, num_dn = recorded["head"], recorded["dn"]["num_denoising_queries"]
     assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
     scores, boxes = head["all_layers_cls_scores"], head["all_layers_bbox_preds"]
-    torch.testing.assert_close(out.dn_logits, scores[:, :, :num_dn], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_logits, scores[:, :, num_dn:], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.dn_pred_boxes, boxes[:, :, :num_dn], atol=BOXES_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, boxes[:, :, num_dn:], atol=BOXES_ATOL, rtol=0)
+    torch.testing.assert_close(out.dn_logits.transpose(0, 1), scores[:, :, :num_dn], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_logits.transpose(0, 1), scores[:, :, num_dn:], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.dn_pred_boxes.transpose(0, 1), boxes[:, :, :num_dn], atol=BOXES_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes.transpose(0, 1), boxes[:, :, num_dn:], atol=BOXES_ATOL, rtol=0)
     torch.testing.assert_close(out.enc_topk_logits, head["enc_cls_scores"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(out.enc_topk_boxes, head["enc_bbox_preds"], atol=BOXES_ATOL, rtol=0)
     for name, value in recorded["losses"].items():
@@ -285,7 +292,7 @@ def test_mmdetections_head_eps_would_move_the_clamped_denoising_boxes(detrex_mod
     finally:
         decoder.head_eps = detrex_model.config.head_inverse_sigmoid_eps
     num_dn = recorded["dn"]["num_denoising_queries"]
-    difference = (out.dn_pred_boxes - recorded["head"]["all_layers_bbox_preds"][:, :, :num_dn]).abs().max().item()
+    difference = (out.dn_pred_boxes.transpose(0, 1) - recorded["head"]["all_layers_bbox_preds"][:, :, :num_dn]).abs().max().item()
     assert difference > 5 * BOXES_ATOL  # 8.1e-5 measured
 
 
