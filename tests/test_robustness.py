@@ -476,7 +476,7 @@ def predict_jpeg_with_exif_orientation(ctx):
     return _predict(ctx, _exif_jpeg(ctx, "rotated.jpg"))
 
 
-@case("predict", Exit(r"--output .*out_file: .*is a file, not a folder"))
+@case("predict", Exit(r"--output_dir .*out_file: .*is a file, not a folder"))
 def predict_output_is_a_file(ctx):
     return _predict(ctx, ctx.image("a.png", Image.fromarray(_rgb())), extra=("--output", ctx.file("out_file")))
 
@@ -549,15 +549,16 @@ def _demo(ctx, *extra):
 _IMPOSSIBLE_DEMO_ARGS = {
     "no_train_images": (("--num_train_images", "0"), r"--num_train_images must be at least 1, got 0"),
     "no_val_images": (("--num_val_images", "0"), r"--num_val_images must be at least 1, got 0"),
-    "batch_size_0": (("--batch_size", "0"), r"--batch_size must be at least 1, got 0"),
+    "batch_size_0": (("--per_device_train_batch_size", "0"),
+                     r"--per_device_train_batch_size must be at least 1, got 0"),
     "d_model_not_multiple_of_32": (("--d_model", "48"), r"--d_model must be a positive multiple of 32 .*GroupNorm"),
     "d_model_negative": (("--d_model", "-32"), r"--d_model must be a positive multiple of 32"),
     "d_model_32_small_images": (("--d_model", "32", "--image_size", "64"),
                                 r"--d_model 32 needs --image_size of at least 128 \(got 64\)"),
-    "negative_steps": (("--steps", "-1"), r"--steps must be at least 0"),
+    "negative_steps": (("--max_steps", "-1"), r"--max_steps must be at least 1"),
     "tiny_images": (("--image_size", "32"), r"--image_size must be at least 64, got 32"),
-    "zero_lr": (("--lr", "0"), r"--lr must be a positive number"),
-    "nan_lr": (("--lr", "nan"), r"--lr must be a positive number"),
+    "zero_lr": (("--learning_rate", "0"), r"--learning_rate must be a positive number"),
+    "nan_lr": (("--learning_rate", "nan"), r"--learning_rate must be a positive number"),
     "no_time_budget": (("--time_budget_s", "0"), r"--time_budget_s must be positive"),
     "threshold_above_1": (("--score_threshold", "2"), r"--score_threshold must be between 0 and 1"),
 }
@@ -587,7 +588,8 @@ def _demo_trained(result, ctx):
 @case("demo", Ok(_demo_trained))
 def demo_fewer_images_than_one_batch_ends(ctx):
     """4 training images, batch size 8: the loader used to drop its only (short) batch and the loop never ended."""
-    return _demo(ctx, "--num_train_images", "4", "--batch_size", "8", "--steps", "3", "--num_val_images", "2",
+    return _demo(ctx, "--num_train_images", "4", "--per_device_train_batch_size", "8", "--max_steps", "3",
+                 "--num_val_images", "2",
                  "--image_size", "64", "--d_model", "64", "--num_queries", "5", "--threads", "1")  # fmt: skip
 
 
@@ -1105,7 +1107,7 @@ def test_demo_disk_full_while_writing_outputs_is_one_line(tmp_path, monkeypatch,
     monkeypatch.setattr(demo, "atomic_write_text", disk_full)
     with time_limit(CASE_TIME_LIMIT_S), pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--output_dir", str(tmp_path / "demo"), "--quiet", "--num_train_images", "2",
-                  "--num_val_images", "1", "--steps", "1", "--image_size", "64", "--d_model", "64",
+                  "--num_val_images", "1", "--max_steps", "1", "--image_size", "64", "--d_model", "64",
                   "--num_queries", "3", "--threads", "1"])  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err

@@ -135,7 +135,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     # a smoke test of the demo pipeline (data generation, training, COCO eval, PNG, save); ~20 s
     result = main(["--output_dir", str(tmp_path), "--num_train_images", "40", "--num_val_images", "8",
-                   "--steps", "10", "--quiet"])
+                   "--max_steps", "10", "--quiet"])
     assert (tmp_path / "detections.png").exists() and "map" in result["metrics"]
 
 
