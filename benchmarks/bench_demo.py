@@ -73,7 +73,7 @@ def render(results: list[dict], machine: dict) -> str:
         "Written by `benchmarks/bench_demo.py` (" + common.command_line() + "). The demo with its defaults (600 "
         "train / 100 val images of 128 px, the `from_scratch` recipe of 2000 steps, 480 s training budget), once "
         "with all cores and once with one torch thread. The demo times its first 10 steps and fits the schedule "
-        "(steps, warm-up, lr drop at 80%) to the budget, re-fitting every 50 steps. Machine: "
+        "(steps, warm-up, lr drop at 80%) to the budget, re-fitting it every 10 steps from the time of the last 50. Machine: "
         f"{machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch']}; shared with other jobs (load "
         "average in the table), so the step counts depend on the load at the time.",
         "",

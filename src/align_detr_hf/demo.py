@@ -46,8 +46,9 @@ from .synthetic import generate_shapes_dataset
 __all__ = ["build_parser", "demo_config", "main", "reference_results"]
 
 PROBE_STEPS = 10  # steps timed before the schedule is fitted to the budget
-REFIT_EVERY = 50  # then re-fitted every this many steps, as the machine's speed changes
-BUDGET_SHARE = 0.95  # of the time left that the fitted steps may fill: room for the step time's noise
+REFIT_EVERY = 10  # then re-fitted every this many steps, as the machine's speed changes ...
+TIMING_WINDOW = 50  # ... from the time of the last this many steps
+BUDGET_SHARE = 0.9  # of the time left that the fitted steps may fill: room for the step time's noise
 # the demo's mAP as measured by benchmarks/bench_demo.py (which rewrites this file) for the steps the budget allowed
 REFERENCE_RESULTS = Path(__file__).parent / "assets" / "demo_reference.json"
 
@@ -112,7 +113,7 @@ class StepTimer:
     def tick(self, step: int) -> None:
         now = time.perf_counter()
         # step 1 (allocations, first-call overheads) is not counted: the timing starts at its end
-        self.marks = [(step, now)] if step == 1 else [*self.marks, (step, now)][-(REFIT_EVERY + 1):]
+        self.marks = [(step, now)] if step == 1 else [*self.marks, (step, now)][-(TIMING_WINDOW + 1):]
 
     def seconds_per_step(self) -> float:
         (first, t0), (last, t1) = self.marks[0], self.marks[-1]
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                     log(f"[demo] measured {timer.seconds_per_step():.3f} s/step over the first steps; schedule for "
                         f"the {args.time_budget_s:.0f}s budget: {fitted.describe()}")
                     log(f"[demo] {reference_line(fitted.max_steps)}")
-                elif fitted.max_steps != schedule.max_steps:
+                elif abs(fitted.max_steps - schedule.max_steps) >= max(5, 0.05 * schedule.max_steps):
                     log(f"[demo] step time now {timer.seconds_per_step():.3f}s: schedule re-fitted to "
                         f"{fitted.describe()}")
                 schedule = fitted
