@@ -46,6 +46,9 @@ from .synthetic import generate_shapes_dataset
 __all__ = ["build_parser", "demo_config", "main", "reference_results"]
 
 PROBE_STEPS = 10  # steps timed before the schedule is fitted to the budget
+# with --threads 0 on several cores, steps 1-5 run on one thread and 6-10 on all cores (given up at once if 1.5x
+# slower), and the faster is kept: on a busy machine one thread can be many times faster than several competing
+THREAD_PROBE_STEPS = 5
 REFIT_EVERY = 10  # then re-fitted every this many steps, as the machine's speed changes ...
 TIMING_WINDOW = 50  # ... from the time of the last this many steps
 BUDGET_SHARE = 0.9  # of the time left that the fitted steps may fill: room for the step time's noise
@@ -109,6 +112,9 @@ class StepTimer:
 
     def __init__(self, start: float):
         self.marks = [(0, start)]
+
+    def restart(self, step: int) -> None:
+        self.marks = [(step, time.perf_counter())]
 
     def tick(self, step: int) -> None:
         now = time.perf_counter()
@@ -262,6 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     step, epoch, train_start, running = 0, 0, time.perf_counter(), None
     timer = StepTimer(train_start)
+    cores = torch.get_num_threads()
+    probe_threads = args.threads == 0 and cores > 1 and args.max_steps > PROBE_STEPS
+    step_seconds = {}  # threads -> s/step in the probe
+    if probe_threads:
+        torch.set_num_threads(1)
     stopped_early = False
     while step < schedule.max_steps and not stopped_early:
         train_set.set_epoch(epoch)
@@ -275,14 +286,27 @@ def main(argv: list[str] | None = None) -> dict:
             scheduler.step()
             step += 1
             timer.tick(step)
+            if probe_threads and step >= THREAD_PROBE_STEPS:
+                step_seconds[torch.get_num_threads()] = timer.seconds_per_step()
+                if step == THREAD_PROBE_STEPS:
+                    torch.set_num_threads(cores)
+                elif step == PROBE_STEPS or step_seconds[cores] > 1.5 * step_seconds[1]:
+                    best = min(step_seconds, key=step_seconds.get)
+                    torch.set_num_threads(best)
+                    log(f"[demo] threads: {', '.join(f'{n}: {t:.3f} s/step' for n, t in step_seconds.items())}; "
+                        f"training continues with {best}")
+                    probe_threads = False
+                timer.restart(step)
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             if step == PROBE_STEPS or (step > PROBE_STEPS and step % REFIT_EVERY == 0):
                 # fit (then re-fit, as the machine's speed changes) the rest of the schedule to the budget left
                 remaining = args.time_budget_s - (time.perf_counter() - train_start)
-                fitted = fit_schedule(recipe, timer.seconds_per_step(), BUDGET_SHARE * remaining, steps_done=step,
+                timed = timer.marks[-1][0] - timer.marks[0][0] >= 2  # else: the probe's figure just ended
+                seconds = timer.seconds_per_step() if timed or not step_seconds else min(step_seconds.values())
+                fitted = fit_schedule(recipe, seconds, BUDGET_SHARE * remaining, steps_done=step,
                                       previous=schedule if step > PROBE_STEPS else None, min_steps=PROBE_STEPS)
                 if step == PROBE_STEPS:
-                    log(f"[demo] measured {timer.seconds_per_step():.3f} s/step over the first steps; schedule for "
+                    log(f"[demo] measured {seconds:.3f} s/step over the first steps; schedule for "
                         f"the {args.time_budget_s:.0f}s budget: {fitted.describe()}")
                     log(f"[demo] {reference_line(fitted.max_steps)}")
                 elif abs(fitted.max_steps - schedule.max_steps) >= max(5, 0.05 * schedule.max_steps):
