@@ -229,14 +229,14 @@ def convert_into_the_checkpoint_folder(ctx):
     _fake_conversion(ctx)
     checkpoint = ctx.file("ckpts/model.pth", b"PK weights")
     ctx.file("ckpts/notes.txt", "mine")
-    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("ckpts"), "--overwrite")
+    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("ckpts"), "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"holds the input"))
 def convert_into_a_parent_of_the_checkpoint(ctx):
     _fake_conversion(ctx)
     checkpoint = ctx.file("data/ckpts/model.pth", b"PK weights")
-    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("data"), "--overwrite")
+    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("data"), "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"current directory"))
@@ -244,7 +244,8 @@ def convert_into_the_current_directory(ctx):
     _fake_conversion(ctx)
     ctx.file("project/src.py", "print('mine')")
     ctx.monkeypatch.chdir(ctx.path("project"))
-    return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ".", "--overwrite")
+    return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ".",
+                   "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"not empty and does not hold a previous output .*--overwrite"))
@@ -326,7 +327,7 @@ def convert_with_overwrite_replaces_an_unrelated_folder(ctx):
     ctx.file("out/old.txt", "old")
     ctx.file("beside.txt", "untouched")
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ctx.path("out"),
-                   "--overwrite")  # fmt: skip
+                   "--overwrite_output_dir")  # fmt: skip
 
 
 @case("converter_output", Ok(lambda result, ctx: _is_conversion(ctx.path("new/deep/out"))))
@@ -418,7 +419,7 @@ def checkpoint_url_dns_failure(ctx):
 
 
 def _predict(ctx, *images, extra=()):
-    return ctx.cli("predict", *images, "--model", ctx.model_dir, "--output", ctx.path("pred"), "--top-k", "5",
+    return ctx.cli("predict", *images, "--model", ctx.model_dir, "--output_dir", ctx.path("pred"), "--top-k", "5",
                    "--threshold", "0", *extra)  # fmt: skip
 
 
@@ -478,7 +479,7 @@ def predict_jpeg_with_exif_orientation(ctx):
 
 @case("predict", Exit(r"--output_dir .*out_file: .*is a file, not a folder"))
 def predict_output_is_a_file(ctx):
-    return _predict(ctx, ctx.image("a.png", Image.fromarray(_rgb())), extra=("--output", ctx.file("out_file")))
+    return _predict(ctx, ctx.image("a.png", Image.fromarray(_rgb())), extra=("--output_dir", ctx.file("out_file")))
 
 
 @case("predict", Exit(r"(Permission denied|not writable)"))
@@ -1005,7 +1006,7 @@ def test_read_only_folder_for_real(tmp_path, capsys):
             cli_main(["convert", "--checkpoint", str(image), "--output-dir", str(folder / "out")])
         assert exit_info.value.code == 2 and "permission denied" in capsys.readouterr().err.lower()
         with pytest.raises(SystemExit):
-            cli_main(["predict", str(image), "--model", str(tmp_path), "--output", str(folder)])
+            cli_main(["predict", str(image), "--model", str(tmp_path), "--output_dir", str(folder)])
         assert "not writable" in capsys.readouterr().err
     finally:
         folder.chmod(0o700)
