@@ -51,7 +51,8 @@ PROBE_STEPS = 10  # steps timed before the schedule is fitted to the budget
 THREAD_PROBE_STEPS = 5
 REFIT_EVERY = 10  # then re-fitted every this many steps, as the machine's speed changes ...
 TIMING_WINDOW = 50  # ... from the time of the last this many steps
-BUDGET_SHARE = 0.9  # of the time left that the fitted steps may fill: room for the step time's noise
+BUDGET_SHARE = 0.9  # of the time left that the fitted steps may fill ...
+RESERVE_STEPS = 3  # ... less this many steps' time: room for the step time's noise
 # the demo's mAP as measured by benchmarks/bench_demo.py (which rewrites this file) for the steps the budget allowed
 REFERENCE_RESULTS = Path(__file__).parent / "assets" / "demo_reference.json"
 
@@ -303,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
                 remaining = args.time_budget_s - (time.perf_counter() - train_start)
                 timed = timer.marks[-1][0] - timer.marks[0][0] >= 2  # else: the probe's figure just ended
                 seconds = timer.seconds_per_step() if timed or not step_seconds else min(step_seconds.values())
-                fitted = fit_schedule(recipe, seconds, BUDGET_SHARE * remaining, steps_done=step,
+                # room for noise: a share of the time left, and a few steps' time (which matters near the end)
+                room = max(BUDGET_SHARE * remaining - RESERVE_STEPS * seconds, 0.0)
+                fitted = fit_schedule(recipe, seconds, room, steps_done=step,
                                       previous=schedule if step > PROBE_STEPS else None, min_steps=PROBE_STEPS)
                 if step == PROBE_STEPS:
                     log(f"[demo] measured {seconds:.3f} s/step over the first steps; schedule for "

@@ -242,8 +242,9 @@ def fit_schedule(
     if previous is not None:
         warmup = previous.warmup_steps if steps_done > 0 else warmup
         passed = [m for m in previous.milestones if m <= steps_done]
-        if passed:
+        if passed:  # the lr has dropped: the end may come earlier, not later (the drop stays near 80%)
             drop = passed[0]
+            steps = min(steps, max(previous.max_steps, steps_done + 1))
         else:
             drop = max(drop, steps_done)  # a drop cannot be placed in the past
     milestones = (drop,) if drop < steps or recipe.lr_drop_fraction >= 1.0 else ()
