@@ -13,8 +13,8 @@ table to BENCHMARKS.md between `<!-- recipes:start -->` and `<!-- recipes:end --
     python benchmarks/bench_recipes.py                    # all three in parallel, 1 thread each (~15-40 min)
     python benchmarks/bench_recipes.py --steps 300        # a shorter check (the table says so)
 
-The scripts run with `--dataloader_num_workers 0` here: on 128 px images decoding costs ~1 ms per image, and worker processes
-would only take cores from the three concurrent jobs.
+The scripts run with `--dataloader_num_workers 0` here: on 128 px images decoding costs ~1 ms per image, and worker
+processes would only take cores from the three concurrent jobs.
 """
 
 from __future__ import annotations
