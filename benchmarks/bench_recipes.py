@@ -13,8 +13,8 @@ table to BENCHMARKS.md between `<!-- recipes:start -->` and `<!-- recipes:end --
     python benchmarks/bench_recipes.py                    # all three in parallel, 1 thread each (~15-40 min)
     python benchmarks/bench_recipes.py --steps 300        # a shorter check (the table says so)
 
-The scripts run with `--num_workers 0` here: on 128 px images decoding costs ~1 ms per image, and worker processes
-would only take cores from the three concurrent jobs.
+The scripts run with `--dataloader_num_workers 0` here: on 128 px images decoding costs ~1 ms per image, and worker
+processes would only take cores from the three concurrent jobs.
 """
 
 from __future__ import annotations
@@ -65,12 +65,12 @@ def job_command(job: str, args, out: Path) -> list[str]:
     common_data = ["--seed", str(args.seed), "--synthetic_shapes", str(args.num_train_images),
                    "--synthetic_image_size", str(args.image_size), "--demo_model"]
     if job == "demo":
-        return [sys.executable, "-m", "align_detr_hf.demo", "--output_dir", str(out), "--steps", str(args.steps),
+        return [sys.executable, "-m", "align_detr_hf.demo", "--output_dir", str(out), "--max_steps", str(args.steps),
                 "--num_train_images", str(args.num_train_images), "--image_size", str(args.image_size),
                 "--seed", str(args.seed), "--threads", str(args.threads), "--time_budget_s", "1e9", "--quiet"]
     if job == "accelerate":
         return [sys.executable, str(REPO / "examples" / "train_accelerate.py"), *common_data, "--output_dir",
-                str(out), "--max_train_steps", str(args.steps), "--num_workers", "0", "--no_eval",
+                str(out), "--max_steps", str(args.steps), "--dataloader_num_workers", "0", "--no_eval",
                 "--checkpointing_steps", str(10 * args.steps)]
     return [sys.executable, str(REPO / "examples" / "train_trainer.py"), *common_data, "--output_dir", str(out),
             "--max_steps", str(args.steps), "--dataloader_num_workers", "0", "--eval_strategy", "no",

@@ -6,8 +6,8 @@ MODEL is a folder written by `align-detr convert` / `save_pretrained`, or a Hub 
 packaged example image and needs MODEL_DIR set in the environment.
 """
 
+import argparse
 import os
-import sys
 
 import torch
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
@@ -18,9 +18,15 @@ import align_detr_hf  # noqa: F401
 from align_detr_hf.image_io import read_image, to_rgb8
 from align_detr_hf.visualize import draw_detections, example_image_path
 
-image_path = sys.argv[1] if len(sys.argv) > 1 else str(example_image_path())
-model_id = sys.argv[2] if len(sys.argv) > 2 else os.environ["MODEL_DIR"]
-threshold = float(sys.argv[3]) if len(sys.argv) > 3 else 0.3
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("image", nargs="?", default=str(example_image_path()), help="image file (default: the example)")
+parser.add_argument("model_name_or_path", nargs="?", default=os.environ.get("MODEL_DIR"),
+                    help="model folder or Hub id (default: $MODEL_DIR)")
+parser.add_argument("threshold", nargs="?", type=float, default=0.3, help="minimum score (default 0.3)")
+args = parser.parse_args()
+if args.model_name_or_path is None:
+    parser.error("give MODEL_DIR_OR_HUB_ID (or set MODEL_DIR in the environment)")
+image_path, model_id, threshold = args.image, args.model_name_or_path, args.threshold
 
 processor = AutoImageProcessor.from_pretrained(model_id)
 model = AutoModelForObjectDetection.from_pretrained(model_id).eval()

@@ -57,6 +57,7 @@ from align_detr_hf.data import (
     load_train_val_datasets,
 )
 from align_detr_hf.evaluation import coco_summary
+from align_detr_hf.flags import add_deprecated_alias, document_flags
 from align_detr_hf.hub import push_folder_to_hub, training_card_kwargs, write_model_card
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
@@ -94,11 +95,12 @@ def parse_args(argv=None):
     d.add_argument("--synthetic_shapes", type=int, default=0, help="generate N synthetic shapes images instead")
     d.add_argument("--synthetic_image_size", type=int, default=128)
     d.add_argument("--synthetic_num_classes", type=int, default=3, help="1-4 (the demo uses 3)")
-    d.add_argument("--num_workers", type=int, default=None, help="data worker processes (default min(4, cores))")
-    d.add_argument("--pin_memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: when CUDA is available")
-    d.add_argument("--persistent_workers", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: when there are workers")
+    # transformers' names; the older spellings still work (add_deprecated_alias)
+    add_deprecated_alias(d, d.add_argument("--dataloader_num_workers", type=int, default=None), "--num_workers")
+    add_deprecated_alias(d, d.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction),
+                         "--pin_memory", "--no-pin_memory")
+    add_deprecated_alias(d, d.add_argument("--dataloader_persistent_workers", action=argparse.BooleanOptionalAction),
+                         "--persistent_workers", "--no-persistent_workers")
     r = p.add_argument_group("recipe (default: the recipe's value; see align_detr_hf.recipes)")
     r.add_argument("--recipe", choices=["auto", "from_scratch", "finetune"], default="auto",
                    help="auto: finetune with --model_name_or_path, from_scratch otherwise")
@@ -129,7 +131,7 @@ def parse_args(argv=None):
     t.add_argument("--per_device_eval_batch_size", type=int, default=4)
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--num_train_epochs", type=int, default=None)
-    t.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides the epochs")
+    add_deprecated_alias(t, t.add_argument("--max_steps", type=int, default=None), "--max_train_steps")
     t.add_argument("--learning_rate", type=float, default=None)
     t.add_argument("--weight_decay", type=float, default=None)
     t.add_argument("--backbone_lr_mult", type=float, default=None)
@@ -141,7 +143,7 @@ def parse_args(argv=None):
     t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="overrides `accelerate launch --mixed_precision`")
     t.add_argument("--checkpointing_steps", default="epoch", help="an integer (every N optimizer steps) or 'epoch'")
-    t.add_argument("--checkpoints_total_limit", type=int, default=2)
+    add_deprecated_alias(t, t.add_argument("--save_total_limit", type=int, default=2), "--checkpoints_total_limit")
     t.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
     t.add_argument("--stop_after_steps", type=int, default=None,
                    help="end the run (after checkpointing) at this optimizer step, as if interrupted")
@@ -153,7 +155,7 @@ def parse_args(argv=None):
                    help="record the loss normaliser (GT count all-reduced across processes) per rank to json")
     t.add_argument("--push_to_hub", action="store_true")
     t.add_argument("--hub_model_id")
-    return p.parse_args(argv)
+    return document_flags(p).parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -166,7 +168,7 @@ def recipe_from_args(args):
         "weight_decay": args.weight_decay, "backbone_lr_mult": args.backbone_lr_mult, "train_stem": args.train_stem,
         "warmup_steps": args.warmup_steps, "warmup_start_factor": args.warmup_start_factor,
         "lr_drop_epochs": args.lr_drop_epochs, "lr_drop_fraction": args.lr_drop_fraction,
-        "num_train_epochs": args.num_train_epochs, "max_train_steps": args.max_train_steps,
+        "num_train_epochs": args.num_train_epochs, "max_train_steps": args.max_steps,
         "batch_size": args.per_device_train_batch_size, "max_grad_norm": args.max_grad_norm,
         "filter_empty_gt": args.filter_empty_gt, "filter_min_size": args.filter_min_size,
         "group_by_aspect_ratio": args.group_by_aspect_ratio,
@@ -271,10 +273,11 @@ def main(argv=None):
     train_set = train_set.with_transforms(build_recipe_transforms(recipe.augment, scale))
     val_set = val_set.with_transforms(build_eval_transforms(scale=scale))
     coco_gt = val_set.coco_ground_truth()
-    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+    num_workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
     train_loader = build_train_loader(
         train_set, recipe.batch_size, seed=args.seed, group_by_aspect_ratio=recipe.group_by_aspect_ratio,
-        num_workers=num_workers, pin_memory=args.pin_memory, persistent_workers=args.persistent_workers,
+        num_workers=num_workers, pin_memory=args.dataloader_pin_memory,
+        persistent_workers=args.dataloader_persistent_workers,
     )
     sampler = train_loader.batch_sampler.sampler
     val_loader = torch.utils.data.DataLoader(
@@ -329,7 +332,7 @@ def main(argv=None):
         recorder.__enter__()
     model.train()
     stop = False
-    metrics = None
+    metrics, evaluated_at = None, None
     for epoch in range(start_epoch, num_epochs):
         # accelerate's prepared loader re-sets its sampler's epoch from its own iteration counter when iterated,
         # so the epoch is given to the loader (not only to our sampler), also for the resumed partial epoch
@@ -374,14 +377,14 @@ def main(argv=None):
                      "micro_step": micro_step}
             stop = completed_steps >= max_steps or (args.stop_after_steps and completed_steps >= args.stop_after_steps)
             if stop or (checkpoint_every and completed_steps % checkpoint_every == 0):
-                save_checkpoint(accelerator, folder, run, state, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, folder, run, state, args.save_total_limit)
             if stop:
                 break
         if stop and batches_in_epoch < len(train_loader):
             break
         # ---- end of epoch: evaluation and checkpoint
         if not args.no_eval:
-            metrics = evaluate(accelerator, model, val_loader, coco_gt)
+            metrics, evaluated_at = evaluate(accelerator, model, val_loader, coco_gt), completed_steps
             if accelerator.is_main_process:
                 log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if args.with_tracking:
@@ -389,10 +392,15 @@ def main(argv=None):
         if args.checkpointing_steps == "epoch":
             state = {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0,
                      "micro_step": micro_step}
-            save_checkpoint(accelerator, folder, run, state, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, folder, run, state, args.save_total_limit)
         if stop:
             break
     progress.close()
+    if not args.no_eval and completed_steps >= max_steps and evaluated_at != completed_steps:
+        # a run that ends inside an epoch (e.g. shorter than one) is evaluated at its end
+        metrics = evaluate(accelerator, model, val_loader, coco_gt)
+        if accelerator.is_main_process:
+            log(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if recorder:
         recorder.__exit__()
         debug_dir = output_dir / "debug"

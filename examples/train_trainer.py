@@ -35,6 +35,7 @@ from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import build_eval_transforms, build_train_loader, collate_fn, default_num_workers
 from align_detr_hf.data import load_train_val_datasets
 from align_detr_hf.evaluation import build_compute_metrics
+from align_detr_hf.flags import document_flags
 from align_detr_hf.hub import ModelCardCallback, ModelCardTrainerMixin, training_card_kwargs
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
@@ -116,7 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id")
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (of this folder's run)")
-    return p.parse_args(argv)
+    return document_flags(p).parse_args(argv)
 
 
 class AlignDetrTrainer(ModelCardTrainerMixin, Trainer):  # trainer.push_to_hub(): our model card

@@ -307,11 +307,36 @@ def test_cli_converts_a_swin_dino_checkpoint_with_meta_and_writes_a_model_card(s
     assert (model.config.loss_type, model.config.num_feature_levels, model.config.num_denoising_queries) == ("dino", 5, 20)
     assert model.config.backbone_config.drop_path_rate == 0.0  # from meta, not the zoo's 0.2
     card = (out / "README.md").read_text()
-    assert "license: apache-2.0" in card and "57.2 box AP" in card and "zhang2022dino" in card
-    assert "download.openmmlab.com/mmdetection/v3.0/dino/dino-5scale_swin-l_8xb2-12e_coco/" in card
+    assert "license: apache-2.0" in card and "zhang2022dino" in card
+    # named like the zoo's file, but not it (its sha256 is not the published one): the zoo's AP is not claimed
+    assert "its sha256 does not match the published file's, so that figure is not claimed" in card
+    assert "model-index" not in card and "download.openmmlab.com" not in card
     with pytest.raises(SystemExit):  # the checkpoint's meta says DINO
         cli(["convert", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "x"), "--loss-type", "align_detr"])
     assert not (tmp_path / "x").exists()
+
+
+def test_zoo_ap_in_the_model_card_only_for_the_released_file(small_state_dict, tmp_path, monkeypatch):
+    """A file named like a zoo entry gets the zoo's AP only when its sha256 matches the published prefix."""
+    import align_detr_hf.mmdet_checkpoints as zoo
+
+    name = "align_detr-4scale_r50_8xb2-12e_coco.pth"  # a zoo name without the sha256 suffix: nothing checked on load
+    path = tmp_path / name
+    torch.save({"meta": {"epoch": 12}, "state_dict": small_state_dict}, path)
+    cli(["convert", "--checkpoint", str(path), "--output_dir", str(tmp_path / "renamed")])
+    card = (tmp_path / "renamed" / "README.md").read_text()
+    assert "50.5 box AP" in card and "so that figure is not claimed for these weights" in card
+    assert "model-index" not in card and "mmdetection reports 50.5 box AP on COCO val2017 for it" not in card
+
+    # the same bytes, as if they were the release: its published file name carries this file's sha256 prefix
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry = zoo_entry(name)
+    released = entry._replace(url=entry.url.rsplit("-", 1)[0] + f"-{digest[:8]}.pth")
+    monkeypatch.setattr(zoo, "MODEL_ZOO", [released if e is entry else e for e in zoo.MODEL_ZOO])
+    cli(["convert", "--checkpoint", str(path), "--output_dir", str(tmp_path / "release")])
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "mmdetection reports 50.5 box AP on COCO val2017 for it (12 epochs)" in card
+    assert "model-index" in card and "0.505" in card
 
 
 def test_cli_loss_type_flag_for_a_bare_state_dict(small_state_dict, tmp_path):

@@ -232,14 +232,14 @@ def convert_into_the_checkpoint_folder(ctx):
     _fake_conversion(ctx)
     checkpoint = ctx.file("ckpts/model.pth", b"PK weights")
     ctx.file("ckpts/notes.txt", "mine")
-    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("ckpts"), "--overwrite")
+    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("ckpts"), "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"holds the input"))
 def convert_into_a_parent_of_the_checkpoint(ctx):
     _fake_conversion(ctx)
     checkpoint = ctx.file("data/ckpts/model.pth", b"PK weights")
-    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("data"), "--overwrite")
+    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("data"), "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"current directory"))
@@ -247,7 +247,8 @@ def convert_into_the_current_directory(ctx):
     _fake_conversion(ctx)
     ctx.file("project/src.py", "print('mine')")
     ctx.monkeypatch.chdir(ctx.path("project"))
-    return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ".", "--overwrite")
+    return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ".",
+                   "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"refused to replace the folder .*photos: it holds cat\.jpg \(align-detr did not write "
@@ -330,7 +331,7 @@ def convert_with_overwrite_writes_into_an_unrelated_folder_and_keeps_its_files(c
     ctx.file("out/old.txt", "old")
     ctx.file("beside.txt", "untouched")
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ctx.path("out"),
-                   "--overwrite")  # fmt: skip
+                   "--overwrite_output_dir")  # fmt: skip
 
 
 @case("converter_output", Ok(lambda result, ctx: _is_conversion(ctx.path("new/deep/out"))))
@@ -422,7 +423,7 @@ def checkpoint_url_dns_failure(ctx):
 
 
 def _predict(ctx, *images, extra=()):
-    return ctx.cli("predict", *images, "--model", ctx.model_dir, "--output", ctx.path("pred"), "--top-k", "5",
+    return ctx.cli("predict", *images, "--model", ctx.model_dir, "--output_dir", ctx.path("pred"), "--top-k", "5",
                    "--threshold", "0", *extra)  # fmt: skip
 
 
@@ -480,9 +481,9 @@ def predict_jpeg_with_exif_orientation(ctx):
     return _predict(ctx, _exif_jpeg(ctx, "rotated.jpg"))
 
 
-@case("predict", Exit(r"--output .*out_file: .*is a file, not a folder"))
+@case("predict", Exit(r"--output_dir .*out_file: .*is a file, not a folder"))
 def predict_output_is_a_file(ctx):
-    return _predict(ctx, ctx.image("a.png", Image.fromarray(_rgb())), extra=("--output", ctx.file("out_file")))
+    return _predict(ctx, ctx.image("a.png", Image.fromarray(_rgb())), extra=("--output_dir", ctx.file("out_file")))
 
 
 @case("predict", Exit(r"(Permission denied|not writable)"))
@@ -563,15 +564,16 @@ def _demo(ctx, *extra):
 _IMPOSSIBLE_DEMO_ARGS = {
     "no_train_images": (("--num_train_images", "0"), r"--num_train_images must be at least 1, got 0"),
     "no_val_images": (("--num_val_images", "0"), r"--num_val_images must be at least 1, got 0"),
-    "batch_size_0": (("--batch_size", "0"), r"--batch_size must be at least 1, got 0"),
+    "batch_size_0": (("--per_device_train_batch_size", "0"),
+                     r"--per_device_train_batch_size must be at least 1, got 0"),
     "d_model_not_multiple_of_32": (("--d_model", "48"), r"--d_model must be a positive multiple of 32 .*GroupNorm"),
     "d_model_negative": (("--d_model", "-32"), r"--d_model must be a positive multiple of 32"),
     "d_model_32_small_images": (("--d_model", "32", "--image_size", "64"),
                                 r"--d_model 32 needs --image_size of at least 128 \(got 64\)"),
-    "negative_steps": (("--steps", "-1"), r"--steps must be at least 0"),
+    "negative_steps": (("--max_steps", "-1"), r"--max_steps must be at least 1"),
     "tiny_images": (("--image_size", "32"), r"--image_size must be at least 64, got 32"),
-    "zero_lr": (("--lr", "0"), r"--lr must be a positive number"),
-    "nan_lr": (("--lr", "nan"), r"--lr must be a positive number"),
+    "zero_lr": (("--learning_rate", "0"), r"--learning_rate must be a positive number"),
+    "nan_lr": (("--learning_rate", "nan"), r"--learning_rate must be a positive number"),
     "no_time_budget": (("--time_budget_s", "0"), r"--time_budget_s must be positive"),
     "threshold_above_1": (("--score_threshold", "2"), r"--score_threshold must be between 0 and 1"),
 }
@@ -601,7 +603,8 @@ def _demo_trained(result, ctx):
 @case("demo", Ok(_demo_trained))
 def demo_fewer_images_than_one_batch_ends(ctx):
     """4 training images, batch size 8: the loader used to drop its only (short) batch and the loop never ended."""
-    return _demo(ctx, "--num_train_images", "4", "--batch_size", "8", "--steps", "3", "--num_val_images", "2",
+    return _demo(ctx, "--num_train_images", "4", "--per_device_train_batch_size", "8", "--max_steps", "3",
+                 "--num_val_images", "2",
                  "--image_size", "64", "--d_model", "64", "--num_queries", "5", "--threads", "1")  # fmt: skip
 
 
@@ -1017,7 +1020,7 @@ def test_read_only_folder_for_real(tmp_path, capsys):
             cli_main(["convert", "--checkpoint", str(image), "--output-dir", str(folder / "out")])
         assert exit_info.value.code == 2 and "permission denied" in capsys.readouterr().err.lower()
         with pytest.raises(SystemExit):
-            cli_main(["predict", str(image), "--model", str(tmp_path), "--output", str(folder)])
+            cli_main(["predict", str(image), "--model", str(tmp_path), "--output_dir", str(folder)])
         assert "not writable" in capsys.readouterr().err
     finally:
         folder.chmod(0o700)
@@ -1144,7 +1147,7 @@ def test_demo_disk_full_while_writing_outputs_is_one_line(tmp_path, monkeypatch,
     monkeypatch.setattr(demo, "owned_file", disk_full)
     with time_limit(CASE_TIME_LIMIT_S), pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--output_dir", str(tmp_path / "demo"), "--quiet", "--num_train_images", "2",
-                  "--num_val_images", "1", "--steps", "1", "--image_size", "64", "--d_model", "64",
+                  "--num_val_images", "1", "--max_steps", "1", "--image_size", "64", "--d_model", "64",
                   "--num_queries", "3", "--threads", "1"])  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err

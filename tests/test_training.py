@@ -135,7 +135,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     # a smoke test of the demo pipeline (data generation, training, COCO eval, PNG, save); ~20 s
     result = main(["--output_dir", str(tmp_path), "--num_train_images", "40", "--num_val_images", "8",
-                   "--steps", "10", "--quiet"])
+                   "--max_steps", "10", "--quiet"])
     assert (tmp_path / "detections.png").exists() and "map" in result["metrics"]
 
 
@@ -181,3 +181,15 @@ script.main({[*common, "--output_dir", str(killed_dir)]!r})
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+def test_accelerate_run_shorter_than_one_epoch_is_evaluated_at_its_end(tmp_path, capsys):
+    """12 images in batches of 2 = 6 steps per epoch; a 3-step run ends inside epoch 0 and still reports COCO mAP."""
+    script = _load_example("train_accelerate")
+    steps = script.main([*TINY, "--per_device_train_batch_size", "2", "--max_steps", "3", "--dataloader_num_workers",
+                         "0", "--checkpointing_steps", "100", "--output_dir", str(tmp_path)])
+    assert steps == 3
+    results = json.loads((tmp_path / "train_results.json").read_text())
+    assert results["completed_steps"] == 3 and set(results["metrics"]) >= {"map", "map_50"}
+    assert 0.0 <= results["metrics"]["map"] <= 1.0
+    assert "step 3: map " in capsys.readouterr().out

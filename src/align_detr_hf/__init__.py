@@ -1,5 +1,7 @@
 """Align-DETR for Hugging Face transformers."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
 
 # From its module, not `transformers.AutoImageProcessor`: transformers 5.17 wrongly marks the top-level name as needing
@@ -30,7 +32,13 @@ from .modeling_align_detr import (
 from .pipeline_align_detr import AlignDetrObjectDetectionPipeline, register_pipeline
 from .training_run import StopOnNonFiniteLossCallback, TrainingRunCallback
 
+try:  # the installed distribution's version (pyproject.toml), the one place it is written
+    __version__ = version("align-detr-hf")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
 __all__ = [
+    "__version__",
     "AlignDetrConfig",
     "AlignDetrDenoisingQueries",
     "AlignDetrForObjectDetection",

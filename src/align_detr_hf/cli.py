@@ -8,6 +8,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+from .flags import add_flag
+
 
 def _convert(args: argparse.Namespace) -> None:
     from .convert_align_detr import convert_checkpoint
@@ -21,11 +23,21 @@ def _convert(args: argparse.Namespace) -> None:
         loss_type=args.loss_type,
         config_overrides=overrides,
         verify=args.verify,
-        push_to_hub=args.push_to_hub,
+        push_to_hub=_hub_repo(args),
         allow_pickle=args.allow_pickle,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite_output_dir,
     )
     print(f"Wrote {args.output_dir}" + (" (verified)" if args.verify else ""))
+
+
+def _hub_repo(args: argparse.Namespace) -> str | None:
+    """`--push_to_hub` (flag, with --hub_model_id) or `--push_to_hub REPO` (the older form): the repository or None."""
+    if args.push_to_hub is None:
+        return None
+    repo = args.hub_model_id if args.push_to_hub is True else args.push_to_hub
+    if not repo:
+        raise ValueError("--push_to_hub needs a repository: --hub_model_id REPO (or --push_to_hub REPO).")
+    return repo
 
 
 # ------------------------------------------------------------------------------------------------------ predict
@@ -164,7 +176,7 @@ def predict(
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be between 0 and 1, got {threshold}.")
     if top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {top_k}.")
+        raise ValueError(f"--top_k must be at least 1, got {top_k}.")
     from .slicing import SliceConfig, sliced_detect
 
     slice_config = SliceConfig.coerce(slice)
@@ -184,7 +196,7 @@ def predict(
     for name in images:
         sources[name] = read_source(name)
         open_image(sources[name], name=name)
-    out_dir = check_output_folder(output, "--output", create=False)
+    out_dir = check_output_folder(output, "--output_dir", create=False)
     paths = [Path(urllib.parse.urlparse(name).path) if is_url(name) else Path(name) for name in images]
     png_names = _output_names(paths)
     inputs = [name for name in images if not is_url(name)] + list(model_input_folders(model))
@@ -239,9 +251,9 @@ def predict(
 def _predict(args: argparse.Namespace) -> None:
     predict(
         args.images,
-        args.model,
+        args.model_name_or_path,
         threshold=args.threshold,
-        output=args.output,
+        output=args.output_dir,
         device=args.device,
         top_k=args.top_k,
         draw=not args.no_draw,
@@ -293,8 +305,8 @@ def _export(args: argparse.Namespace) -> None:
 
     # before loading anything (export_onnx checks again with the loaded model's folder)
     claim_output(Path(args.output).expanduser(), WRITER, overwrite=args.overwrite,
-                 inputs=model_input_folders(args.model))
-    model = load_for_export(args.model)
+                 inputs=model_input_folders(args.model_name_or_path))
+    model = load_for_export(args.model_name_or_path)
     path = export_onnx(
         model,
         args.output,
@@ -309,33 +321,49 @@ def _export(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align-detr", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, help="the command to run")
 
     convert = commands.add_parser(
         "convert",
         help="convert an mmdetection Align-DETR or DINO (R-50, Swin), official Align-DETR or detrex DINO checkpoint",
     )
-    convert.add_argument("--checkpoint", required=True, help="path or URL of the .pth file")
-    convert.add_argument(
-        "--output-dir",
+    add_flag(convert, "checkpoint", required=True, help="path or URL of the .pth file")
+    add_flag(
+        convert,
+        "output_dir",
         required=True,
         help="folder to write: new, empty or an unchanged earlier conversion (built beside it, swapped in only on "
         "success)",
     )
-    convert.add_argument(
-        "--overwrite", action="store_true", help="write into an output folder that holds more than an unchanged "
-        "earlier conversion: the conversion's files are replaced, other files are kept"
+    add_flag(
+        convert,
+        "overwrite_output_dir",
+        action="store_true",
+        aliases=["overwrite"],
+        help="write into an output folder that holds more than an unchanged earlier conversion: the conversion's "
+        "files are replaced, other files are kept",
     )
-    convert.add_argument("--verify", action="store_true", help="reload the written folder and check it")
-    convert.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub repository")
-    convert.add_argument(
-        "--allow-pickle",
+    add_flag(convert, "verify", action="store_true", help="reload the written folder and check it")
+    add_flag(
+        convert,
+        "push_to_hub",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="REPO",
+        help="also push to the Hub: to --hub_model_id, or to REPO when given",
+    )
+    add_flag(convert, "hub_model_id", default=None, metavar="REPO", help="the Hub repository of --push_to_hub")
+    add_flag(
+        convert,
+        "allow_pickle",
         action="store_true",
         help="allow full unpickling if weights_only loading fails (runs code from the file: trusted files only)",
     )
-    convert.add_argument("--num-denoising-queries", type=int, default=None, help="training-only setting to record")
-    convert.add_argument(
-        "--loss-type",
+    add_flag(convert, "num_denoising_queries", type=int, default=None, help="training-only setting to record")
+    add_flag(
+        convert,
+        "loss_type",
         choices=["align_detr", "dino"],
         default=None,
         help="the loss the checkpoint was trained with, for files whose meta does not say (mmdetection's files do); "
@@ -354,26 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument(
         "images", nargs="+", metavar="IMAGE", help="image files or http(s) URLs (any format Pillow reads)"
     )
-    predict_parser.add_argument("--model", required=True, help="model folder (save_pretrained / convert) or Hub id")
-    predict_parser.add_argument("--threshold", type=float, default=0.3, help="minimum score (default 0.3)")
-    predict_parser.add_argument("--output", default="predictions", help="output folder (default ./predictions)")
-    predict_parser.add_argument(
-        "--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)"
-    )
-    predict_parser.add_argument("--top-k", type=int, default=100, help="detections per image before thresholding")
-    predict_parser.add_argument("--no-draw", action="store_true", help="write only the JSON, no PNG drawings")
-    predict_parser.add_argument(
-        "--overwrite", action="store_true", help="replace output files that an earlier predict did not write (or "
-        "that were changed since), and allow writing inside the model folder"
-    )
+    add_flag(predict_parser, "model_name_or_path", required=True, aliases=["model"],
+             help="model folder (save_pretrained / convert) or Hub id")
+    add_flag(predict_parser, "threshold", type=float, default=0.3, help="minimum score (default 0.3)")
+    add_flag(predict_parser, "output_dir", default="predictions", deprecated=["output"],
+             help="output folder (default ./predictions)")
+    add_flag(predict_parser, "device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    add_flag(predict_parser, "top_k", type=int, default=100, help="detections per image before thresholding")
+    add_flag(predict_parser, "no_draw", action="store_true", help="write only the JSON, no PNG drawings")
+    add_flag(predict_parser, "overwrite", action="store_true", aliases=["overwrite_output_dir"],
+             help="replace output files that an earlier predict did not write (or that were changed since), and "
+             "allow writing inside the model folder")
     slicing = predict_parser.add_argument_group("sliced inference (large images, small objects)")
-    slicing.add_argument("--slice", action="store_true", help="detect on overlapping tiles + the full image and "
+    add_flag(slicing, "slice", action="store_true", help="detect on overlapping tiles + the full image and "
                          "merge (--top-k then caps the merged detections: raise it for dense images, e.g. 1000)")
-    slicing.add_argument("--slice-tile-size", type=int, default=None,
+    add_flag(slicing, "slice_tile_size", type=int, default=None,
                          help="tile side in pixels (default: the processor's shortest_edge, scale 1)")
-    slicing.add_argument("--slice-overlap", type=float, default=0.2, help="tile overlap fraction (default 0.2)")
-    slicing.add_argument("--slice-merge", choices=["nms", "wbf"], default="nms", help="merge method (default nms)")
-    slicing.add_argument("--slice-no-full-image", action="store_true", help="tiles only, no full-image pass")
+    add_flag(slicing, "slice_overlap", type=float, default=0.2, help="tile overlap fraction (default 0.2)")
+    add_flag(slicing, "slice_merge", choices=["nms", "wbf"], default="nms", help="merge method (default nms)")
+    add_flag(slicing, "slice_no_full_image", action="store_true", help="tiles only, no full-image pass")
     predict_parser.set_defaults(func=_predict)
 
     export_parser = commands.add_parser(
@@ -383,21 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(B, 3, H, W) as the image processor makes them and pixel_mask (B, H, W); outputs logits and pred_boxes. "
         "See align_detr_hf/export_align_detr.py for the preprocessing steps a consumer must do.",
     )
-    export_parser.add_argument("--model", required=True, help="model folder (save_pretrained / convert) or Hub id")
-    export_parser.add_argument("--output", required=True, help="the .onnx file to write (its folder must exist)")
-    export_parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
-    export_parser.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU runtimes)")
-    export_parser.add_argument(
-        "--with-postprocess",
+    add_flag(export_parser, "model_name_or_path", required=True, aliases=["model"],
+             help="model folder (save_pretrained / convert) or Hub id")
+    add_flag(export_parser, "output", required=True, help="the .onnx file to write (its folder must exist)")
+    add_flag(export_parser, "opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
+    add_flag(export_parser, "fp16", action="store_true", help="float16 weights and inputs (for GPU runtimes)")
+    add_flag(
+        export_parser,
+        "with_postprocess",
         action="store_true",
         help="also take target_sizes (B, 2) = original (height, width) and return top-k scores, labels and "
         "boxes (xyxy pixels)",
     )
-    export_parser.add_argument("--top-k", type=int, default=300, help="detections per image with --with-postprocess")
-    export_parser.add_argument(
-        "--overwrite", action="store_true", help="replace an --output file that an earlier export did not write (or "
-        "that was changed since), and allow writing inside the model folder"
-    )
+    add_flag(export_parser, "top_k", type=int, default=300, help="detections per image with --with_postprocess")
+    add_flag(export_parser, "overwrite", action="store_true",
+             help="replace an --output file that an earlier export did not write (or that was changed since), and "
+             "allow writing inside the model folder")
     export_parser.set_defaults(func=_export)
 
     # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help

@@ -249,6 +249,15 @@ def expected_sha256_prefix(path_or_url: str) -> str | None:
     return sha256_prefix_from_name(path_or_url)
 
 
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_zip_integrity(path: str) -> None:
     """torch.save files are zip archives with a CRC-32 per entry, which torch.load does not check: flipped bytes in
     the tensor data would load silently. Verify every entry's CRC (one read of the file, like the sha256 check)."""
@@ -312,13 +321,10 @@ def load_checkpoint_and_meta(
         raise FileNotFoundError(f"No checkpoint at {path}.")
     _check_checkpoint_bytes(path)
     if prefix is not None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        if not digest.hexdigest().startswith(prefix):
+        digest = file_sha256(path)
+        if not digest.startswith(prefix):
             raise ConversionError(
-                f"{path}: sha256 {digest.hexdigest()[:8]}... does not match the prefix {prefix} in its name "
+                f"{path}: sha256 {digest[:8]}... does not match the prefix {prefix} in its name "
                 "(truncated or corrupted download?)."
             )
     _check_zip_integrity(path)
@@ -413,9 +419,12 @@ def convert_checkpoint(
         model.save_pretrained(staging)  # with our code and auto_map (align_detr_hf.hub)
         processor.save_pretrained(staging)
         layout = mmdet_names(state_dict)[1]
+        entry = _zoo_entry(str(checkpoint), layout)
+        local = _download(str(checkpoint)) if re.match(r"https?://", str(checkpoint)) else str(checkpoint)
         card = model_card_fields(
-            _zoo_entry(str(checkpoint), layout), model.config, str(checkpoint), model_name=push_to_hub, layout=layout,
+            entry, model.config, str(checkpoint), model_name=push_to_hub, layout=layout,
             iteration=(meta or {}).get("iteration") if layout == "detrex" else None,
+            sha256=file_sha256(local) if entry is not None else None,  # is it the release its name suggests?
         )  # fmt: skip
         write_model_card(staging, **card)
         if verify:

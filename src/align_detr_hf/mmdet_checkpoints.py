@@ -282,13 +282,28 @@ def checkpoint_code(entry: ZooEntry | None, layout: str, loss_type: str) -> str:
     return "mmdetection"
 
 
+def published_sha256_prefix(entry: ZooEntry) -> str | None:
+    """The sha256 prefix mmdetection puts in its released file names (`<config>_<date>-<8 hex digits>.pth`)."""
+    match = re.search(r"-([0-9a-f]{8})\.pth$", os.path.basename(urllib.parse.urlparse(entry.url or "").path))
+    return match.group(1) if match else None
+
+
 def model_card_fields(
     entry: ZooEntry | None, config, source: str | None, model_name: str | None = None, layout: str = "mmdetection",
-    iteration: int | None = None,
+    iteration: int | None = None, sha256: str | None = None,
 ) -> dict:  # fmt: skip
     """Keyword arguments of `hub.write_model_card` for a folder converted from `source` (a zoo entry if known);
     `model_name` is the Hub id when the folder is pushed (the card's usage snippet loads it). `layout` is the
-    checkpoint's key layout (`"mmdetection"` or `"detrex"`), `iteration` what a detectron2 checkpoint records."""
+    checkpoint's key layout (`"mmdetection"` or `"detrex"`), `iteration` what a detectron2 checkpoint records.
+
+    A file name only suggests a zoo entry: the card names the entry and gives its published AP as this model's
+    only when `source` is the entry's download URL or `sha256` (the file's) starts with the sha256 prefix of the
+    entry's published file."""
+    prefix = published_sha256_prefix(entry) if entry is not None else None
+    downloaded = entry is not None and entry.url is not None and source == entry.url  # fetched from the release
+    is_release = downloaded or (prefix is not None and sha256 is not None and sha256.startswith(prefix))
+    named_like = None if is_release else entry
+    entry = entry if is_release else None
     loss = "Align-DETR" if config.loss_type == "align_detr" else "DINO"
     backbone = entry.backbone if entry else config.backbone_config.model_type
     code = checkpoint_code(entry, layout, config.loss_type)
@@ -313,6 +328,14 @@ def model_card_fields(
     if entry is not None and entry.box_ap is not None:
         reports = {"mmdetection": "mmdetection reports", "official": "The authors report", "detrex": "detrex reports"}
         description += f" {reports[code]} {entry.box_ap} box AP on COCO val2017 for it ({entry.epochs} epochs)."
+    elif named_like is not None and named_like.box_ap is not None:
+        description += (
+            f" Its file name matches `{named_like.name}`, for which {CODES[named_like.code][1]} reports "
+            f"{named_like.box_ap} box AP on COCO val2017, but its sha256 "
+            + ("does not match the published file's" if published_sha256_prefix(named_like) else
+               "cannot be checked (no published checksum)")
+            + ", so that figure is not claimed for these weights."
+        )
     elif code == "official":
         description += (
             " The authors report 50.3 / 51.4 box AP on COCO val2017 for their released R-50 checkpoints (12 / 24 "
