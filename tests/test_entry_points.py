@@ -119,7 +119,7 @@ def test_the_scripts_and_cli_take_old_spellings_with_a_note(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["convert", "--checkpoint", "c.pth", "--output-dir", "o", "--overwrite"])
     assert args.output_dir == "o" and args.overwrite_output_dir is True
-    assert "--overwrite is deprecated; use --overwrite_output_dir" in capsys.readouterr().err
+    assert "deprecated" not in capsys.readouterr().err  # every writer takes --overwrite, the refusals name it
     args = parser.parse_args(["predict", "x.png", "--model", "m", "--output", "out", "--top-k", "3"])
     assert (args.model_name_or_path, args.output_dir, args.top_k) == ("m", "out", 3)
     assert "--output is deprecated; use --output_dir" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from align_detr_hf.cli import main as cli  # noqa: E402
 
 SIZE = {"shortest_edge": 64, "longest_edge": 96}
 # a demo that trains 1 step on 2 tiny images: the folder handling is what is tested
-FAST_DEMO = ["--quiet", "--num_train_images", "2", "--num_val_images", "1", "--steps", "1", "--image_size", "64",
+FAST_DEMO = ["--quiet", "--num_train_images", "2", "--num_val_images", "1", "--max_steps", "1", "--image_size", "64",
              "--d_model", "64", "--num_queries", "3", "--threads", "1"]
 
 
@@ -295,7 +295,7 @@ class PredictWriter:
         return self.model_dir / "predictions" if name == "in_input_folder" else root / "out"
 
     def run(self, location, overwrite):
-        cli(["predict", *map(str, self.images), "--model", str(self.model_dir), "--output", str(location),
+        cli(["predict", *map(str, self.images), "--model", str(self.model_dir), "--output_dir", str(location),
              "--threshold", "0", "--top-k", "2"] + ["--overwrite"] * overwrite)  # fmt: skip
 
     def check(self, location):
