@@ -1019,6 +1019,31 @@ def test_predict_with_a_config_that_does_not_fit_the_weights_ends_in_one_error_l
     assert not ctx.path("out").exists()
 
 
+def test_ctrl_c_mid_write_ends_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the converted folder is being staged: exit status 130, one line, no staging folder left, no
+    output folder, and the next run writes it."""
+    import align_detr_hf.convert_align_detr as convert
+
+    checkpoint = tmp_path / "ckpt.pth"
+    checkpoint.write_bytes(b"x")
+
+    def interrupted(*args, **kwargs):
+        from align_detr_hf.file_io import atomic_directory
+
+        with atomic_directory(tmp_path / "out", "align-detr convert") as staging:
+            (staging / "config.json").write_text("{}")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "convert_checkpoint", interrupted)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["convert", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "align-detr convert: interrupted (Ctrl-C); outputs not finished were not written."]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]
+
+
 # ------------------------------------------------------------------------------------------------ the tests
 
 

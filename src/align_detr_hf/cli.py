@@ -266,6 +266,8 @@ def _demo(argv: list[str]) -> None:
 
     try:
         result = demo.main(argv)
+    except KeyboardInterrupt:
+        _interrupted("demo")
     except (OutputPathError, OSError) as error:  # e.g. the disk filled up while writing outputs
         print(f"align-detr demo: error: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
@@ -396,6 +398,15 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:  # bad input or a file-system refusal: one line, no traceback
         print(f"align-detr {args.command}: error: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
+    except KeyboardInterrupt:
+        _interrupted(args.command)
+
+
+def _interrupted(command: str) -> None:
+    """Ctrl-C: one line and the shell's exit status for SIGINT. Writes are atomic (file_io): an output is either
+    complete or absent, and staging folders are removed on the way out."""
+    print(f"align-detr {command}: interrupted (Ctrl-C); outputs not finished were not written.", file=sys.stderr)
+    raise SystemExit(130)
 
 
 def _one_line(error: BaseException) -> str:
