@@ -921,6 +921,129 @@ def valid_folder(ctx):
     return _predict(ctx, _model_folder(ctx))
 
 
+# ------------------------------------------------------------------------------------------------ cli paths and flags
+# Output paths and flags as users type them (the second probe's new cases): an empty value (`--output "$UNSET"`), a
+# file path written as a folder ("new/"), a device that cannot compute, an output that is one of the model's own
+# files even with --overwrite. Each is one line and exit code 2, with nothing written.
+
+
+def _written_nothing(ctx, action, *paths):
+    def run():
+        before = {p: p.read_bytes() if p.is_file() else p.exists() for p in paths}
+        try:
+            action()
+        finally:
+            assert before == {p: p.read_bytes() if p.is_file() else p.exists() for p in paths}
+
+    return run
+
+
+@case("cli_paths", Exit(r"align-detr predict: error: --output is empty"))
+def predict_output_empty(ctx):
+    folder = _model_folder(ctx)
+    return lambda: cli_main(["predict", str(ctx.path("cat.png")), "--model", str(folder), "--output_dir", "",
+                             "--device", "cpu"])  # fmt: skip
+
+
+@case("cli_paths", Exit(r"align-detr predict: error: --model is empty"))
+def predict_model_empty(ctx):
+    _model_folder(ctx)
+    return lambda: cli_main(["predict", str(ctx.path("cat.png")), "--model", "", "--output_dir", str(ctx.path("out"))])
+
+
+@case("cli_paths", Exit(r"align-detr predict: error: --device meta: cannot run a model there"))
+def predict_on_the_meta_device(ctx):
+    folder = _model_folder(ctx)
+    return lambda: cli_main(["predict", str(ctx.path("cat.png")), "--model", str(folder), "--output",
+                             str(ctx.path("out")), "--device", "meta"])  # fmt: skip
+
+
+@case("cli_paths", Exit(r"align-detr convert: error: refused to write an output at an empty path"))
+def convert_output_dir_empty(ctx):
+    checkpoint = ctx.file("ckpt.pth", b"not read")
+    return lambda: cli_main(["convert", "--checkpoint", str(checkpoint), "--output-dir", ""])
+
+
+@case("cli_paths", Exit(r"align-detr export: error: refused to write .*new/: it ends with a path separator"))
+def export_output_written_as_a_folder(ctx):
+    folder = _model_folder(ctx)
+    action = lambda: cli_main(["export", "--model", str(folder), "--output", str(ctx.path("new")) + "/"])  # noqa
+    return _written_nothing(ctx, action, ctx.path("new"))
+
+
+@case("cli_paths", Exit(r"align-detr export: error: refused to write .*model/config\.json: it is the input"))
+def export_over_the_models_config_even_with_overwrite(ctx):
+    folder = _model_folder(ctx)
+    action = lambda: cli_main(["export", "--model", str(folder), "--output", str(folder / "config.json"),  # noqa
+                               "--overwrite"])  # fmt: skip
+    return _written_nothing(ctx, action, folder / "config.json")
+
+
+@case("cli_paths", Exit(r"align-detr export: error: refused to write .*model/model\.safetensors: it is the input"))
+def export_over_the_models_weights_even_with_overwrite(ctx):
+    folder = _model_folder(ctx)
+    action = lambda: cli_main(["export", "--model", str(folder), "--output", str(folder / "model.safetensors"),  # noqa
+                               "--overwrite"])  # fmt: skip
+    return _written_nothing(ctx, action, folder / "model.safetensors")
+
+
+@case("cli_paths", Ok(lambda result, ctx: sorted(p.name for p in ctx.path("model").iterdir()).count(
+    "detections.json") == 1))
+def predict_into_the_model_folder_with_overwrite_writes_beside_its_files(ctx):
+    folder = _model_folder(ctx)
+    return lambda: cli_main(["predict", str(ctx.path("cat.png")), "--model", str(folder), "--output_dir", str(folder),
+                             "--no-draw", "--device", "cpu", "--overwrite"])  # fmt: skip
+
+
+@case("cli_paths", Ok(lambda result, ctx: ctx.path("out dir ü/detections.json").is_file()))
+def predict_output_with_spaces_unicode_and_trailing_slash(ctx):
+    folder = _model_folder(ctx)
+    return lambda: cli_main(["predict", str(ctx.path("cat.png")), "--model", str(folder), "--output",
+                             str(ctx.path("out dir ü")) + "/", "--no-draw", "--device", "cpu"])  # fmt: skip
+
+
+def test_predict_with_a_config_that_does_not_fit_the_weights_ends_in_one_error_line(tmp_path, capsys):
+    """A hand-edited config.json (num_feature_levels 4 -> 7) makes transformers print its load report and raise a
+    RuntimeError: the command ends with one error line naming the folder, not a traceback."""
+    ctx = Ctx(tmp_path, capsys, None)
+    folder = _model_folder(ctx)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, "num_feature_levels": 7}))
+    with pytest.raises(SystemExit) as info:
+        _predict(ctx, folder)()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert re.match(r"align-detr predict: error: could not load the model .*model: its config\.json and weights do "
+                    r"not fit together", last), last
+    assert not ctx.path("out").exists()
+
+
+def test_ctrl_c_mid_write_ends_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the converted folder is being staged: exit status 130, one line, no staging folder left, no
+    output folder, and the next run writes it."""
+    import align_detr_hf.convert_align_detr as convert
+
+    checkpoint = tmp_path / "ckpt.pth"
+    checkpoint.write_bytes(b"x")
+
+    def interrupted(*args, **kwargs):
+        from align_detr_hf.file_io import atomic_directory
+
+        with atomic_directory(tmp_path / "out", "align-detr convert") as staging:
+            (staging / "config.json").write_text("{}")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "convert_checkpoint", interrupted)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["convert", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "align-detr convert: interrupted (Ctrl-C); outputs not finished were not written."]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]
+
+
 # ------------------------------------------------------------------------------------------------ the tests
 
 

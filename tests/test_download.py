@@ -164,6 +164,26 @@ def test_cut_short_response_is_an_error_and_a_retry_works_once_the_server_is_goo
     assert cache_entries(private_cache) == [path.name]
 
 
+@pytest.mark.parametrize("page, message", [
+    (b"<html><body>Sign in</body></html>", r"the file is HTML \(an error page saved instead of the file\?\)"),
+    (b"", r"the file is empty \(0 bytes\)"),
+])
+def test_an_error_page_served_as_the_checkpoint_is_not_cached_and_a_retry_asks_again(server, private_cache, page,
+                                                                                     message):
+    """A server (a login wall, a proxy) answers 200 with an HTML page or nothing: the conversion fails naming the URL,
+    the page is not cached, and once the server serves the file the same command works."""
+    from align_detr_hf.convert_align_detr import load_checkpoint
+
+    server.routes["/m.pth"] = ("ok", page)
+    url = server.url("/m.pth")
+    with pytest.raises(DownloadError, match=rf"^cannot download {re.escape(url)}: {message}.*; nothing was kept\.$"):
+        load_checkpoint(url)
+    assert cache_entries(private_cache) == []
+    server.routes["/m.pth"] = ("ok", torch_bytes({"w": torch.ones(2)}))
+    assert torch.equal(load_checkpoint(url)["w"], torch.ones(2))
+    assert server.hits == ["/m.pth", "/m.pth"]
+
+
 def test_swapped_server_two_urls_two_files_and_a_changed_file_with_a_sha_is_refused(server, private_cache):
     first, second = b"first model", b"second model"
     server.routes["/a/model.pth"] = ("ok", first)

@@ -134,6 +134,40 @@ def test_claim_output_rule(tmp_path):
         claim_output(link, "w", inputs=[mine])
 
 
+@pytest.mark.parametrize("path, folder, message", [
+    ("", False, r"empty path"),  # `--output "$UNSET"`: never the current directory
+    (" ", True, r"empty path"),
+    ("new/", False, r"ends with a path separator"),  # a file output written as a folder: Path() drops the slash
+])
+def test_claim_output_refuses_paths_that_do_not_say_what_they_name(path, folder, message):
+    from align_detr_hf.file_io import OutputPathError, check_output_folder, claim_output
+
+    with pytest.raises(OutputPathError, match=message):
+        claim_output(path, "w", folder=folder)
+    if not path.strip():
+        with pytest.raises(OutputPathError, match=r"--output is empty"):
+            check_output_folder(path, "--output")
+
+
+def test_the_files_a_model_is_loaded_from_are_never_outputs(tmp_path):
+    """Writing inside a model folder needs overwrite; replacing a file loading reads (weights, config, code) is refused
+    even then: the model would be gone."""
+    from align_detr_hf.file_io import OutputPathError, claim_output, model_input_folders
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_x.py", "notes.txt"):
+        (model / name).write_text("x")
+    inputs = model_input_folders(model)
+    assert {p.name for p in inputs} == {"model", "config.json", "model.safetensors", "preprocessor_config.json",
+                                        "modeling_x.py"}
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_x.py"):
+        with pytest.raises(OutputPathError, match=r"it is the input"):
+            claim_output(model / name, "w", overwrite=True, inputs=inputs)
+    assert claim_output(model / "notes.txt", "w", overwrite=True, inputs=inputs) == model / "notes.txt"
+    assert claim_output(model / "model.onnx", "w", overwrite=True, inputs=inputs) == model / "model.onnx"
+
+
 def test_folder_claim_names_what_is_not_ours(tmp_path):
     from align_detr_hf.file_io import OutputPathError, claim_output, record_output
 

@@ -61,6 +61,8 @@ def _load_model(model: str, device: str):
 
     from .image_processing_align_detr import AlignDetrImageProcessor
 
+    if not model.strip():
+        raise ValueError("--model is empty; give a model folder or a Hub id.")
     local = Path(model).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -81,6 +83,10 @@ def _load_model(model: str, device: str):
     try:
         config = AutoConfig.from_pretrained(source)
         detector = AutoModelForObjectDetection.from_pretrained(source, config=config)
+    except (RuntimeError, TypeError) as error:  # e.g. a hand-edited config.json whose shapes the weights do not fit
+        where = local.resolve() if local.is_dir() else f"'{model}'"
+        raise ValueError(f"could not load the model {where}: its config.json and weights do not fit together or "
+                         f"config.json is malformed ({type(error).__name__}: {_one_line(error)})") from error
     except ValueError as error:
         if config is not None:
             raise
@@ -183,9 +189,11 @@ def predict(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except RuntimeError as error:
         raise ValueError(f"--device {device}: not a valid torch device (use cpu or cuda[:N]).") from error
+    if kind not in ("cpu", "cuda", "mps", "xpu"):  # e.g. meta: no data to compute with
+        raise ValueError(f"--device {device}: cannot run a model there (use cpu or cuda[:N]).")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False).")
 
@@ -289,6 +297,8 @@ def _demo(argv: list[str]) -> None:
 
     try:
         result = demo.main(argv)
+    except KeyboardInterrupt:
+        _interrupted("demo")
     except (OutputPathError, OSError) as error:  # e.g. the disk filled up while writing outputs
         print(f"align-detr demo: error: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
@@ -304,7 +314,7 @@ def _export(args: argparse.Namespace) -> None:
     from .file_io import claim_output, model_input_folders
 
     # before loading anything (export_onnx checks again with the loaded model's folder)
-    claim_output(Path(args.output).expanduser(), WRITER, overwrite=args.overwrite,
+    claim_output(os.path.expanduser(args.output), WRITER, overwrite=args.overwrite,
                  inputs=model_input_folders(args.model_name_or_path))
     model = load_for_export(args.model_name_or_path)
     path = export_onnx(
@@ -443,6 +453,15 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:  # bad input or a file-system refusal: one line, no traceback
         print(f"align-detr {args.command}: error: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
+    except KeyboardInterrupt:
+        _interrupted(args.command)
+
+
+def _interrupted(command: str) -> None:
+    """Ctrl-C: one line and the shell's exit status for SIGINT. Writes are atomic (file_io): an output is either
+    complete or absent, and staging folders are removed on the way out."""
+    print(f"align-detr {command}: interrupted (Ctrl-C); outputs not finished were not written.", file=sys.stderr)
+    raise SystemExit(130)
 
 
 def _one_line(error: BaseException) -> str:

@@ -274,12 +274,13 @@ def _check_zip_integrity(path: str) -> None:
         )
 
 
-def _check_checkpoint_bytes(path: str) -> None:
+def _check_checkpoint_bytes(path: str, name: str | None = None) -> None:
     """Name the obvious non-checkpoints (empty file, text or HTML such as an error page saved as .pth) before
-    torch.load gives an unpickling error whose allow_pickle hint cannot help."""
+    torch.load gives an unpickling error whose allow_pickle hint cannot help. `name`: how messages call the file."""
     size = os.path.getsize(path)
+    shown = name or path
     if size == 0:
-        raise ConversionError(f"{path} is empty (0 bytes): not a checkpoint (interrupted download?).")
+        raise ConversionError(f"{shown} is empty (0 bytes): not a checkpoint (interrupted download?).")
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(b"PK") or head.startswith(b"\x80"):  # zip (torch >= 1.6) or a pickle (legacy torch.save)
@@ -292,7 +293,7 @@ def _check_checkpoint_bytes(path: str) -> None:
         html = "<html" in text.lower() or "<!doctype" in text.lower()
         kind = "HTML (an error page saved instead of the file?)" if html else "text"
         preview = text.strip().splitlines()[0][:60] if text.strip() else ""
-        raise ConversionError(f"{path} is {kind}, not a torch checkpoint ({size} bytes, starts with {preview!r}).")
+        raise ConversionError(f"{shown} is {kind}, not a torch checkpoint ({size} bytes, starts with {preview!r}).")
 
 
 def _check_not_wrapped(path: str, state_dict: dict) -> None:
@@ -316,7 +317,9 @@ def load_checkpoint_and_meta(
     """`load_checkpoint`, and mmdetection's `meta` (training config text, dataset info) when the file has one."""
     path, prefix = str(path_or_url), expected_sha256_prefix(path_or_url)
     if is_url(path):  # the one download path: cached per user by URL, complete or not at all, sha256 checked
-        path, prefix = str(download(path, sha256=prefix)), None
+        # an error page served as the file is refused before it is cached, so a retry asks the server again
+        check = lambda file: _check_checkpoint_bytes(str(file), name="the file")  # noqa: E731
+        path, prefix = str(download(path, sha256=prefix, check=check)), None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint at {path}.")
     _check_checkpoint_bytes(path)

@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["DownloadError", "cache_folder", "cached_path", "download", "is_url", "sha256_prefix_from_name"]
@@ -97,12 +98,15 @@ def download(
     deadline_s: float = DEADLINE_S,
     refresh: bool = False,
     what: str = "",
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Fetch `url` into the cache (or reuse its complete entry) and return the local path.
 
     `sha256`: the expected digest or a prefix of it (at least 8 hex digits); the file is refused (and not kept) if it
     differs. `deadline_s`: the whole download must end within it. `what` names the kind of file in messages
-    ("image "). Raises `DownloadError`.
+    ("image "). `check(path)` raises `ValueError` for content that is complete but not what was asked for (an HTML
+    error page served with status 200, an empty body): such a file is never cached, and a cached entry that fails it
+    is fetched again. Raises `DownloadError`.
     """
     url = str(url)
     if not is_url(url):
@@ -112,9 +116,9 @@ def download(
     expected = sha256.lower() if sha256 else None
     target = cached_path(url)
     if target.is_file() and not refresh:
-        if expected is None or _sha256(target).startswith(expected):
+        if (expected is None or _sha256(target).startswith(expected)) and _passes(check, target):
             return target
-        target.unlink()  # a damaged or altered entry: fetched again
+        target.unlink()  # a damaged, altered or unusable entry: fetched again
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)  # 0600
     temp = Path(temp_name)
     try:
@@ -127,10 +131,23 @@ def download(
                 f"cannot download {what}{url}: its sha256 {digest[:16]}... does not match the expected {expected} "
                 "(a changed or corrupted file); nothing was kept."
             )
+        if check is not None:
+            try:
+                check(temp)
+            except ValueError as error:
+                raise DownloadError(f"cannot download {what}{url}: {str(error).rstrip('.')}; nothing was kept.") from error
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
     return target
+
+
+def _passes(check: Callable[[Path], None] | None, path: Path) -> bool:
+    try:
+        check is None or check(path)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ the transfer

@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 MANIFEST_NAME = ".align_detr_manifest.json"
+_SEPARATORS = tuple({os.sep, os.altsep or os.sep})
+# the files `from_pretrained` reads from a model folder: inputs that no output may replace, even with `overwrite`
+_MODEL_FILE_PATTERNS = ("config.json", "preprocessor_config.json", "generation_config.json", "*.safetensors",
+                        "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.py")
 _OVERWRITE_HINT = "pass --overwrite (overwrite=True) to replace it"
 
 
@@ -180,6 +184,10 @@ def claim_output(
     `overwrite`; a file in place of a folder or the reverse; a folder that is the file-system root or holds the
     current directory. Returns `Path(path)`.
     """
+    if not str(path).strip():
+        raise OutputPathError("refused to write an output at an empty path; give a file or folder name.")
+    if not folder and str(path).endswith(_SEPARATORS):  # "out/" names a folder; Path() would drop the slash
+        raise OutputPathError(f"refused to write {path}: it ends with a path separator (a folder); give a file name.")
     path = Path(path)
     _check_inputs(path, inputs, overwrite, folder)
     for parent in path.parents:
@@ -216,13 +224,15 @@ def claim_output(
 
 
 def model_input_folders(name_or_path: str | os.PathLike | None) -> tuple[Path, ...]:
-    """The folders a command reads a model from, as `inputs` of [`claim_output`]: a local model folder, or for a Hub
-    id the Hugging Face cache that holds its files."""
+    """The folders a command reads a model from, as `inputs` of [`claim_output`]: a local model folder and the files
+    of it that loading reads (config, weights, code: never replaced, even with `overwrite`), or for a Hub id the
+    Hugging Face cache that holds its files."""
     if not name_or_path:
         return ()
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        return (local,)
+        files = sorted({file for pattern in _MODEL_FILE_PATTERNS for file in local.glob(pattern) if file.is_file()})
+        return (local, *files)
     from huggingface_hub import constants
 
     return (Path(constants.HF_HUB_CACHE),)
@@ -272,6 +282,8 @@ def _finish_tree(root: Path) -> None:
 def check_output_folder(folder: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
     """Create `folder` (and parents) if needed; raise `OutputPathError` if it is a file or not writable.
     With `create=False` only check that it could be created and written (nothing is made on disk)."""
+    if not str(folder).strip():
+        raise OutputPathError(f"{what} is empty; give a folder name.")
     folder = Path(folder)
     for part in (folder, *folder.parents):
         if part.exists():
