@@ -142,3 +142,18 @@ def test_report_folder_must_be_new_or_empty(case, tmp_path):
         check_report_folder(root, inputs=(root / "data",))
     with pytest.raises(OutputPathError, match="is inside the input folder"):
         check_report_folder(root / "data" / "evaluation", inputs=(root / "data",))
+
+
+def test_model_card_links_the_pictures(case, tmp_path):
+    from align_detr_hf.hub import write_model_card
+
+    dataset, evaluator, _, _ = case
+    write_model_card(tmp_path / "plain")
+    assert "What the model gets wrong" not in (tmp_path / "plain" / "README.md").read_text()
+    write_evaluation_report(tmp_path / "final" / "evaluation", evaluator, dataset)
+    card = write_model_card(tmp_path / "final", metrics=evaluator.metrics)
+    text = (tmp_path / "final" / "README.md").read_text()
+    assert text == str(card)
+    assert "## What the model gets wrong" in text and "(evaluation/report.md)" in text
+    for name in ("per_class_ap.png", "pr_curves.png", "confusion.png", "worst_images.png"):
+        assert f"](evaluation/{name})" in text
