@@ -17,8 +17,9 @@ model's 900 x 80 logits that `Trainer` otherwise holds for the whole evaluation 
   label; label -1 where the score is not above `threshold`); with `batch_eval_metrics=True` each batch is added to
   the evaluator as it comes and the metrics are computed on the last one. It also works without
   `batch_eval_metrics` (then Trainer keeps the small packed tensors) and without `preprocess_logits_for_metrics`
-  (then each batch's raw outputs are post-processed when they arrive, as [`build_compute_metrics`] does). With
-  several processes, pass `eval_use_gather_object=True` (the labels of a detection batch differ in size per process).
+  (then each batch's raw outputs are post-processed when they arrive, as [`build_compute_metrics`] does). The packed
+  tensors have the same shape on every process, so several processes gather them as tensors (checked with torchrun,
+  2 CPU processes).
 - [`evaluate_loader`]: the same for any loop (the Accelerate script), gathering across processes.
 
 The numbers are those of [`build_compute_metrics`] on the same predictions, to the last digit (tested): the same
@@ -56,11 +57,13 @@ def pack_detections(
         {"logits": logits, "pred_boxes": pred_boxes}, threshold=threshold, target_sizes=target_sizes, top_k=top_k
     )
     k = min(top_k, logits.shape[1] * logits.shape[2])
-    packed = torch.full((len(detections), k, PACKED_WIDTH), -1.0, dtype=torch.float64, device=logits.device)
-    packed[..., 0] = torch.as_tensor(image_ids, device=logits.device).reshape(-1, 1).double()
+    device = logits.device if logits.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+    packed = torch.full((len(detections), k, PACKED_WIDTH), -1.0, dtype=torch.float64, device=device)
+    packed[..., 0] = torch.as_tensor(image_ids).reshape(-1, 1).to(device=device, dtype=torch.float64)
     for rows, det in zip(packed, detections):
         n = len(det["scores"])
-        rows[:n, 1:5], rows[:n, 5], rows[:n, 6] = det["boxes"].double(), det["scores"].double(), det["labels"].double()
+        for columns, key in ((slice(1, 5), "boxes"), (5, "scores"), (6, "labels")):
+            rows[:n, columns] = det[key].to(device, torch.float64)
     return packed
 
 
