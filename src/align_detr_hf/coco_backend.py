@@ -35,7 +35,7 @@ def resolve_backend(backend: str | None = "auto") -> str:
     if backend == "auto":
         installed = available_backends()
         if not installed:
-            raise ImportError("COCO evaluation needs pycocotools (a dependency of align-detr-hf): pip install pycocotools")
+            raise ImportError("COCO evaluation needs pycocotools (a dependency): pip install pycocotools")
         return installed[0]
     if backend not in BACKENDS:
         raise ValueError(f"COCO backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}.")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .evaluation_analysis import analyse_errors, per_class_ap
+from .evaluation_analysis import analyse_errors, category_names, per_class_ap
 from .file_io import OutputPathError, atomic_file, atomic_write_text
 from .visualize import _font, class_colour, draw_detections
 
@@ -147,7 +147,8 @@ def draw_pr_curves(evaluator: Any, rows: list[dict]) -> Image.Image:
     recalls = np.asarray(params["recThrs"]) if params else np.linspace(0, 1, 101)
     for i, cat_id in enumerate(cat_ids):
         row = names.get(int(cat_id), {"name": str(cat_id), "ap": None})
-        box = ((i % cols) * panel_w, top + (i // cols) * panel_h, (i % cols + 1) * panel_w, top + (i // cols + 1) * panel_h)
+        x0, y0 = (i % cols) * panel_w, top + (i // cols) * panel_h
+        box = (x0, y0, x0 + panel_w, y0 + panel_h)
         curves = []
         if evaluator.precision is not None and row["ap"] is not None:
             precision = evaluator.precision[:, :, i, 0, -1]  # T x R: all areas, largest maxDets
@@ -260,7 +261,7 @@ def draw_worst_images(evaluator: Any, analysis: dict, dataset: Any, num: int = 8
     worst = analysis["worst"][:num]
     if not worst:
         return None
-    names = {int(c["id"]): str(c.get("name", c["id"])) for c in evaluator.coco_gt.loadCats(evaluator.coco_gt.getCatIds())}
+    names = category_names(evaluator.coco_gt)
     label2id: dict[str, int] = {}
     for cat_id, name in names.items():
         label2id[name] = cat_id
