@@ -125,3 +125,34 @@ def test_refusals_are_one_line(model_dir, tmp_path, capsys, case):
     if case == "non-empty-output":
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not (model_dir / "evaluation").exists()
+
+
+def test_same_detections_as_the_demo_evaluation(model_dir, tmp_path):
+    """The command's path (the saved image processor) gives the detections of the training scripts' evaluation (the
+    dataset's eval transforms, `collate_fn`) on the demo's validation images: every top-100 box, score and label."""
+    import numpy as np
+
+    from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor
+    from align_detr_hf.data import build_eval_transforms, collate_fn, load_coco_folder
+    from align_detr_hf.evaluate_command import evaluate_detector
+    from align_detr_hf.evaluation_streaming import StreamingCocoEvaluator, evaluate_loader
+
+    model = AlignDetrForObjectDetection.from_pretrained(model_dir)
+    annotation = generate_shapes_dataset(tmp_path / "val", 6, 64, seed=10_000, classes=("circle", "square",
+                                                                                     "triangle"))
+    val_set = load_coco_folder(annotation, transforms=build_eval_transforms(scale=64 / 800))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=4, collate_fn=collate_fn)
+    expected = evaluate_loader(model, loader, StreamingCocoEvaluator(val_set.coco_ground_truth()))
+    result = evaluate_detector(model, AlignDetrImageProcessor.from_pretrained(model_dir), load_coco_folder(annotation),
+                               tmp_path / "out", batch_size=3)
+    assert result["metrics"] == expected.metrics
+    assert result["evaluator"].detections.keys() == expected.detections.keys()
+    # other batch compositions round the same sums differently (conftest's float32 noise): a few float32 steps of
+    # the values' scale (64 px boxes, scores <= 1); the order and the labels are the same
+    eps = float(np.finfo(np.float32).eps)
+    for image_id, rows in expected.detections.items():
+        ours = result["evaluator"].detections[image_id]
+        assert rows.shape == ours.shape == (36, 6)  # 12 queries x 3 classes
+        np.testing.assert_allclose(ours[:, :4], rows[:, :4], rtol=0, atol=64 * eps * 64)
+        np.testing.assert_allclose(ours[:, 4], rows[:, 4], rtol=0, atol=64 * eps)
+        np.testing.assert_array_equal(ours[:, 5], rows[:, 5])

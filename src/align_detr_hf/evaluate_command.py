@@ -149,7 +149,7 @@ def evaluate_detector(
     num_worst: int = 8, backend: str = "auto", overwrite: bool = False, progress: Any = None,
 ) -> dict:
     """COCO metrics of `model` on `dataset` and the report of [`write_evaluation_report`] in `output_dir`.
-    Returns {"metrics", "files", "num_images"}."""
+    Returns {"metrics", "files", "num_images", "evaluator"} (the [`StreamingCocoEvaluator`], with the detections)."""
     check_report_folder(Path(output_dir), overwrite)
     columns = class_columns(model.config.id2label, dataset.id2label)
     scored = model if columns is None else _DataClasses(model, columns)
@@ -165,7 +165,7 @@ def evaluate_detector(
     files = write_evaluation_report(output_dir, evaluator, dataset, title=title, score_threshold=score_threshold,
                                     num_worst=num_worst, overwrite=overwrite)
     return {"metrics": evaluator.metrics, "files": {name: str(path) for name, path in files.items()},
-            "num_images": len(dataset)}
+            "num_images": len(dataset), "evaluator": evaluator}
 
 
 def summary_line(result: dict) -> str:
