@@ -42,11 +42,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 import align_detr_hf  # noqa: F401  (registers the Auto classes)
-from align_detr_hf import AlignDetrImageProcessor
 from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import (
     build_eval_transforms,
@@ -56,8 +55,9 @@ from align_detr_hf.data import (
     default_num_workers,
     load_train_val_datasets,
 )
-from align_detr_hf.evaluation import coco_summary
 from align_detr_hf.flags import add_deprecated_alias, document_flags
+from align_detr_hf.evaluation_report import write_evaluation_report
+from align_detr_hf.evaluation_streaming import StreamingCocoEvaluator, evaluate_loader
 from align_detr_hf.hub import push_folder_to_hub, training_card_kwargs, write_model_card
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
@@ -199,36 +199,11 @@ class NormaliserRecorder:
         self.model.loss_function = None  # the model's own loss again
 
 
-@torch.no_grad()
-def evaluate(accelerator, model, loader, coco_gt, top_k=100):
-    processor = AlignDetrImageProcessor(do_resize=False)
-    model.eval()
-    per_image = []
-    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
-        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-        sizes = [tuple(int(v) for v in t["orig_size"].tolist()) for t in batch["labels"]]
-        outputs = {"logits": outputs.logits.float().cpu(), "pred_boxes": outputs.pred_boxes.float().cpu()}
-        detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes, top_k=top_k)
-        for target, det in zip(batch["labels"], detections):
-            image_id = int(target["image_id"].item())
-            per_image.append(
-                (image_id, [
-                    {"image_id": image_id, "category_id": int(label), "score": float(score),
-                     "bbox": [x0, y0, x1 - x0, y1 - y0]}
-                    for score, label, (x0, y0, x1, y1) in zip(
-                        det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist())
-                ])
-            )
-    gathered = gather_object(per_image) if accelerator.num_processes > 1 else per_image
-    model.train()
-    if not accelerator.is_main_process:
-        return None
-    seen, results = set(), []
-    for image_id, dets in gathered:  # even_batches may repeat a few images: keep each once
-        if image_id not in seen:
-            seen.add(image_id)
-            results.extend(dets)
-    return coco_summary(coco_gt, results)
+def evaluate(accelerator, model, loader, evaluator):
+    """COCO metrics (main process; None elsewhere): each batch post-processed as it comes, top-100 per image kept."""
+    batches = tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False)
+    done = evaluate_loader(model, batches, evaluator, accelerator)
+    return done.metrics if done else None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -272,7 +247,7 @@ def main(argv=None):
         raise ValueError("No training images left (after filtering); check the data or --no-filter_empty_gt.")
     train_set = train_set.with_transforms(build_recipe_transforms(recipe.augment, scale))
     val_set = val_set.with_transforms(build_eval_transforms(scale=scale))
-    coco_gt = val_set.coco_ground_truth()
+    evaluator = StreamingCocoEvaluator(val_set.coco_ground_truth())
     num_workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
     train_loader = build_train_loader(
         train_set, recipe.batch_size, seed=args.seed, group_by_aspect_ratio=recipe.group_by_aspect_ratio,
@@ -331,8 +306,7 @@ def main(argv=None):
     if recorder:
         recorder.__enter__()
     model.train()
-    stop = False
-    metrics, evaluated_at = None, None
+    stop, metrics, evaluated_at = False, None, None
     for epoch in range(start_epoch, num_epochs):
         # accelerate's prepared loader re-sets its sampler's epoch from its own iteration counter when iterated,
         # so the epoch is given to the loader (not only to our sampler), also for the resumed partial epoch
@@ -384,7 +358,7 @@ def main(argv=None):
             break
         # ---- end of epoch: evaluation and checkpoint
         if not args.no_eval:
-            metrics, evaluated_at = evaluate(accelerator, model, val_loader, coco_gt), completed_steps
+            metrics, evaluated_at = evaluate(accelerator, model, val_loader, evaluator), completed_steps
             if accelerator.is_main_process:
                 log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if args.with_tracking:
@@ -398,7 +372,7 @@ def main(argv=None):
     progress.close()
     if not args.no_eval and completed_steps >= max_steps and evaluated_at != completed_steps:
         # a run that ends inside an epoch (e.g. shorter than one) is evaluated at its end
-        metrics = evaluate(accelerator, model, val_loader, coco_gt)
+        metrics, evaluated_at = evaluate(accelerator, model, val_loader, evaluator), completed_steps
         if accelerator.is_main_process:
             log(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if recorder:
@@ -419,6 +393,8 @@ def main(argv=None):
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         eval_image_processor(scale).save_pretrained(final_dir)
+        if evaluated_at == completed_steps:  # pictures of the final weights' evaluation, linked from the card
+            write_evaluation_report(final_dir / "evaluation", evaluator, val_set, title="final model", overwrite=True)
         repo_id = args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None)
         hyperparameters = {"recipe": recipe.name, **dataclasses.asdict(recipe), "num_processes":
                            accelerator.num_processes, "gradient_accumulation_steps": args.gradient_accumulation_steps,

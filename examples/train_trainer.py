@@ -11,9 +11,9 @@ Recipe (`align_detr_hf.recipes`, printed at start): `--recipe auto` picks `finet
 `--model_name_or_path` and `from_scratch` (the demo's) otherwise; every field has an overriding flag. The optimiser
 and schedule (`align_detr_hf.optim`: AdamW, backbone lr multiplier, no weight decay on norm layers, warm-up then
 x0.1 steps) are installed by overriding `Trainer.create_optimizer` / `create_scheduler`; the training loader
-(aspect-ratio batches, worker processes) by overriding `get_train_dataloader`. Evaluation uses pycocotools (`map`, `map_50`, ...; the
-Trainer prefixes them with `eval_`). Detection models need `remove_unused_columns=False` (the dataset yields
-`pixel_values`/`labels` dicts) and `eval_do_concat_batches=False` (images of different sizes per batch).
+(aspect-ratio batches, worker processes) by overriding `get_train_dataloader`. COCO evaluation (`eval_map`, ...) keeps
+only each batch's top-100 detections (`CocoMetrics`, `batch_eval_metrics=True`: memory flat in the number of images);
+pictures of the last one go to final/evaluation/. Detection models need `remove_unused_columns=False`.
 Our callbacks (`align_detr_hf.training_run`) give the output folder one run identity, as in train_accelerate.py
 (another run's folder refused unless --overwrite_output_dir; only this run's checkpoints rotated or resumed by
 `latest`), and stop at the first non-finite loss; nothing non-finite is saved.
@@ -34,8 +34,9 @@ import align_detr_hf  # noqa: F401  (registers the Auto classes)
 from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import build_eval_transforms, build_train_loader, collate_fn, default_num_workers
 from align_detr_hf.data import load_train_val_datasets
-from align_detr_hf.evaluation import build_compute_metrics
 from align_detr_hf.flags import document_flags
+from align_detr_hf.evaluation_report import write_evaluation_report
+from align_detr_hf.evaluation_streaming import CocoMetrics
 from align_detr_hf.hub import ModelCardCallback, ModelCardTrainerMixin, training_card_kwargs
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
@@ -225,12 +226,11 @@ def main(argv=None):
         dataloader_num_workers=num_workers, dataloader_pin_memory=pin_memory,
         dataloader_persistent_workers=persistent and num_workers > 0,
         remove_unused_columns=False,  # items are {"pixel_values", "labels"}; keep them
-        eval_do_concat_batches=False,  # per-batch predictions of different image sizes
+        batch_eval_metrics=True,  # CocoMetrics adds each batch as it comes instead of Trainer keeping all outputs
         report_to=args.report_to,
         push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         metric_for_best_model="eval_map" if args.eval_strategy != "no" else None,
-        greater_is_better=True,
-        load_best_model_at_end=False,
+        greater_is_better=True, load_best_model_at_end=False,
         resume_from_checkpoint=str(resume_from) if resume_from else None,
     )
     # README.md (base model, data, last COCO evaluation, recipe, usage) in every checkpoint, push and the final save
@@ -239,14 +239,12 @@ def main(argv=None):
         train_annotation=args.train_annotation, synthetic_shapes=args.synthetic_shapes, hub_model_id=args.hub_model_id,
         hyperparameters={"recipe": recipe.name, **dataclasses.asdict(recipe)},
     ))
+    coco_metrics = CocoMetrics(val_set.coco_ground_truth())  # post-processes each batch on its process
     trainer = AlignDetrTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
+        model=model, args=training_args, train_dataset=train_set,
         eval_dataset=val_set if args.eval_strategy != "no" else None,
-        data_collator=collate_fn,
-        processing_class=processor,
-        compute_metrics=build_compute_metrics(val_set.coco_ground_truth()),
+        data_collator=collate_fn, processing_class=processor,
+        compute_metrics=coco_metrics, preprocess_logits_for_metrics=coco_metrics.preprocess_logits_for_metrics,
         recipe=recipe,
         callbacks=[model_card, TrainingRunCallback(args.overwrite_output_dir), StopOnNonFiniteLossCallback()],
     )
@@ -256,6 +254,8 @@ def main(argv=None):
         metrics.update(trainer.evaluate())  # before the final save, so that the model card shows it
     trainer.log_metrics("all", metrics)
     final_dir = output_dir / "final"
+    if args.eval_strategy != "no" and trainer.is_world_process_zero():  # the final evaluation's pictures
+        write_evaluation_report(final_dir / "evaluation", coco_metrics.last_evaluator, val_set, overwrite=True)
     # weights, processor and our code; with --push_to_hub, Trainer.save_model also pushes (trainer.push_to_hub: the
     # output folder with our code and, through create_model_card, our card)
     trainer.save_model(str(final_dir))

@@ -65,6 +65,10 @@ def test_accelerate_ddp_two_processes_agree_on_normaliser(tmp_path):
     # ranks' RNG states
     assert "map" in json.loads((tmp_path / "train_results.json").read_text())["metrics"]
     assert (tmp_path / "checkpoints" / "step_0000003" / "random_states_1.pkl").exists()
+    # every validation image once in the final evaluation's report (gathered per batch from both ranks)
+    report = json.loads((tmp_path / "final" / "evaluation" / "evaluation.json").read_text())
+    assert report["metrics"] == json.loads((tmp_path / "train_results.json").read_text())["metrics"]
+    assert report["num_images_with_detections"] == report["num_images"] == 3
 
 
 def _final_weights(output_dir):
@@ -104,6 +108,13 @@ def test_trainer_steps_with_coco_eval(tmp_path):
     assert 0.0 <= metrics["eval_map"] <= 1.0
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert (tmp_path / "final" / "preprocessor_config.json").exists()
+    # the final evaluation's pictures, linked from the final model's card
+    card = (tmp_path / "final" / "README.md").read_text()
+    for name in ("per_class_ap.png", "pr_curves.png", "confusion.png"):
+        assert (tmp_path / "final" / "evaluation" / name).is_file()
+        assert f"](evaluation/{name})" in card
+    report = json.loads((tmp_path / "final" / "evaluation" / "evaluation.json").read_text())
+    assert report["metrics"]["map"] == metrics["eval_map"]
 
 
 def test_reference_optimizer_groups():

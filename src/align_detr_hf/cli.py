@@ -1,4 +1,5 @@
-"""The `align-detr` command: `convert` (mmdetection checkpoint -> Hugging Face folder), `predict`, `export`, `demo`."""
+"""The `align-detr` command: `convert` (mmdetection checkpoint -> Hugging Face folder), `predict`, `evaluate`, `export`,
+`demo`."""
 
 import argparse
 import dataclasses
@@ -278,6 +279,42 @@ def _slice_options(args: argparse.Namespace) -> dict | None:
     return options if args.slice_tile_size is None else {**options, "tile_size": args.slice_tile_size}
 
 
+# ----------------------------------------------------------------------------------------------------- evaluate
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    """COCO metrics and report pictures (align_detr_hf.evaluate_command); nothing is loaded before the arguments,
+    the output folder (new or empty, unless --overwrite) and DATA are checked."""
+    import torch
+
+    from .evaluate_command import check_data_source, evaluate_detector, evaluation_data, summary_line
+    from .evaluation_report import check_report_folder
+
+    at_least = {"batch_size": 1, "top_k": 1, "num_worst": 0, "num_workers": 0, "synthetic_images": 1,
+                "synthetic_image_size": 64}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}.")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}.")
+    inputs = [p for p in (args.model, args.data, args.images) if p and p != "synthetic" and Path(p).exists()]
+    check_report_folder(args.output, args.overwrite, inputs=tuple(inputs))
+    check_data_source(args.data)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False).")
+    processor, detector = _load_model(args.model, device)
+    with evaluation_data(args.data, detector.config.id2label, args.split, args.images, args.synthetic_images,
+                         args.synthetic_image_size, args.seed) as dataset:
+        result = evaluate_detector(
+            detector, processor, dataset, args.output, title=args.model, batch_size=args.batch_size,
+            num_workers=args.num_workers, top_k=args.top_k, score_threshold=args.threshold,
+            num_worst=args.num_worst, backend=args.backend, overwrite=args.overwrite,
+        )
+    print(summary_line(result))
+    print(f"Wrote {', '.join(sorted(Path(f).name for f in result['files'].values()))} to {args.output}")
+
+
 # --------------------------------------------------------------------------------------------------------- demo
 
 
@@ -437,6 +474,35 @@ def build_parser() -> argparse.ArgumentParser:
              help="replace an --output file that an earlier export did not write (or that was changed since), and "
              "allow writing inside the model folder")
     export_parser.set_defaults(func=_export)
+
+    evaluate_parser = commands.add_parser(
+        "evaluate",
+        help="COCO mAP on a data set, with pictures: per-class AP, PR curves, confusions, worst images",
+        description="Evaluate a detector on DATA: a COCO annotation json or a folder holding annotations.json (images "
+        "in images/ beside it, or --images), a datasets folder saved with save_to_disk, or 'synthetic' (the demo's "
+        "shapes). Writes OUTPUT/report.md, evaluation.json, per_class_ap.png, pr_curves.png, confusion.png and "
+        "worst_images.png; OUTPUT must be new or empty unless --overwrite.",
+    )
+    evaluate_parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained / convert) or Hub id")
+    evaluate_parser.add_argument("data", metavar="DATA", help="COCO json or folder, save_to_disk folder, or synthetic")
+    evaluate_parser.add_argument("--output", default="evaluation", help="output folder (default ./evaluation)")
+    evaluate_parser.add_argument("--overwrite", action="store_true",
+                                 help="write into a non-empty folder (the report's files are replaced, others kept)")
+    evaluate_parser.add_argument("--split", default=None, help="split of a DatasetDict (default validation/val/test)")
+    evaluate_parser.add_argument("--images", default=None, help="image folder of a COCO json (default images/ beside)")
+    evaluate_parser.add_argument("--batch-size", type=int, default=8)
+    evaluate_parser.add_argument("--num-workers", type=int, default=0, help="image decoding processes (default 0)")
+    evaluate_parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    evaluate_parser.add_argument("--top-k", type=int, default=100, help="detections per image scored (default 100)")
+    evaluate_parser.add_argument("--threshold", type=float, default=0.3,
+                                 help="score above which a detection counts in the confusions and drawings")
+    evaluate_parser.add_argument("--num-worst", type=int, default=8, help="worst images drawn (default 8)")
+    evaluate_parser.add_argument("--backend", choices=["auto", "faster_coco_eval", "pycocotools"], default="auto",
+                                 help="COCOeval implementation (auto: faster-coco-eval when installed)")
+    evaluate_parser.add_argument("--synthetic-images", type=int, default=100, help="with DATA synthetic")
+    evaluate_parser.add_argument("--synthetic-image-size", type=int, default=128, help="with DATA synthetic")
+    evaluate_parser.add_argument("--seed", type=int, default=10_000, help="with DATA synthetic (the demo's val seed)")
+    evaluate_parser.set_defaults(func=_evaluate)
 
     # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help
     commands.add_parser("demo", help="run the demo (arguments are passed on: `align-detr demo --help`)", add_help=False)

@@ -84,28 +84,20 @@ def metric_names(max_dets: Sequence[int] = (1, 10, 100)) -> tuple[str, ...]:
 
 
 def coco_summary(
-    coco_gt: Any, results: list[dict], verbose: bool = False, max_dets: Sequence[int] = (1, 10, 100)
+    coco_gt: Any, results: list[dict], verbose: bool = False, max_dets: Sequence[int] = (1, 10, 100),
+    backend: str = "auto",
 ) -> dict[str, float]:
     """Run COCOeval (bbox) on `results` = [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] against
     `coco_gt` (a pycocotools `COCO` or a COCO dict). Only the ground truth's images are evaluated. `max_dets`: the
-    detections per image for the three recalls, the last also for the APs (see the module docstring)."""
-    from pycocotools.cocoeval import COCOeval
+    detections per image for the three recalls, the last also for the APs (see the module docstring). `backend`: see
+    [`align_detr_hf.coco_backend`] (auto: faster-coco-eval when installed, same numbers)."""
+    from .coco_backend import run_cocoeval
 
     names = metric_names(max_dets)
     coco_gt = _checked_coco(coco_gt)
     if not results:
         return {name: 0.0 for name in names}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        coco_dt = coco_gt.loadRes(results)
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
-        coco_eval.params.maxDets = list(max_dets)
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    if verbose:
-        print(out.getvalue())
+    coco_eval = run_cocoeval(coco_gt, results, backend=backend, verbose=verbose, max_dets=max_dets)
     stats = [float(v) for v in coco_eval.stats[: len(names)]]
     # pycocotools' summary takes the first AP at 100 detections whatever maxDets says; take it at max_dets[-1]
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (iou, recall, class) for area "all", last limit

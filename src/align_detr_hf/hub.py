@@ -74,6 +74,7 @@ AUTO_CLASSES = {
 README = "README.md"
 # the local record of what this package wrote (file_io) is not part of a model repository
 NOT_UPLOADED = [MANIFEST_NAME, f"**/{MANIFEST_NAME}"]
+EVALUATION_FOLDER = "evaluation"  # a saved model's report pictures, linked from its card
 # transformers' placeholder card (`create_and_tag_model_card`), e.g. from pushing the image processor first
 _GENERIC_CARD_TEXT = "This model card has been automatically generated."
 
@@ -147,6 +148,15 @@ COCO-style metrics (pycocotools, 0-1 scale){% if dataset_name %} on {{ dataset_n
 | metric | value |
 |---|---|
 {% for name, label, value in metrics %}| {{ label }} (`{{ name }}`) | {{ "%.4f" | format(value) }} |
+{% endfor %}{% endif %}{% if evaluation_pictures %}
+## What the model gets wrong
+
+From the last evaluation ([report]({{ evaluation_folder }}/report.md), written by `align-detr evaluate` or at the end
+of training):
+{% for title, path in evaluation_pictures %}
+**{{ title }}**
+
+![{{ title }}]({{ path }})
 {% endfor %}{% endif %}{% if hyperparameters %}
 ## Training hyper-parameters
 
@@ -264,6 +274,7 @@ def build_model_card(
     description: str | None = None,
     id2label: dict[int, str] | None = None,
     architecture: str | None = None,
+    evaluation_pictures: list[tuple[str, str]] | None = None,
 ) -> ModelCard:
     """An Align-DETR model card: metadata (license, base model, datasets, tags, model-index with the COCO metrics)
     from `ModelCardData` / `EvalResult`, and a body with a usage snippet, the metrics and the hyper-parameters.
@@ -319,6 +330,8 @@ def build_model_card(
         hyperparameters=[(str(k), v) for k, v in (hyperparameters or {}).items()],
         citation=citation or ALIGN_DETR_CITATION,
         architecture=architecture or describe_architecture({}),
+        evaluation_pictures=evaluation_pictures or [],
+        evaluation_folder=EVALUATION_FOLDER,
     )
 
 
@@ -346,10 +359,16 @@ def write_model_card(
     save_directory.mkdir(parents=True, exist_ok=True)
     config_file = save_directory / "config.json"
     folder_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    from .evaluation_report import report_pictures
+
+    # the pictures of `write_evaluation_report` in <folder>/evaluation (the training scripts write them there)
+    pictures = [(title, f"{EVALUATION_FOLDER}/{name}") for title, name in
+                report_pictures(save_directory / EVALUATION_FOLDER)]
     card = build_model_card(
         model_name=model_name, base_model=base_model, datasets=datasets, metrics=metrics, dataset_name=dataset_name,
         hyperparameters=hyperparameters, source=source, license=license, citation=citation, description=description,
         id2label=_folder_id2label(folder_config), architecture=describe_architecture(folder_config),
+        evaluation_pictures=pictures,
     )
     with owned_file(save_directory / README, SAVE_WRITER, overwrite=overwrite) as temp:
         temp.write_bytes(str(card).encode("utf-8"))
