@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 
 def _evaluate(model_dir, data, out, *extra):
-    main(["evaluate", str(model_dir), str(data), "--output", str(out), "--device", "cpu", "--batch-size", "3",
+    main(["evaluate", str(model_dir), str(data), "--output_dir", str(out), "--device", "cpu", "--batch-size", "3",
           *extra])
     return json.loads((out / "evaluation.json").read_text())
 
@@ -112,7 +112,7 @@ def test_refusals_are_one_line(model_dir, tmp_path, capsys, case):
                              ).save_to_disk(str(tmp_path / "hf"))
         data, extra = tmp_path / "hf", ["--split", "validation"]
     with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate", str(model_dir), str(data), "--output", str(out), "--synthetic-images", "2",
+        main(["evaluate", str(model_dir), str(data), "--output_dir", str(out), "--synthetic-images", "2",
               "--synthetic-image-size", "64", *extra])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err

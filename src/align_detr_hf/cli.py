@@ -485,23 +485,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained / convert) or Hub id")
     evaluate_parser.add_argument("data", metavar="DATA", help="COCO json or folder, save_to_disk folder, or synthetic")
-    evaluate_parser.add_argument("--output", default="evaluation", help="output folder (default ./evaluation)")
-    evaluate_parser.add_argument("--overwrite", action="store_true",
+    add_flag(evaluate_parser, "output_dir", dest="output", deprecated=["output"], default="evaluation",
+             help="output folder (default ./evaluation)")
+    add_flag(evaluate_parser, "overwrite", action="store_true",
                                  help="write into a non-empty folder (the report's files are replaced, others kept)")
-    evaluate_parser.add_argument("--split", default=None, help="split of a DatasetDict (default validation/val/test)")
-    evaluate_parser.add_argument("--images", default=None, help="image folder of a COCO json (default images/ beside)")
-    evaluate_parser.add_argument("--batch-size", type=int, default=8)
-    evaluate_parser.add_argument("--num-workers", type=int, default=0, help="image decoding processes (default 0)")
-    evaluate_parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    evaluate_parser.add_argument("--top-k", type=int, default=100, help="detections per image scored (default 100)")
-    evaluate_parser.add_argument("--threshold", type=float, default=0.3,
+    add_flag(evaluate_parser, "split", default=None, help="split of a DatasetDict (default validation/val/test)")
+    add_flag(evaluate_parser, "images", default=None, help="image folder of a COCO json (default images/ beside)")
+    add_flag(evaluate_parser, "batch_size", type=int, default=8, help="images per forward pass (default 8)")
+    add_flag(evaluate_parser, "num_workers", type=int, default=0, help="image decoding processes (default 0)")
+    add_flag(evaluate_parser, "device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    add_flag(evaluate_parser, "top_k", type=int, default=100, help="detections per image scored (default 100)")
+    add_flag(evaluate_parser, "threshold", type=float, default=0.3,
                                  help="score above which a detection counts in the confusions and drawings")
-    evaluate_parser.add_argument("--num-worst", type=int, default=8, help="worst images drawn (default 8)")
-    evaluate_parser.add_argument("--backend", choices=["auto", "faster_coco_eval", "pycocotools"], default="auto",
+    add_flag(evaluate_parser, "num_worst", type=int, default=8, help="worst images drawn (default 8)")
+    add_flag(evaluate_parser, "backend", choices=["auto", "faster_coco_eval", "pycocotools"], default="auto",
                                  help="COCOeval implementation (auto: faster-coco-eval when installed)")
-    evaluate_parser.add_argument("--synthetic-images", type=int, default=100, help="with DATA synthetic")
-    evaluate_parser.add_argument("--synthetic-image-size", type=int, default=128, help="with DATA synthetic")
-    evaluate_parser.add_argument("--seed", type=int, default=10_000, help="with DATA synthetic (the demo's val seed)")
+    add_flag(evaluate_parser, "synthetic_images", type=int, default=100, help="with DATA synthetic")
+    add_flag(evaluate_parser, "synthetic_image_size", type=int, default=128, help="with DATA synthetic")
+    add_flag(evaluate_parser, "seed", type=int, default=10_000, help="with DATA synthetic (the demo's val seed)")
     evaluate_parser.set_defaults(func=_evaluate)
 
     # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help
