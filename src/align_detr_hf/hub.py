@@ -44,7 +44,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
 from .file_io import MANIFEST_NAME, owned_file, owned_files_in
-from .image_processing_align_detr import AlignDetrImageProcessor
+from .image_processing_align_detr import AlignDetrImageProcessor, AlignDetrImageProcessorBase
 from .image_processing_pil_align_detr import AlignDetrImageProcessorPil
 from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel, AlignDetrPreTrainedModel
 
@@ -192,17 +192,32 @@ def owned_save(save):
         with owned_files_in(save_directory, SAVE_WRITER, overwrite=overwrite, stale=_WEIGHT_FILES.fullmatch) as staging:
             token = _staging.set(True)
             try:
-                return save(self, staging, *args, **kwargs)
+                saved = save(self, staging, *args, **kwargs)
             finally:
                 _staging.reset(token)
+        return _moved_paths(saved, staging, Path(save_directory))
 
     save_pretrained.owned = True
     return save_pretrained
 
 
+def _moved_paths(saved, staging: Path, folder: Path):
+    """What a save returned, with its paths in the staging folder given where they now lie (transformers returns
+    the written files, e.g. for `check_json_file_has_correct_format`)."""
+    if isinstance(saved, (list, tuple)):
+        return type(saved)(_moved_paths(item, staging, folder) for item in saved)
+    if isinstance(saved, (str, os.PathLike)):
+        try:
+            relative = Path(saved).relative_to(staging)
+        except ValueError:
+            return saved
+        return type(saved)(folder / relative) if isinstance(saved, str) else folder / relative
+    return saved
+
+
 def register_owned_saves() -> None:
     """Make `save_pretrained` of our config, models and image processor follow the ownership rule (idempotent)."""
-    for cls in (AlignDetrConfig, AlignDetrPreTrainedModel, AlignDetrImageProcessor):
+    for cls in (AlignDetrConfig, AlignDetrPreTrainedModel, AlignDetrImageProcessorBase):
         if not getattr(cls.save_pretrained, "owned", False):
             cls.save_pretrained = owned_save(cls.save_pretrained)
 
