@@ -62,7 +62,7 @@ def _coco_from_dict(gt: dict):
 def coco_summary(coco_gt: Any, results: list[dict], verbose: bool = False, backend: str = "auto") -> dict[str, float]:
     """Run COCOeval (bbox) on `results` = [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] against
     `coco_gt` (a pycocotools `COCO` or a COCO dict). Only the ground truth's images are evaluated. `backend`: see
-    [`align_detr_hf.coco_backend`] (auto: faster-coco-eval when installed, same numbers)."""
+    [`align_detr_hf.coco_backend`] (auto: faster-coco-eval when installed; pycocotools' numbers to 15 digits)."""
     from .coco_backend import run_cocoeval
 
     if isinstance(coco_gt, dict):
