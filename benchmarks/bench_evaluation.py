@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def run_worker(kind: str, case: str, num_images: int, batch_size: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} {case} {num_images}: {proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load_average"] = os.getloadavg()[0]  # the machine's 1-minute load when the run ended
     print(f"[evaluation] {kind} {case} {num_images}: {result['seconds']:.1f} s, {result['peak_mib']:.0f} MiB",
           flush=True)
     return result
@@ -214,13 +216,20 @@ def slope(runs: dict, case: str, sizes: list[int]) -> float:
     return (median(runs[case, high], "peak_mib") - median(runs[case, low], "peak_mib")) / max(high - low, 1)
 
 
+def _load(*parts) -> str:
+    loads = [run["load_average"] for part in parts if part for runs in part.values() for run in runs
+             if "load_average" in run]
+    return f" (1-minute load average {min(loads):.1f}-{max(loads):.1f})" if loads else ""
+
+
 def report(args, backend_runs, trainer_runs, measured=None) -> str:
     info = common.machine_info()
     measured = measured or {"command": common.command_line(), "commit": info["git_commit"]}
     lines = ["## COCO evaluation at scale (issue 27)", "",
              f"Written by `benchmarks/bench_evaluation.py` (measured: {measured['command']}). Machine: {info['cpu']}, "
-             f"{info['cpu_cores']} cores, **shared with other jobs while measured (load average well above the core "
-             f"count)**: seconds are noisy; each cell is the median of {args.rounds} round(s) in fresh processes, the "
+             f"{info['cpu_cores']} cores, **shared with other jobs while measured**"
+             f"{_load(backend_runs, trainer_runs)}: seconds are noisy; each cell is the median of {args.rounds} "
+             "round(s) in fresh processes, the "
              f"compared cases alternating which runs first. Peak memory: the process's resident memory above its "
              f"level just before the measured call. torch {info['torch']}, commit {measured['commit']}."]
     if backend_runs:
