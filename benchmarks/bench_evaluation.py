@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -172,7 +173,8 @@ def trainer_worker(case: str, num_images: int, batch_size: int) -> dict:
             metrics = trainer.evaluate()
             seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_mib": memory.peak_bytes / 2**20,
-            "metrics": {k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_map") or k == "eval_mar_100"}}
+            "metrics": {k[len("eval_"):]: v for k, v in metrics.items()
+                        if k.startswith("eval_map") or k == "eval_mar_100"}}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -185,6 +187,7 @@ def run_worker(kind: str, case: str, num_images: int, batch_size: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} {case} {num_images}: {proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load_average"] = os.getloadavg()[0]  # the machine's 1-minute load when the run ended
     print(f"[evaluation] {kind} {case} {num_images}: {result['seconds']:.1f} s, {result['peak_mib']:.0f} MiB",
           flush=True)
     return result
@@ -207,20 +210,35 @@ def max_metric_difference(a: list[dict], b: list[dict]) -> float:
     return max(abs(x["metrics"][k] - y["metrics"][k]) for x in a for y in b for k in x["metrics"])
 
 
-def report(args, backend_runs, trainer_runs) -> str:
+def slope(runs: dict, case: str, sizes: list[int]) -> float:
+    """MiB per image between the smallest and the largest size."""
+    low, high = min(sizes), max(sizes)
+    return (median(runs[case, high], "peak_mib") - median(runs[case, low], "peak_mib")) / max(high - low, 1)
+
+
+def _load(*parts) -> str:
+    loads = [run["load_average"] for part in parts if part for runs in part.values() for run in runs
+             if "load_average" in run]
+    return f" (1-minute load average {min(loads):.1f}-{max(loads):.1f})" if loads else ""
+
+
+def report(args, backend_runs, trainer_runs, measured=None) -> str:
     info = common.machine_info()
+    measured = measured or {"command": common.command_line(), "commit": info["git_commit"]}
     lines = ["## COCO evaluation at scale (issue 27)", "",
-             f"Written by `benchmarks/bench_evaluation.py` ({common.command_line()}). Machine: {info['cpu']}, "
-             f"{info['cpu_cores']} cores, **shared with other jobs while measured (load average well above the core "
-             f"count)**: seconds are noisy; each cell is the median of {args.rounds} round(s) in fresh processes, the "
+             f"Written by `benchmarks/bench_evaluation.py` (measured: {measured['command']}). Machine: {info['cpu']}, "
+             f"{info['cpu_cores']} cores, **shared with other jobs while measured**"
+             f"{_load(backend_runs, trainer_runs)}: seconds are noisy; each cell is the median of {args.rounds} "
+             "round(s) in fresh processes, the "
              f"compared cases alternating which runs first. Peak memory: the process's resident memory above its "
-             f"level just before the measured call. torch {info['torch']}, commit {info['git_commit']}."]
+             f"level just before the measured call. torch {info['torch']}, commit {measured['commit']}."]
     if backend_runs:
         lines += ["", "### COCOeval backends", "",
-                  "`coco_summary` (loadRes + evaluate + accumulate + summarize) on generated COCO-like data: 80 classes, "
-                  "1-15 objects of 8-400 px per 640x480 image, 100 detections per image.", "",
-                  "| images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | pycocotools peak MiB | "
-                  "faster-coco-eval peak MiB | largest metric difference |", "|---|---|---|---|---|---|---|---|---|"]
+                  "`coco_summary` (loadRes + evaluate + accumulate + summarize) on generated COCO-like data: 80 "
+                  "classes, 1-15 objects of 8-400 px per 640x480 image, 100 detections per image.", "",
+                  "| images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | pycocotools peak "
+                  "MiB | faster-coco-eval peak MiB | largest metric difference |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for n in args.sizes:
             slow, fast = backend_runs["pycocotools", n], backend_runs["faster_coco_eval", n]
             lines.append(
@@ -233,8 +251,8 @@ def report(args, backend_runs, trainer_runs) -> str:
                   f"`Trainer.evaluate` (CPU, eval batch {args.batch_size}) with a stub model giving DINO-sized outputs "
                   f"({QUERIES} queries x {NUM_CLASSES} classes) on the generated data above; the COCO backend is the "
                   "automatic choice (faster-coco-eval here). Accumulate: today's `build_compute_metrics` "
-                  "(`eval_do_concat_batches=False`; Trainer keeps every batch's outputs). Streaming: `CocoMetrics` with "
-                  "`batch_eval_metrics=True` and `preprocess_logits_for_metrics` (top-100 per image kept).", "",
+                  "(`eval_do_concat_batches=False`; Trainer keeps every batch's outputs). Streaming: `CocoMetrics` "
+                  "with `batch_eval_metrics=True` and `preprocess_logits_for_metrics` (top-100 per image kept).", "",
                   "| images | accumulate peak MiB | streaming peak MiB | accumulate s | streaming s | same metrics |",
                   "|---|---|---|---|---|---|"]
         for n in args.sizes:
@@ -243,9 +261,15 @@ def report(args, backend_runs, trainer_runs) -> str:
             lines.append(f"| {n} | {median(acc, 'peak_mib'):.0f} | {median(stream, 'peak_mib'):.0f} | "
                          f"{median(acc, 'seconds'):.1f} | {median(stream, 'seconds'):.1f} | "
                          f"{'yes, to the last digit' if same else 'NO'} |")
-        lines += ["", "Accumulate grows by the model outputs Trainer holds (900 x 80 float32 logits + boxes, ~290 KB an "
-                  "image); streaming holds ~5 KB of detections an image, and what remains is the COCOeval of the "
-                  "detections, the same in both."]
+        lines += ["", f"Growth per image from {min(args.sizes)} to {max(args.sizes)} images: accumulate "
+                  f"{slope(trainer_runs, 'accumulate', args.sizes) * 1024:.0f} KiB, streaming "
+                  f"{slope(trainer_runs, 'streaming', args.sizes) * 1024:.0f} KiB. Accumulate holds the model outputs "
+                  "(900 x 80 float32 logits + boxes, ~290 KB an image) until the end; streaming holds ~5 KB of "
+                  "detections an image. What still grows in streaming is COCOeval itself at the end (pycocotools "
+                  "`COCO` objects, one Python dict per detection: 100 per image here)"
+                  + (f", {slope(backend_runs, 'faster_coco_eval', args.sizes) * 1024:.0f} KiB an image with "
+                     "faster-coco-eval in the table above" if backend_runs else "") + ": the same in both, and the "
+                  "peak of both is reached there."]
     return "\n".join(lines)
 
 
@@ -256,9 +280,11 @@ def main(argv=None):
                   else trainer_worker(args.case, args.num_images, args.batch_size))
         print(json.dumps(result))
         return
+    measured = None
     if args.report_only:
         saved = json.loads(Path(args.report_only).read_text())
         args.sizes, args.rounds, args.batch_size = saved["sizes"], saved["rounds"], saved["batch_size"]
+        measured = {"command": saved["command"], "commit": saved["commit"]}
         runs = {part: {(case, n): r for case, n, r in saved[part]} if saved[part] else None
                 for part in ("backends", "trainer")}
     else:
@@ -272,9 +298,10 @@ def main(argv=None):
         if args.results:
             Path(args.results).write_text(json.dumps({
                 "sizes": args.sizes, "rounds": args.rounds, "batch_size": args.batch_size,
+                "command": common.command_line(), "commit": common.machine_info()["git_commit"],
                 **{part: [[case, n, r] for (case, n), r in found.items()] if found else None
                    for part, found in runs.items()}}, indent=1))
-    text = report(args, runs["backends"], runs["trainer"])
+    text = report(args, runs["backends"], runs["trainer"], measured)
     print(text)
     if not args.no_write:
         common.write_section("evaluation", text)

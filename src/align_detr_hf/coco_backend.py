@@ -24,9 +24,16 @@ __all__ = ["BACKENDS", "available_backends", "resolve_backend", "run_cocoeval"]
 BACKENDS = ("faster_coco_eval", "pycocotools")  # preference order of "auto"
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as none
+        return False
+
+
 def available_backends() -> list[str]:
     """The installed backends, fastest first."""
-    return [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
+    return [name for name in BACKENDS if _installed(name)]
 
 
 def resolve_backend(backend: str | None = "auto") -> str:
@@ -39,7 +46,7 @@ def resolve_backend(backend: str | None = "auto") -> str:
         return installed[0]
     if backend not in BACKENDS:
         raise ValueError(f"COCO backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}.")
-    if importlib.util.find_spec(backend) is None:
+    if not _installed(backend):
         extra = " (pip install align-detr-hf[fast-eval])" if backend == "faster_coco_eval" else ""
         raise ValueError(f"COCO backend {backend!r} is not installed{extra}; use backend 'auto'.")
     return backend

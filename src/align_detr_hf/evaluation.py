@@ -90,7 +90,7 @@ def coco_summary(
     """Run COCOeval (bbox) on `results` = [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] against
     `coco_gt` (a pycocotools `COCO` or a COCO dict). Only the ground truth's images are evaluated. `max_dets`: the
     detections per image for the three recalls, the last also for the APs (see the module docstring). `backend`: see
-    [`align_detr_hf.coco_backend`] (auto: faster-coco-eval when installed, same numbers)."""
+    [`align_detr_hf.coco_backend`] (auto: faster-coco-eval when installed; pycocotools' numbers to 15 digits)."""
     from .coco_backend import run_cocoeval
 
     names = metric_names(max_dets)
