@@ -119,10 +119,10 @@ def test_trainer_steps_with_coco_eval(tmp_path):
 
 def test_reference_optimizer_groups():
     from align_detr_hf import AlignDetrForObjectDetection
-    from align_detr_hf.demo import demo_config
+    from align_detr_hf.configuration_align_detr import small_config
     from align_detr_hf.optim import build_optimizer, build_scheduler, lr_factor
 
-    model = AlignDetrForObjectDetection(demo_config({0: "a"}, d_model=32, num_queries=5))
+    model = AlignDetrForObjectDetection(small_config({0: "a"}, d_model=32, num_queries=5))
     optimizer = build_optimizer(model)
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["backbone"]["lr"] == pytest.approx(1e-5) and groups["transformer"]["lr"] == pytest.approx(1e-4)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_align_detr import AlignDetrConfig
+from .configuration_align_detr import small_config
 from .data import build_eval_transforms, collate_fn, load_coco_folder
 from .evaluation import evaluate_model
 from .file_io import atomic_directory, check_output_folder, claim_output, owned_file
@@ -170,30 +170,8 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
         claim_output(out / name, WRITER, overwrite=overwrite)
 
 
-def demo_config(id2label: dict[int, str], d_model: int = 64, num_queries: int = 30) -> AlignDetrConfig:
-    """A ~1 M-parameter Align-DETR: 4-stage basic-block ResNet (16-128 channels), 2+2 layers."""
-    return AlignDetrConfig(
-        backbone_config={
-            "model_type": "resnet",
-            "embedding_size": 16,
-            "hidden_sizes": [16, 32, 64, 128],
-            "depths": [1, 1, 1, 1],
-            "layer_type": "basic",
-            "out_features": ["stage2", "stage3", "stage4"],
-        },
-        d_model=d_model,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_ffn_dim=4 * d_model,
-        decoder_ffn_dim=4 * d_model,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_n_points=4,
-        decoder_n_points=4,
-        num_queries=num_queries,
-        num_denoising_queries=30,
-        id2label=id2label,
-    )
+# The small preset's earlier name, kept for scripts that import it from here.
+demo_config = small_config
 
 
 def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict, threshold: float, num: int = 8,
@@ -259,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"({time.perf_counter() - start:.1f}s)")
 
     # ---- model: random init; from scratch the stem is trained too (the model freezes it for pretrained use)
-    config = demo_config(train_set.id2label, args.d_model, args.num_queries)
+    config = small_config(train_set.id2label, args.d_model, args.num_queries)
     model = AlignDetrForObjectDetection(config)
     apply_recipe_to_model(model, recipe)
     optimizer = build_optimizer(model, recipe.learning_rate, recipe.weight_decay, recipe.backbone_lr_mult)

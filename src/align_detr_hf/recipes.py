@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .configuration_align_detr import AlignDetrConfig
+from .configuration_align_detr import AlignDetrConfig, small_config
 from .data import Compose, RandomHorizontalFlip, build_eval_transforms, build_train_transforms
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .modeling_align_detr import AlignDetrForObjectDetection
@@ -315,7 +315,7 @@ def build_model(
     ignore_mismatched_sizes: bool = False,
 ) -> AlignDetrForObjectDetection:
     """The model of a training job: a pretrained checkpoint (with `id2label` for the new classes), else a random
-    init from `config_name`, the small demo architecture, or the default (R-50) configuration."""
+    init from `config_name`, the small preset (`small_config`), or the default (R-50) configuration."""
     id2label = {int(k): v for k, v in id2label.items()}
     label2id = {v: k for k, v in id2label.items()}
     if model_name_or_path:
@@ -325,9 +325,7 @@ def build_model(
     if config_name:
         config = AlignDetrConfig.from_pretrained(config_name, id2label=id2label, label2id=label2id)
     elif demo_model:
-        from .demo import demo_config
-
-        config = demo_config(id2label, d_model=d_model, num_queries=num_queries)
+        config = small_config(id2label, d_model=d_model, num_queries=num_queries)
     else:
         config = AlignDetrConfig(id2label=id2label, label2id=label2id)
     return AlignDetrForObjectDetection(config)
