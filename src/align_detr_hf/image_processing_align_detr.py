@@ -161,100 +161,114 @@ def _as_chw_array(image: Any, input_data_format: Any = None, do_convert_rgb: boo
     or "float" (checked to be finite and in [0, 1]). Step 1 of the class docstring, shared by both backends.
     """
     if _PIL_IMAGE_TYPE and isinstance(image, _PIL_IMAGE_TYPE):
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"Got a zero-size PIL image ({image.width}x{image.height}).")
-        input_data_format = "channels_last"
-        if image.mode == "I":  # 32-bit ints; older Pillow opens 16-bit PNGs in this mode
-            image = np.asarray(image)
-            low, high = int(image.min()), int(image.max())
-            if low < 0 or high > 65535:
-                raise ValueError(
-                    f"PIL mode 'I' image with values in [{low}, {high}]: read as 16-bit, values must lie in "
-                    "[0, 65535]; convert it to 8-bit ('L'/'RGB') or 16-bit yourself first."
-                )
-            image = image.astype(np.uint16)
-        elif image.mode in _PIL_MODES_16BIT or image.mode == "F":
-            image = np.asarray(image)  # keep 16-bit / float precision, handled below
-        elif image.mode == "RGB" or not do_convert_rgb:
-            image = np.asarray(image)
-        else:  # L, LA, P, RGBA, CMYK, ... ; alpha is dropped as cv2 (mmcv) does
-            image = np.asarray(image.convert("RGB"))
+        image, input_data_format = _pil_to_array(image, do_convert_rgb), "channels_last"
     elif isinstance(image, torch.Tensor):
         tensor = image.detach()
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor = tensor.float()
-        image = tensor.cpu().numpy()
+        image = (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).cpu().numpy()
     elif not isinstance(image, np.ndarray):
         raise ValueError(
             f"Unsupported image type {type(image).__name__}: pass a PIL.Image.Image, a numpy array (HWC) or a "
             "torch tensor (CHW), or a list of them."
         )
+    kind = _pixel_kind(image.dtype)
+    image = _to_rgb_channels(_to_channels_first(image, input_data_format), do_convert_rgb)
+    if kind == "float":
+        _check_unit_range(image)
+    return image, kind
 
-    if image.dtype == np.uint8:
-        kind = "uint8"
-    elif image.dtype == np.uint16:
-        kind = "uint16"
-    elif np.issubdtype(image.dtype, np.floating):
-        kind = "float"
-    else:
-        raise ValueError(
-            f"Unsupported image dtype {image.dtype}: use uint8 (0-255), uint16 (0-65535) or float in [0, 1]."
-        )
 
-    # Layout -> (C, H, W)
+def _pil_to_array(image: Any, do_convert_rgb: bool) -> np.ndarray:
+    """A PIL image -> `(H, W[, C])` array at its own depth: 16-bit and float modes kept, 32-bit "I" read as 16-bit,
+    other modes converted to RGB (alpha dropped, as cv2/mmcv do) unless `do_convert_rgb` is off."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Got a zero-size PIL image ({image.width}x{image.height}).")
+    if image.mode == "I":  # 32-bit ints; older Pillow opens 16-bit PNGs in this mode
+        array = np.asarray(image)
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"PIL mode 'I' image with values in [{low}, {high}]: read as 16-bit, values must lie in "
+                "[0, 65535]; convert it to 8-bit ('L'/'RGB') or 16-bit yourself first."
+            )
+        return array.astype(np.uint16)
+    if image.mode in _PIL_MODES_16BIT or image.mode in ("F", "RGB") or not do_convert_rgb:
+        return np.asarray(image)
+    return np.asarray(image.convert("RGB"))  # L, LA, P, RGBA, CMYK, ...
+
+
+def _pixel_kind(dtype: np.dtype) -> str:
+    """"uint8", "uint16" or "float": the pixel scales the processors accept."""
+    if dtype == np.uint8:
+        return "uint8"
+    if dtype == np.uint16:
+        return "uint16"
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    raise ValueError(f"Unsupported image dtype {dtype}: use uint8 (0-255), uint16 (0-65535) or float in [0, 1].")
+
+
+def _to_channels_first(image: np.ndarray, input_data_format: Any) -> np.ndarray:
+    """A 2-d (grayscale) or 3-d image -> `(C, H, W)`; the channel axis is the one `input_data_format` names, or the
+    only axis of size 1, 3 or 4 among the first and the last (both: refused as ambiguous)."""
     if image.ndim == 2:
         image = image[None]
     elif image.ndim == 3:
-        hwc = image.shape[-1] in (1, 3, 4)
-        chw = image.shape[0] in (1, 3, 4)
-        fmt = None if input_data_format is None else str(getattr(input_data_format, "value", input_data_format))
-        if fmt is None:
-            if hwc and chw:  # e.g. (3, 5, 3): guessing would silently swap height and channels
-                raise ValueError(
-                    f"Ambiguous image shape {tuple(image.shape)}: both the first and the last axis could be "
-                    "the channels. Pass input_data_format='channels_first' (C, H, W) or 'channels_last' (H, W, C)."
-                )
-            if not (hwc or chw):
-                raise ValueError(
-                    f"Cannot find the channel axis of an image of shape {tuple(image.shape)}: expected 1, 3 or "
-                    "4 channels on the first or the last axis."
-                )
-            is_hwc = hwc
-        elif fmt in _CHANNELS_FIRST + _CHANNELS_LAST:
-            is_hwc = fmt in _CHANNELS_LAST
-            if not (hwc if is_hwc else chw):
-                raise ValueError(
-                    f"Image of shape {tuple(image.shape)} has no 1, 3 or 4 channels on the "
-                    f"{'last' if is_hwc else 'first'} axis (input_data_format={fmt!r})."
-                )
-        else:
-            raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {fmt!r}.")
-        if is_hwc:
+        if _is_channels_last(image.shape, input_data_format):
             image = image.transpose(2, 0, 1)
     else:
         raise ValueError(f"An image must be 2-d (grayscale) or 3-d (with channels), got shape {tuple(image.shape)}.")
     if image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"Got a zero-size image of shape {tuple(image.shape)} (C, H, W).")
+    return image
 
-    # Channels -> RGB
-    if image.shape[0] != 3:
-        if not do_convert_rgb:
-            raise ValueError(
-                f"do_convert_rgb=False, but the image has {image.shape[0]} channel(s); the model takes 3 (RGB). "
-                "Leave do_convert_rgb on to convert grayscale (repeated) and RGBA (alpha dropped) images."
-            )
-        image = np.broadcast_to(image, (3, *image.shape[1:])) if image.shape[0] == 1 else image[:3]
 
-    if kind == "float":
-        low, high = float(image.min()), float(image.max())
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("Float image contains NaN or infinite values.")
-        if low < 0.0 or high > 1.0:
+def _is_channels_last(shape: tuple[int, ...], input_data_format: Any) -> bool:
+    hwc, chw = shape[-1] in (1, 3, 4), shape[0] in (1, 3, 4)
+    fmt = None if input_data_format is None else str(getattr(input_data_format, "value", input_data_format))
+    if fmt is None:
+        if hwc and chw:  # e.g. (3, 5, 3): guessing would silently swap height and channels
             raise ValueError(
-                f"Float images must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]. "
-                "Pass 0-255 data as uint8, or divide by 255 first."
+                f"Ambiguous image shape {tuple(shape)}: both the first and the last axis could be the channels. "
+                "Pass input_data_format='channels_first' (C, H, W) or 'channels_last' (H, W, C)."
             )
-    return image, kind
+        if not (hwc or chw):
+            raise ValueError(
+                f"Cannot find the channel axis of an image of shape {tuple(shape)}: expected 1, 3 or 4 channels on "
+                "the first or the last axis."
+            )
+        return hwc
+    if fmt not in _CHANNELS_FIRST + _CHANNELS_LAST:
+        raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {fmt!r}.")
+    is_hwc = fmt in _CHANNELS_LAST
+    if not (hwc if is_hwc else chw):
+        raise ValueError(
+            f"Image of shape {tuple(shape)} has no 1, 3 or 4 channels on the {'last' if is_hwc else 'first'} axis "
+            f"(input_data_format={fmt!r})."
+        )
+    return is_hwc
+
+
+def _to_rgb_channels(image: np.ndarray, do_convert_rgb: bool) -> np.ndarray:
+    """`(C, H, W)` -> `(3, H, W)`: grayscale repeated, a fourth (alpha) channel dropped."""
+    if image.shape[0] == 3:
+        return image
+    if not do_convert_rgb:
+        raise ValueError(
+            f"do_convert_rgb=False, but the image has {image.shape[0]} channel(s); the model takes 3 (RGB). "
+            "Leave do_convert_rgb on to convert grayscale (repeated) and RGBA (alpha dropped) images."
+        )
+    return np.broadcast_to(image, (3, *image.shape[1:])) if image.shape[0] == 1 else image[:3]
+
+
+def _check_unit_range(image: np.ndarray) -> None:
+    low, high = float(image.min()), float(image.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("Float image contains NaN or infinite values.")
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"Float images must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]. "
+            "Pass 0-255 data as uint8, or divide by 255 first."
+        )
 
 
 # Factor from each pixel kind to the 0-255 scale.
