@@ -1,6 +1,7 @@
-"""The command line the two example training scripts share (`examples/train_trainer.py`, `examples/train_accelerate.py`),
-defined once: the data, model, recipe and run flags in the package's flag vocabulary (`flags.py`: transformers' names,
-both spellings, the help of `TRAINING_FLAG_HELP`), and what the scripts build from them (recipe, datasets, model).
+"""The command line the two example training scripts share (`examples/train_trainer.py` and
+`examples/train_accelerate.py`), defined once: the data, model, recipe and run flags in the package's flag
+vocabulary (`flags.py`: transformers' names, both spellings, the help of `TRAINING_FLAG_HELP`), and what the scripts
+build from them (recipe, datasets, model).
 
     parser = argparse.ArgumentParser()
     add_training_arguments(parser)           # or the groups one by one: add_data_arguments(parser), ...
@@ -61,7 +62,8 @@ def add_data_arguments(parser) -> None:
     add_flag(group, "synthetic_num_classes", type=int, default=3)
     add_flag(group, "dataloader_num_workers", type=int, default=None, deprecated=("num_workers",))
     # earlier spellings of the switches (their --no- forms too)
-    add_deprecated_alias(group, add_flag(group, "dataloader_pin_memory", action=_BOOL), "--pin_memory", "--no-pin_memory")
+    add_deprecated_alias(group, add_flag(group, "dataloader_pin_memory", action=_BOOL),
+                         "--pin_memory", "--no-pin_memory")
     add_deprecated_alias(group, add_flag(group, "dataloader_persistent_workers", action=_BOOL),
                          "--persistent_workers", "--no-persistent_workers")
 
