@@ -298,11 +298,8 @@ def apply_recipe_to_model(model: nn.Module, recipe: TrainingRecipe) -> None:
             f"train_stem=True but the model freezes the stem and {frozen_stages} stage(s) "
             "(freeze_backbone_stages); the stem cannot train under frozen stages. Use --no-train_stem."
         )
-    encoder = model.model.backbone
     model.config.freeze_backbone_stages = -1
-    encoder.frozen_stages = -1
-    encoder.model.requires_grad_(True)
-    encoder.freeze()  # re-freezes what never trains (e.g. Swin's unused final norm)
+    model.model.backbone.set_frozen_stages(-1)  # keeps frozen what never trains (e.g. Swin's unused final norm)
 
 
 def build_model(
