@@ -13,6 +13,8 @@ Several CPU processes (gloo): `accelerate launch --cpu` starts only one process 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py ...
 Resume after an interruption (exactly: same data order, optimizer/scheduler state and weights):
     ... --resume_from_checkpoint latest     (or a path out/checkpoints/step_000500)
+Jobs with a time limit (preemptible, queue slots): `--steps_this_run N` trains N steps, checkpoints and exits; the
+same command with `--resume_from_checkpoint latest` continues.
 Run identity (`align_detr_hf.training_run`): `run.json` in the output folder and in each checkpoint. A new run refuses
 a folder holding another run's checkpoints or final model (unless --overwrite_output_dir), rotation deletes only this
 run's checkpoints, `latest` resumes only the folder's run; a non-finite loss stops the run, nothing non-finite is saved.
@@ -238,6 +240,13 @@ def main(argv=None):
         metrics, evaluated_at = evaluate(accelerator, model, val_loader, evaluator), completed_steps
         if accelerator.is_main_process:
             log(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if completed_steps < max_steps:  # --steps_this_run: the checkpoint is the result, no final model yet
+        log(f"Stopped after step {completed_steps} of {max_steps} (--steps_this_run); continue with "
+            "--resume_from_checkpoint latest")
+        if tracking:
+            accelerator.end_training()
+        accelerator.wait_for_everyone()
+        return completed_steps
 
     # ---- final model
     accelerator.wait_for_everyone()

@@ -119,8 +119,10 @@ def test_resume_continues_exactly(tmp_path):
               "--max_train_steps", "7", "--checkpointing_steps", "2"]
     script.main([*common, "--output_dir", str(tmp_path / "full")])
     script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--steps_this_run", "4"])
-    interrupted = _final_weights(tmp_path / "resumed")
-    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step_0000004" / "training_state.json").read_text())
+    interrupted_at = tmp_path / "resumed" / "checkpoints" / "step_0000004"
+    assert not (tmp_path / "resumed" / "final").exists()  # a partial run leaves its checkpoint, not a final model
+    interrupted = load_file(str(interrupted_at / "model.safetensors"))
+    state = json.loads((interrupted_at / "training_state.json").read_text())
     assert state == {"completed_steps": 4, "epoch": 1, "batches_in_epoch": 2, "micro_step": 8}
     script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
 
