@@ -31,25 +31,18 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import align_detr_hf  # noqa: F401  (registers the Auto classes)
-from align_detr_hf.configuration_align_detr import LOSS_TYPES
-from align_detr_hf.data import build_eval_transforms, build_train_loader, collate_fn, default_num_workers
-from align_detr_hf.data import load_train_val_datasets
-from align_detr_hf.flags import document_flags
+from align_detr_hf.data import build_train_loader, collate_fn, default_num_workers
 from align_detr_hf.evaluation_report import write_evaluation_report
 from align_detr_hf.evaluation_streaming import CocoMetrics
+from align_detr_hf.flags import add_flag, document_flags
 from align_detr_hf.hub import ModelCardCallback, ModelCardTrainerMixin, training_card_kwargs
 from align_detr_hf.optim import build_optimizer, build_scheduler
-from align_detr_hf.recipes import (
-    TrainingRecipe,
-    apply_recipe_to_model,
-    build_model,
-    build_recipe_transforms,
-    describe_recipe,
-    eval_image_processor,
-    image_scale_for,
-    lr_milestones,
-    recipe_for_job,
-    resolve_recipe,
+from align_detr_hf.recipes import TrainingRecipe, eval_image_processor, lr_milestones
+from align_detr_hf.training_arguments import (
+    add_training_arguments,
+    datasets_from_args,
+    model_from_args,
+    recipe_from_args,
 )
 from align_detr_hf.training_run import TRAINER_CHECKPOINTS, RunFolder, StopOnNonFiniteLossCallback, TrainingRunCallback
 from align_detr_hf.training_run import exit_on_error
@@ -57,67 +50,14 @@ from align_detr_hf.training_run import exit_on_error
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_annotation")
-    p.add_argument("--train_images")
-    p.add_argument("--val_annotation")
-    p.add_argument("--val_images")
-    p.add_argument("--dataset_name", help="datasets name or save_to_disk folder with the `objects` schema")
-    p.add_argument("--train_split", default="train")
-    p.add_argument("--val_split", default="validation")
-    p.add_argument("--train_val_split", type=float, default=0.15)
-    p.add_argument("--synthetic_shapes", type=int, default=0)
-    p.add_argument("--synthetic_image_size", type=int, default=128)
-    p.add_argument("--synthetic_num_classes", type=int, default=3, help="1-4 (the demo uses 3)")
-    r = p.add_argument_group("recipe (default: the recipe's value; see align_detr_hf.recipes)")
-    r.add_argument("--recipe", choices=["auto", "from_scratch", "finetune"], default="auto",
-                   help="auto: finetune with --model_name_or_path, from_scratch otherwise")
-    r.add_argument("--image_scale", type=float, default=None)
-    r.add_argument("--augment", choices=["reference", "flip", "none"], default=None)
-    r.add_argument("--filter_empty_gt", action=argparse.BooleanOptionalAction, default=None)
-    r.add_argument("--filter_min_size", type=int, default=None)
-    r.add_argument("--group_by_aspect_ratio", action=argparse.BooleanOptionalAction, default=None)
-    r.add_argument("--train_stem", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--model_name_or_path")
-    p.add_argument("--ignore_mismatched_sizes", action="store_true")
-    p.add_argument("--loss_type", choices=LOSS_TYPES, default=None,
-                   help="training loss: align_detr or dino (DINO's focal loss); default: the model config's")
-    p.add_argument("--config_name", help="AlignDetrConfig json (from scratch)")
-    p.add_argument("--demo_model", action="store_true", help="from scratch: the small demo architecture")
-    p.add_argument("--d_model", type=int, default=64)
-    p.add_argument("--num_queries", type=int, default=30)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite_output_dir", action="store_true", help="write into another run's folder (see above)")
-    p.add_argument("--num_train_epochs", type=int, default=None)
-    p.add_argument("--max_steps", type=int, default=None)
-    p.add_argument("--per_device_train_batch_size", type=int, default=None)
-    p.add_argument("--per_device_eval_batch_size", type=int, default=4)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--learning_rate", type=float, default=None)
-    p.add_argument("--weight_decay", type=float, default=None)
-    p.add_argument("--backbone_lr_mult", type=float, default=None)
-    p.add_argument("--max_grad_norm", type=float, default=None)
-    p.add_argument("--warmup_steps", type=int, default=None)
-    p.add_argument("--warmup_start_factor", type=float, default=None)
-    p.add_argument("--lr_drop_epochs", type=int, nargs="*", default=None)
-    p.add_argument("--lr_drop_fraction", type=float, default=None)
-    p.add_argument("--eval_strategy", default="epoch", choices=["no", "steps", "epoch"])
-    p.add_argument("--eval_steps", type=int, default=None)
-    p.add_argument("--save_strategy", default="epoch", choices=["no", "steps", "epoch"])
-    p.add_argument("--save_steps", type=int, default=500)
-    p.add_argument("--save_total_limit", type=int, default=2)
-    p.add_argument("--logging_steps", type=int, default=50)
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dataloader_num_workers", type=int, default=None, help="default min(4, cores)")
-    p.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: when CUDA is available")
-    p.add_argument("--dataloader_persistent_workers", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: when there are workers")
-    p.add_argument("--report_to", default="none")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id")
-    p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (of this folder's run)")
+    add_training_arguments(p)  # data, model, recipe and run flags, shared with train_accelerate.py
+    t = p.add_argument_group("Trainer")
+    add_flag(t, "eval_strategy", default="epoch", choices=["no", "steps", "epoch"])
+    add_flag(t, "eval_steps", type=int, default=None)
+    add_flag(t, "save_strategy", default="epoch", choices=["no", "steps", "epoch"])
+    add_flag(t, "save_steps", type=int, default=500)
+    add_flag(t, "fp16", action="store_true")
+    add_flag(t, "bf16", action="store_true")
     return document_flags(p).parse_args(argv)
 
 
@@ -162,49 +102,16 @@ class AlignDetrTrainer(ModelCardTrainerMixin, Trainer):  # trainer.push_to_hub()
         return self.lr_scheduler
 
 
-def recipe_from_args(args) -> TrainingRecipe:
-    """The job's recipe (finetune for a pretrained checkpoint, from_scratch otherwise) with the flags applied."""
-    return resolve_recipe(recipe_for_job(args.recipe, pretrained=bool(args.model_name_or_path)), {
-        "augment": args.augment, "image_scale": args.image_scale, "learning_rate": args.learning_rate,
-        "weight_decay": args.weight_decay, "backbone_lr_mult": args.backbone_lr_mult, "train_stem": args.train_stem,
-        "warmup_steps": args.warmup_steps, "warmup_start_factor": args.warmup_start_factor,
-        "lr_drop_epochs": args.lr_drop_epochs, "lr_drop_fraction": args.lr_drop_fraction,
-        "num_train_epochs": args.num_train_epochs,
-        "max_train_steps": args.max_steps if args.max_steps is None or args.max_steps > 0 else None,
-        "batch_size": args.per_device_train_batch_size, "max_grad_norm": args.max_grad_norm,
-        "filter_empty_gt": args.filter_empty_gt, "filter_min_size": args.filter_min_size,
-        "group_by_aspect_ratio": args.group_by_aspect_ratio,
-    })
-
-
 def main(argv=None):
     args = parse_args(argv)
     recipe = recipe_from_args(args)
     output_dir = Path(args.output_dir)
     folder = RunFolder(output_dir, TRAINER_CHECKPOINTS)  # checked before anything is written into it
     resume_from = folder.prepare(args.resume_from_checkpoint, args.overwrite_output_dir)
-    train_set, val_set = load_train_val_datasets(
-        args.train_annotation, args.train_images, args.val_annotation, args.val_images, args.dataset_name,
-        args.train_split, args.val_split, args.train_val_split, args.synthetic_shapes, output_dir / "data",
-        args.synthetic_image_size, seed=args.seed, synthetic_num_classes=args.synthetic_num_classes,
-    )
-    scale = image_scale_for(recipe, train_set)
-    print(describe_recipe(recipe, scale), flush=True)
-    if recipe.filter_empty_gt or recipe.filter_min_size > 0:
-        num_before = len(train_set)
-        train_set = train_set.filter(recipe.filter_empty_gt, recipe.filter_min_size)
-        print(f"filter (filter_empty_gt={recipe.filter_empty_gt}, min_size={recipe.filter_min_size}): kept "
-              f"{len(train_set)} of {num_before} training images", flush=True)
-    if len(train_set) == 0:
-        raise ValueError("No training images left (after filtering); check the data or --no-filter_empty_gt.")
-    train_set = train_set.with_transforms(build_recipe_transforms(recipe.augment, scale))
-    val_set = val_set.with_transforms(build_eval_transforms(scale=scale))
+    train_set, val_set, scale = datasets_from_args(args, recipe, output_dir / "data",
+                                                   log=lambda line: print(line, flush=True))
     torch.manual_seed(args.seed)
-    model = build_model(train_set.id2label, args.model_name_or_path, args.config_name, args.demo_model,
-                        args.d_model, args.num_queries, args.ignore_mismatched_sizes)
-    apply_recipe_to_model(model, recipe)
-    if args.loss_type:
-        model.config.loss_type = args.loss_type  # the model builds its loss from the config (saved with it)
+    model = model_from_args(args, train_set.id2label, recipe)
     processor = eval_image_processor(scale)
     num_workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
     pin_memory = torch.cuda.is_available() if args.dataloader_pin_memory is None else args.dataloader_pin_memory

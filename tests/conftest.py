@@ -19,8 +19,9 @@ import weights as fixture_weights  # noqa: E402
 
 
 def tiny_config(**overrides):
-    """A few-hundred-kilobyte Align-DETR: ResNet-style basic blocks, d_model 64, 2+2 layers, 12 queries."""
-    from align_detr_hf import AlignDetrConfig
+    """A few-hundred-kilobyte Align-DETR: the small preset with a narrower ResNet (8-32 channels), 2 sampling points,
+    12 queries and 3 classes."""
+    from align_detr_hf.configuration_align_detr import small_config
 
     kwargs = dict(
         backbone_config={
@@ -31,21 +32,15 @@ def tiny_config(**overrides):
             "layer_type": "basic",
             "out_features": ["stage2", "stage3", "stage4"],
         },
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
         encoder_n_points=2,
         decoder_n_points=2,
-        num_queries=12,
         num_denoising_queries=6,
-        id2label={0: "circle", 1: "square", 2: "triangle"},
     )
     kwargs.update(overrides)
-    return AlignDetrConfig(**kwargs)
+    return small_config(kwargs.pop("id2label", {0: "circle", 1: "square", 2: "triangle"}), kwargs.pop("d_model", 64),
+                        kwargs.pop("num_queries", 12), **kwargs)
 
 
 # Batched and one-image runs of the same weights differ by float32 rounding only: another batch size makes the CPU's

@@ -85,7 +85,8 @@ def test_shared_flags_have_one_name_everywhere(parsers):
     assert "--model_name_or_path" in trainer & accelerate & predict & export
     assert "--output_dir" in convert and "--output_dir" in predict
     # every flag both scripts have is spelled the same (no --max_train_steps beside --max_steps)
-    trainer_dests = {a.dest: set(a.option_strings) for a in parsers["train_trainer.py"]._actions}
+    trainer_dests = {a.dest: set(a.option_strings) for a in parsers["train_trainer.py"]._actions
+                     if a.help != argparse.SUPPRESS}  # deprecated aliases are hidden and share the dest
     for action in parsers["train_accelerate.py"]._actions:
         if action.dest in trainer_dests and action.help != argparse.SUPPRESS and action.option_strings:
             assert set(action.option_strings) == trainer_dests[action.dest], action.dest
@@ -152,3 +153,20 @@ def test_example_predict_help_needs_no_model_dir(tmp_path):
                          timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "error: give MODEL_DIR_OR_HUB_ID (or set MODEL_DIR in the environment)" in run.stderr
+
+
+def test_the_scripts_share_one_definition_of_their_common_flags(parsers):
+    """design_next.md item 5: the data, model, recipe and run flags come from `training_arguments` in both scripts,
+    in both spellings; neither script carries a flag that only tests used."""
+    from align_detr_hf.training_arguments import add_training_arguments
+
+    shared = argparse.ArgumentParser()
+    add_training_arguments(shared)
+    for name in ("train_trainer.py", "train_accelerate.py"):
+        assert _flags(shared) <= _flags(parsers[name]), name
+        assert not {"--stop_after_steps", "--debug_log_normaliser"} & _flags(parsers[name]), name
+    accelerate = _load_example("train_accelerate")
+    args = accelerate.parse_args(["--output-dir", "o", "--max-steps", "3", "--steps-this-run", "1",
+                                  "--no-filter-empty-gt", "--learning-rate", "2e-4"])
+    assert (args.output_dir, args.max_steps, args.steps_this_run) == ("o", 3, 1)
+    assert (args.filter_empty_gt, args.learning_rate) == (False, 2e-4)

@@ -65,6 +65,22 @@ def test_the_loss_modules_import_downwards_only():
     assert graph["loss_adapters"] <= {"loss_align_detr", "configuration_align_detr"}  # its options are checked by the config's rules
 
 
+def test_the_small_preset_lives_beside_the_config():
+    """design_next.md item 4: the demo and the recipes both take `small_config` from configuration_align_detr, so
+    neither imports the other, even inside a function."""
+    graph = relative_imports(with_function_level=True)
+    assert "demo" not in graph["recipes"]
+    assert not [group for group in cycles(graph) if {"demo", "recipes"} & set(group)]
+
+
+def test_image_decoding_sits_below_the_image_processors():
+    """design_next.md "next in line": pixels -> float RGB lives in image_io, which both processors, the pipeline and
+    the data loaders import; image_io imports none of them."""
+    graph = relative_imports(with_function_level=True)
+    assert graph["image_io"] <= {"download"}
+    assert "image_io" in graph["image_processing_align_detr"] and "image_io" in graph["image_processing_pil_align_detr"]
+
+
 @pytest.mark.xfail(strict=True, reason="design_next.md item 4: cli <-> export_align_detr and demo <-> recipes are "
                                        "closed by another change; remove this mark then")
 def test_no_import_cycle_counting_imports_inside_functions():

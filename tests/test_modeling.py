@@ -265,6 +265,24 @@ def test_backbone_uses_frozen_batchnorm_and_freezes_only_the_stem():
     assert all(p.requires_grad for p in frozen_more.encoder.stages[1].parameters())
 
 
+def test_set_frozen_stages_freezes_and_unfreezes_in_place():
+    encoder = AlignDetrForObjectDetection(tiny_config()).model.backbone
+    stages = encoder.model.encoder.stages
+
+    def frozen():
+        parts = [encoder.model.embedder, *stages]
+        return [all(not p.requires_grad for p in part.parameters()) for part in parts]
+
+    assert frozen() == [True, False, False, False, False]
+    encoder.set_frozen_stages(2)
+    assert frozen() == [True, True, True, False, False]
+    encoder.set_frozen_stages(-1)
+    assert frozen() == [False, False, False, False, False]
+    with pytest.raises(ValueError, match="freeze_backbone_stages=5 but the backbone has 4 stages"):
+        encoder.set_frozen_stages(5)
+    assert frozen() == [False, False, False, False, False] and encoder.frozen_stages == -1  # unchanged
+
+
 def test_gradients_reach_every_trainable_parameter():
     torch.manual_seed(0)
     model = AlignDetrForObjectDetection(tiny_config()).train()

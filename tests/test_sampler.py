@@ -184,7 +184,7 @@ def test_accelerate_resume_is_exact_with_grouped_batches_and_workers(tmp_path):
               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_train_steps", "7",
               "--checkpointing_steps", "2", "--num_workers", "2", "--no_eval"]
     script.main([*common, "--output_dir", str(tmp_path / "full")])
-    script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "4"])
+    script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--steps_this_run", "4"])
     state = json.loads((tmp_path / "resumed" / "checkpoints" / "step_0000004" / "training_state.json").read_text())
     assert state["epoch"] == 1 and state["batches_in_epoch"] == 2
     script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])

@@ -36,21 +36,56 @@ def _threads():
     torch.set_num_threads(previous)
 
 
+# Runs examples/train_accelerate.py in one process of `accelerate launch`, recording at every loss call the GT counts
+# that normalised it on this rank and their mean over the ranks (the loss's public `normalisers`), through the
+# model's settable `loss_function`.
+NORMALISER_PROBE = """
+import importlib.util, json, sys
+from pathlib import Path
+from accelerate import PartialState
+
+spec = importlib.util.spec_from_file_location("train_accelerate", {script!r})
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+records, build = [], script.model_from_args
+
+def recording_model(*args, **kwargs):
+    model = build(*args, **kwargs)
+    loss_function = model.loss_function
+
+    def recording_loss(inputs, labels):
+        result = loss_function(inputs, labels)
+        local, reduced = loss_function.normalisers
+        records.append({{"local": list(local), "reduced": [float(x) for x in reduced]}})
+        return result
+
+    model.loss_function = recording_loss
+    return model
+
+script.model_from_args = recording_model
+script.main(sys.argv[1:])
+state = PartialState()
+Path({out!r}, f"normaliser_rank{{state.process_index}}.json").write_text(
+    json.dumps({{"world_size": state.num_processes, "records": records}}))
+"""
+
+
 def test_accelerate_ddp_two_processes_agree_on_normaliser(tmp_path):
     # In accelerate 1.x `accelerate launch --cpu --num_processes 2` starts a *single* process (its simple launcher);
     # two CPU processes need torchrun (`--multi_gpu`) plus ACCELERATE_USE_CPU=true, which makes each process use
     # the gloo backend (DistributedType.MULTI_CPU).
+    probe = tmp_path / "probe.py"
+    probe.write_text(NORMALISER_PROBE.format(script=str(EXAMPLES / "train_accelerate.py"), out=str(tmp_path)))
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(EXAMPLES / "train_accelerate.py"), *TINY, "--output_dir", str(tmp_path), "--max_train_steps", "3",
-           "--per_device_train_batch_size", "2", "--checkpointing_steps", "100",
-           "--debug_log_normaliser"]
+           str(probe), *TINY, "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+           "--per_device_train_batch_size", "2", "--checkpointing_steps", "100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / "debug" / f"normaliser_rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"normaliser_rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     rec0, rec1 = ranks[0]["records"], ranks[1]["records"]
     assert len(rec0) == len(rec1) == 3
@@ -63,11 +98,11 @@ def test_accelerate_ddp_two_processes_agree_on_normaliser(tmp_path):
     assert differing > 0, "the ranks saw the same GT counts; the test would not detect a missing all_reduce"
     # the distributed run also evaluated (results gathered from both ranks) and wrote one checkpoint with both
     # ranks' RNG states
-    assert "map" in json.loads((tmp_path / "train_results.json").read_text())["metrics"]
-    assert (tmp_path / "checkpoints" / "step_0000003" / "random_states_1.pkl").exists()
+    assert "map" in json.loads((tmp_path / "out" / "train_results.json").read_text())["metrics"]
+    assert (tmp_path / "out" / "checkpoints" / "step_0000003" / "random_states_1.pkl").exists()
     # every validation image once in the final evaluation's report (gathered per batch from both ranks)
-    report = json.loads((tmp_path / "final" / "evaluation" / "evaluation.json").read_text())
-    assert report["metrics"] == json.loads((tmp_path / "train_results.json").read_text())["metrics"]
+    report = json.loads((tmp_path / "out" / "final" / "evaluation" / "evaluation.json").read_text())
+    assert report["metrics"] == json.loads((tmp_path / "out" / "train_results.json").read_text())["metrics"]
     assert report["num_images_with_detections"] == report["num_images"] == 3
 
 
@@ -83,9 +118,11 @@ def test_resume_continues_exactly(tmp_path):
     common = [*TINY, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
               "--max_train_steps", "7", "--checkpointing_steps", "2"]
     script.main([*common, "--output_dir", str(tmp_path / "full")])
-    script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--stop_after_steps", "4"])
-    interrupted = _final_weights(tmp_path / "resumed")
-    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step_0000004" / "training_state.json").read_text())
+    script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--steps_this_run", "4"])
+    interrupted_at = tmp_path / "resumed" / "checkpoints" / "step_0000004"
+    assert not (tmp_path / "resumed" / "final").exists()  # a partial run leaves its checkpoint, not a final model
+    interrupted = load_file(str(interrupted_at / "model.safetensors"))
+    state = json.loads((interrupted_at / "training_state.json").read_text())
     assert state == {"completed_steps": 4, "epoch": 1, "batches_in_epoch": 2, "micro_step": 8}
     script.main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
 
@@ -119,10 +156,10 @@ def test_trainer_steps_with_coco_eval(tmp_path):
 
 def test_reference_optimizer_groups():
     from align_detr_hf import AlignDetrForObjectDetection
-    from align_detr_hf.demo import demo_config
+    from align_detr_hf.configuration_align_detr import small_config
     from align_detr_hf.optim import build_optimizer, build_scheduler, lr_factor
 
-    model = AlignDetrForObjectDetection(demo_config({0: "a"}, d_model=32, num_queries=5))
+    model = AlignDetrForObjectDetection(small_config({0: "a"}, d_model=32, num_queries=5))
     optimizer = build_optimizer(model)
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["backbone"]["lr"] == pytest.approx(1e-5) and groups["transformer"]["lr"] == pytest.approx(1e-4)

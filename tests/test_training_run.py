@@ -303,7 +303,7 @@ def test_accelerate_second_run_in_a_finished_runs_folder(tmp_path, capsys):
     assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {out} holds another run's final model")
     assert RunRecord.read(out) == first  # nothing was written
 
-    script.main([*second, "--output_dir", str(out), "--overwrite_output_dir", "--stop_after_steps", "2"])
+    script.main([*second, "--output_dir", str(out), "--overwrite_output_dir", "--steps_this_run", "2"])
     run = RunRecord.read(out)
     assert run.run_id != first.run_id and run.seed == 4
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]

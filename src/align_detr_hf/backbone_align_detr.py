@@ -96,5 +96,21 @@ class AlignDetrConvEncoder(nn.Module):
         for module in frozen:
             module.requires_grad_(False)
 
+    def set_frozen_stages(self, num_stages: int) -> None:
+        """Freeze the stem and the first `num_stages` stages (mmdetection's `frozen_stages`; -1 trains the whole
+        backbone), unfreezing what an earlier setting froze. The model's config is the caller's to update."""
+        if not isinstance(num_stages, int) or num_stages < -1:
+            raise ValueError(f"frozen stages must be an integer >= -1, got {num_stages!r}.")
+        previous = self.frozen_stages
+        self.frozen_stages = num_stages
+        self.model.requires_grad_(True)
+        try:
+            self.freeze()
+        except ValueError:
+            self.frozen_stages = previous
+            self.model.requires_grad_(True)
+            self.freeze()
+            raise
+
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(pixel_values).feature_maps)

@@ -1,4 +1,7 @@
-"""Configuration of Align-DETR: the single source of every hyper-parameter of the network and its loss."""
+"""Configuration of Align-DETR: the single source of every hyper-parameter of the network and its loss, and the
+named presets (`small_config`) beside it."""
+
+from collections.abc import Mapping
 
 from transformers import AutoConfig, PreTrainedConfig, ResNetConfig
 
@@ -207,3 +210,34 @@ class AlignDetrConfig(PreTrainedConfig):
             ids = sorted(self.id2label)
             refuse("id2label", f"a map of the class ids 0..{self.num_labels - 1} to names",
                    f"the ids {ids[:10]}{' ...' if len(ids) > 10 else ''}")  # fmt: skip
+
+
+def small_config(
+    id2label: Mapping[int, str] | None = None, d_model: int = 64, num_queries: int = 30, **overrides
+) -> AlignDetrConfig:
+    """The small preset (the CPU demo's and `--demo_model`'s): a ~1 M-parameter Align-DETR with a 4-stage
+    basic-block ResNet (16-128 channels) and 2+2 transformer layers of width `d_model`. `overrides` are any other
+    [`AlignDetrConfig`] fields (e.g. a smaller `backbone_config` for tests)."""
+    fields = dict(
+        backbone_config={
+            "model_type": "resnet",
+            "embedding_size": 16,
+            "hidden_sizes": [16, 32, 64, 128],
+            "depths": [1, 1, 1, 1],
+            "layer_type": "basic",
+            "out_features": ["stage2", "stage3", "stage4"],
+        },
+        d_model=d_model,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_n_points=4,
+        decoder_n_points=4,
+        num_queries=num_queries,
+        num_denoising_queries=30,
+        id2label=dict(id2label) if id2label is not None else None,
+    )
+    return AlignDetrConfig(**{**fields, **overrides})

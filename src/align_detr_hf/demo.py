@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_align_detr import AlignDetrConfig
+from .configuration_align_detr import small_config
 from .data import build_eval_transforms, collate_fn, load_coco_folder
 from .evaluation import evaluate_model
 from .file_io import atomic_directory, check_output_folder, claim_output, owned_file
@@ -170,30 +170,8 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
         claim_output(out / name, WRITER, overwrite=overwrite)
 
 
-def demo_config(id2label: dict[int, str], d_model: int = 64, num_queries: int = 30) -> AlignDetrConfig:
-    """A ~1 M-parameter Align-DETR: 4-stage basic-block ResNet (16-128 channels), 2+2 layers."""
-    return AlignDetrConfig(
-        backbone_config={
-            "model_type": "resnet",
-            "embedding_size": 16,
-            "hidden_sizes": [16, 32, 64, 128],
-            "depths": [1, 1, 1, 1],
-            "layer_type": "basic",
-            "out_features": ["stage2", "stage3", "stage4"],
-        },
-        d_model=d_model,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_ffn_dim=4 * d_model,
-        decoder_ffn_dim=4 * d_model,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_n_points=4,
-        decoder_n_points=4,
-        num_queries=num_queries,
-        num_denoising_queries=30,
-        id2label=id2label,
-    )
+# The small preset's earlier name, kept for scripts that import it from here.
+demo_config = small_config
 
 
 def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict, threshold: float, num: int = 8,
@@ -223,24 +201,12 @@ def draw_detections(dataset, detections: list[dict], path: Path, id2label: dict,
         canvas.save(temp, format="PNG")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:  # impossible arguments and unwritable outputs: one line and exit code 2, before any work
-        check_args(args)
-        check_output_dir(Path(args.output_dir), args.overwrite)
-    except (ValueError, OSError) as error:
-        print(f"align-detr demo: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
-    start = time.perf_counter()
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
-
-    # ---- data
+def prepare_data(args: argparse.Namespace, out: Path, log):
+    """Generate the shapes data into `out/data` and load it with the from-scratch recipe's transforms at the native
+    size: `(recipe, scale, train_set, val_set)`."""
     from .synthetic import SHAPE_CLASSES
 
+    start = time.perf_counter()
     classes = SHAPE_CLASSES[: args.num_classes]
     with atomic_directory(out / "data", WRITER, overwrite=args.overwrite) as staging:
         generate_shapes_dataset(staging / "train", args.num_train_images, args.image_size, seed=args.seed,
@@ -257,28 +223,66 @@ def main(argv: list[str] | None = None) -> dict:
     val_set = load_coco_folder(val_ann, transforms=build_eval_transforms(scale=scale))
     log(f"[demo] {len(train_set)} train / {len(val_set)} val images of {args.image_size}px, classes {classes} "
         f"({time.perf_counter() - start:.1f}s)")
+    return recipe, scale, train_set, val_set
 
-    # ---- model: random init; from scratch the stem is trained too (the model freezes it for pretrained use)
-    config = demo_config(train_set.id2label, args.d_model, args.num_queries)
-    model = AlignDetrForObjectDetection(config)
-    apply_recipe_to_model(model, recipe)
+
+class ThreadProbe:
+    """With --threads 0 on several cores: steps 1-5 on one thread, then all cores (given up at once if 1.5x slower),
+    and training continues with the faster."""
+
+    def __init__(self, args: argparse.Namespace, log):
+        self.cores, self.log = torch.get_num_threads(), log
+        self.active = args.threads == 0 and self.cores > 1 and args.max_steps > PROBE_STEPS
+        self.step_seconds = {}  # threads -> s/step
+        if self.active:
+            torch.set_num_threads(1)
+
+    def after_step(self, step: int, timer: StepTimer) -> None:
+        if not (self.active and step >= THREAD_PROBE_STEPS):
+            return
+        self.step_seconds[torch.get_num_threads()] = timer.seconds_per_step()
+        if step == THREAD_PROBE_STEPS:
+            torch.set_num_threads(self.cores)
+        elif step == PROBE_STEPS or self.step_seconds[self.cores] > 1.5 * self.step_seconds[1]:
+            best = min(self.step_seconds, key=self.step_seconds.get)
+            torch.set_num_threads(best)
+            self.log(f"[demo] threads: {', '.join(f'{n}: {t:.3f} s/step' for n, t in self.step_seconds.items())}; "
+                     f"training continues with {best}")
+            self.active = False
+        timer.restart(step)
+
+
+def refit_schedule(args, recipe, schedule, step: int, timer: StepTimer, probe: ThreadProbe, train_start: float, log):
+    """Fit (then re-fit, as the machine's speed changes) the rest of the schedule to the budget left."""
+    remaining = args.time_budget_s - (time.perf_counter() - train_start)
+    timed = timer.marks[-1][0] - timer.marks[0][0] >= 2  # else: the probe's figure just ended
+    seconds = timer.seconds_per_step() if timed or not probe.step_seconds else min(probe.step_seconds.values())
+    # room for noise: a share of the time left, and a few steps' time (which matters near the end)
+    room = max(BUDGET_SHARE * remaining - RESERVE_STEPS * seconds, 0.0)
+    fitted = fit_schedule(recipe, seconds, room, steps_done=step, previous=schedule if step > PROBE_STEPS else None,
+                          min_steps=PROBE_STEPS)
+    if step == PROBE_STEPS:
+        log(f"[demo] measured {seconds:.3f} s/step over the first steps; schedule for "
+            f"the {args.time_budget_s:.0f}s budget: {fitted.describe()}")
+        log(f"[demo] {reference_line(fitted.max_steps)}")
+    elif abs(fitted.max_steps - schedule.max_steps) >= max(5, 0.05 * schedule.max_steps):
+        log(f"[demo] step time now {timer.seconds_per_step():.3f}s: schedule re-fitted to {fitted.describe()}")
+    return fitted
+
+
+def train(args: argparse.Namespace, model, train_set, recipe, log):
+    """Train within the time budget: `(steps, schedule, stopped_early, train_seconds)`."""
     optimizer = build_optimizer(model, recipe.learning_rate, recipe.weight_decay, recipe.backbone_lr_mult)
     # the schedule starts as the recipe's and is fitted to the budget once the first steps are timed
     schedule = fit_schedule(recipe, step_seconds=1.0, budget_seconds=float(recipe.max_train_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule.lr_factor(i))
-    log(f"[demo] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-
     generator = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate_fn,
                                          generator=generator, drop_last=False)  # a lone short batch is a step
     model.train()
     step, epoch, train_start, running = 0, 0, time.perf_counter(), None
     timer = StepTimer(train_start)
-    cores = torch.get_num_threads()
-    probe_threads = args.threads == 0 and cores > 1 and args.max_steps > PROBE_STEPS
-    step_seconds = {}  # threads -> s/step in the probe
-    if probe_threads:
-        torch.set_num_threads(1)
+    probe = ThreadProbe(args, log)
     stopped_early = False
     while step < schedule.max_steps and not stopped_early:
         train_set.set_epoch(epoch)
@@ -292,35 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
             scheduler.step()
             step += 1
             timer.tick(step)
-            if probe_threads and step >= THREAD_PROBE_STEPS:
-                step_seconds[torch.get_num_threads()] = timer.seconds_per_step()
-                if step == THREAD_PROBE_STEPS:
-                    torch.set_num_threads(cores)
-                elif step == PROBE_STEPS or step_seconds[cores] > 1.5 * step_seconds[1]:
-                    best = min(step_seconds, key=step_seconds.get)
-                    torch.set_num_threads(best)
-                    log(f"[demo] threads: {', '.join(f'{n}: {t:.3f} s/step' for n, t in step_seconds.items())}; "
-                        f"training continues with {best}")
-                    probe_threads = False
-                timer.restart(step)
+            probe.after_step(step, timer)
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             if step == PROBE_STEPS or (step > PROBE_STEPS and step % REFIT_EVERY == 0):
-                # fit (then re-fit, as the machine's speed changes) the rest of the schedule to the budget left
-                remaining = args.time_budget_s - (time.perf_counter() - train_start)
-                timed = timer.marks[-1][0] - timer.marks[0][0] >= 2  # else: the probe's figure just ended
-                seconds = timer.seconds_per_step() if timed or not step_seconds else min(step_seconds.values())
-                # room for noise: a share of the time left, and a few steps' time (which matters near the end)
-                room = max(BUDGET_SHARE * remaining - RESERVE_STEPS * seconds, 0.0)
-                fitted = fit_schedule(recipe, seconds, room, steps_done=step,
-                                      previous=schedule if step > PROBE_STEPS else None, min_steps=PROBE_STEPS)
-                if step == PROBE_STEPS:
-                    log(f"[demo] measured {seconds:.3f} s/step over the first steps; schedule for "
-                        f"the {args.time_budget_s:.0f}s budget: {fitted.describe()}")
-                    log(f"[demo] {reference_line(fitted.max_steps)}")
-                elif abs(fitted.max_steps - schedule.max_steps) >= max(5, 0.05 * schedule.max_steps):
-                    log(f"[demo] step time now {timer.seconds_per_step():.3f}s: schedule re-fitted to "
-                        f"{fitted.describe()}")
-                schedule = fitted
+                schedule = refit_schedule(args, recipe, schedule, step, timer, probe, train_start, log)
             if step % 25 == 0 or step == 1:
                 log(f"[demo] step {step}/{schedule.max_steps} loss {running:.3f} lr "
                     f"{scheduler.get_last_lr()[-1]:.2e} ({time.perf_counter() - train_start:.0f}s)")
@@ -334,9 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
         if step == steps_before:  # every loop must end: an epoch without a step would repeat forever
             raise RuntimeError(f"the training loader yielded no batch in epoch {epoch}.")
         epoch += 1
-    train_time = time.perf_counter() - train_start
+    return step, schedule, stopped_early, time.perf_counter() - train_start
 
-    # ---- evaluation and drawing
+
+def evaluate_and_save(args: argparse.Namespace, model, val_set, scale: float, out: Path) -> dict:
+    """COCO metrics on the validation set, the detections picture, and the model with its processor in `out/model`."""
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate_fn)
     metrics = evaluate_model(model, val_loader, val_set.coco_ground_truth())
     processor = eval_image_processor(scale)  # the eval resize, for inference with the saved model
@@ -346,11 +327,36 @@ def main(argv: list[str] | None = None) -> dict:
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
     sizes = [tuple(t["orig_size"].tolist()) for t in batch["labels"]]
     detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes, top_k=100)
-    draw_detections(val_set, detections, out / "detections.png", config.id2label, args.score_threshold,
+    draw_detections(val_set, detections, out / "detections.png", model.config.id2label, args.score_threshold,
                     overwrite=args.overwrite)
     with atomic_directory(out / "model", WRITER, overwrite=args.overwrite) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:  # impossible arguments and unwritable outputs: one line and exit code 2, before any work
+        check_args(args)
+        check_output_dir(Path(args.output_dir), args.overwrite)
+    except (ValueError, OSError) as error:
+        print(f"align-detr demo: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    start = time.perf_counter()
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    recipe, scale, train_set, val_set = prepare_data(args, out, log)
+
+    # model: random init; from scratch the stem is trained too (the model freezes it for pretrained use)
+    model = AlignDetrForObjectDetection(small_config(train_set.id2label, args.d_model, args.num_queries))
+    apply_recipe_to_model(model, recipe)
+    log(f"[demo] model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    step, schedule, stopped_early, train_time = train(args, model, train_set, recipe, log)
+    metrics = evaluate_and_save(args, model, val_set, scale, out)
 
     result = {
         "metrics": metrics,

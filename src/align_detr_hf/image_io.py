@@ -1,5 +1,6 @@
 """The one way images are read from files and URLs (the `predict` command, the pipeline, the image processor given a
-path, `examples/predict.py`, the data loaders, the demo).
+path, `examples/predict.py`, the data loaders, the demo), and turned into float RGB pixels ([`to_float_rgb`], step 1
+of both image processors).
 
 - EXIF orientation is applied, so pixels and boxes refer to the image *as displayed* (as in image viewers, the
   transformers pipeline and COCO annotation tools).
@@ -14,23 +15,27 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .download import DownloadError, download, is_url
-from .image_processing_align_detr import AlignDetrImageProcessor
 
 __all__ = [
-    "ImageReadError", "displayed", "displayed_size", "is_url", "open_image", "read_image", "read_source", "to_rgb8",
-    "to_rgb_tensor",
+    "ImageReadError", "as_chw_array", "displayed", "displayed_size", "is_url", "open_image", "read_image",
+    "read_source", "to_float_rgb", "to_float_tensor", "to_rgb8", "to_rgb_tensor",
 ]
 
 _EXIF_ORIENTATION = 0x0112
 URL_DEADLINE_S = 120.0  # a whole image download
+_PIL_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+CHANNELS_FIRST = ("channels_first", "first")  # the spellings of `input_data_format`
+CHANNELS_LAST = ("channels_last", "last")
 
 
 class ImageReadError(ValueError):
@@ -121,7 +126,7 @@ def read_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
 
 def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float32 RGB on the 0-255 scale, converted exactly as `AlignDetrImageProcessor` converts it."""
-    return AlignDetrImageProcessor.to_float_rgb(image)[0]
+    return to_float_rgb(image)[0]
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -130,3 +135,146 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     pixels = to_rgb_tensor(image).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+
+
+def as_chw_array(image: Any, input_data_format: Any = None, do_convert_rgb: bool = True) -> tuple[np.ndarray, str]:
+    """
+    One raw image -> `(C, H, W)` NumPy array with 3 channels and its pixel kind: "uint8" (0-255), "uint16" (0-65535)
+    or "float" (checked to be finite and in [0, 1]). Step 1 of the image processors (both backends).
+    """
+    if isinstance(image, Image.Image):
+        image, input_data_format = _pil_to_array(image, do_convert_rgb), "channels_last"
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach()
+        image = (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).cpu().numpy()
+    elif not isinstance(image, np.ndarray):
+        raise ValueError(
+            f"Unsupported image type {type(image).__name__}: pass a PIL.Image.Image, a numpy array (HWC) or a "
+            "torch tensor (CHW), or a list of them."
+        )
+    kind = _pixel_kind(image.dtype)
+    image = _to_rgb_channels(_to_channels_first(image, input_data_format), do_convert_rgb)
+    if kind == "float":
+        _check_unit_range(image)
+    return image, kind
+
+
+def _pil_to_array(image: Any, do_convert_rgb: bool) -> np.ndarray:
+    """A PIL image -> `(H, W[, C])` array at its own depth: 16-bit and float modes kept, 32-bit "I" read as 16-bit,
+    other modes converted to RGB (alpha dropped, as cv2/mmcv do) unless `do_convert_rgb` is off."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Got a zero-size PIL image ({image.width}x{image.height}).")
+    if image.mode == "I":  # 32-bit ints; older Pillow opens 16-bit PNGs in this mode
+        array = np.asarray(image)
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"PIL mode 'I' image with values in [{low}, {high}]: read as 16-bit, values must lie in "
+                "[0, 65535]; convert it to 8-bit ('L'/'RGB') or 16-bit yourself first."
+            )
+        return array.astype(np.uint16)
+    if image.mode in _PIL_MODES_16BIT or image.mode in ("F", "RGB") or not do_convert_rgb:
+        return np.asarray(image)
+    return np.asarray(image.convert("RGB"))  # L, LA, P, RGBA, CMYK, ...
+
+
+def _pixel_kind(dtype: np.dtype) -> str:
+    """"uint8", "uint16" or "float": the pixel scales the processors accept."""
+    if dtype == np.uint8:
+        return "uint8"
+    if dtype == np.uint16:
+        return "uint16"
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    raise ValueError(f"Unsupported image dtype {dtype}: use uint8 (0-255), uint16 (0-65535) or float in [0, 1].")
+
+
+def _to_channels_first(image: np.ndarray, input_data_format: Any) -> np.ndarray:
+    """A 2-d (grayscale) or 3-d image -> `(C, H, W)`; the channel axis is the one `input_data_format` names, or the
+    only axis of size 1, 3 or 4 among the first and the last (both: refused as ambiguous)."""
+    if image.ndim == 2:
+        image = image[None]
+    elif image.ndim == 3:
+        if _is_channels_last(image.shape, input_data_format):
+            image = image.transpose(2, 0, 1)
+    else:
+        raise ValueError(f"An image must be 2-d (grayscale) or 3-d (with channels), got shape {tuple(image.shape)}.")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"Got a zero-size image of shape {tuple(image.shape)} (C, H, W).")
+    return image
+
+
+def _is_channels_last(shape: tuple[int, ...], input_data_format: Any) -> bool:
+    hwc, chw = shape[-1] in (1, 3, 4), shape[0] in (1, 3, 4)
+    fmt = None if input_data_format is None else str(getattr(input_data_format, "value", input_data_format))
+    if fmt is None:
+        if hwc and chw:  # e.g. (3, 5, 3): guessing would silently swap height and channels
+            raise ValueError(
+                f"Ambiguous image shape {tuple(shape)}: both the first and the last axis could be the channels. "
+                "Pass input_data_format='channels_first' (C, H, W) or 'channels_last' (H, W, C)."
+            )
+        if not (hwc or chw):
+            raise ValueError(
+                f"Cannot find the channel axis of an image of shape {tuple(shape)}: expected 1, 3 or 4 channels on "
+                "the first or the last axis."
+            )
+        return hwc
+    if fmt not in CHANNELS_FIRST + CHANNELS_LAST:
+        raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {fmt!r}.")
+    is_hwc = fmt in CHANNELS_LAST
+    if not (hwc if is_hwc else chw):
+        raise ValueError(
+            f"Image of shape {tuple(shape)} has no 1, 3 or 4 channels on the {'last' if is_hwc else 'first'} axis "
+            f"(input_data_format={fmt!r})."
+        )
+    return is_hwc
+
+
+def _to_rgb_channels(image: np.ndarray, do_convert_rgb: bool) -> np.ndarray:
+    """`(C, H, W)` -> `(3, H, W)`: grayscale repeated, a fourth (alpha) channel dropped."""
+    if image.shape[0] == 3:
+        return image
+    if not do_convert_rgb:
+        raise ValueError(
+            f"do_convert_rgb=False, but the image has {image.shape[0]} channel(s); the model takes 3 (RGB). "
+            "Leave do_convert_rgb on to convert grayscale (repeated) and RGBA (alpha dropped) images."
+        )
+    return np.broadcast_to(image, (3, *image.shape[1:])) if image.shape[0] == 1 else image[:3]
+
+
+def _check_unit_range(image: np.ndarray) -> None:
+    low, high = float(image.min()), float(image.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("Float image contains NaN or infinite values.")
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"Float images must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]. "
+            "Pass 0-255 data as uint8, or divide by 255 first."
+        )
+
+
+# Factor from each pixel kind to the 0-255 scale.
+TO_255 = {"uint8": None, "uint16": 255.0 / 65535.0, "float": 255.0}
+
+
+def to_float_tensor(array: np.ndarray, kind: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """An [`as_chw_array`] result -> float32 tensor on the 0-255 scale (on `device` when given)."""
+    if kind == "uint16":  # torch has limited uint16 support; int32 is exact
+        array = array.astype(np.int32)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # e.g. a view of a PIL image: torch would warn
+        array = array.copy()
+    tensor = torch.from_numpy(array)
+    if device is not None:
+        tensor = tensor.to(device)  # before the float conversion: moves 1 byte per uint8 pixel, not 4
+    tensor = tensor.to(torch.float32)
+    if TO_255[kind] is not None:
+        tensor = tensor * TO_255[kind]
+    return tensor.contiguous()
+
+
+def to_float_rgb(image: Any, input_data_format: str | None = None) -> tuple[torch.Tensor, bool]:
+    """One raw image (PIL, NumPy HWC/CHW, torch CHW) -> float32 `(3, H, W)` RGB tensor on the 0-255 scale, plus
+    whether the source was uint8; what both image processors and the data loaders start from."""
+    array, kind = as_chw_array(image, input_data_format)
+    return to_float_tensor(array, kind), kind == "uint8"

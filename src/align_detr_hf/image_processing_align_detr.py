@@ -21,14 +21,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 from .box_ops import box_cxcywh_to_xyxy
-
-
-try:  # Pillow is optional: PIL images are only accepted when it is installed.
-    import PIL.Image
-
-    _PIL_IMAGE_TYPE: tuple[type, ...] = (PIL.Image.Image,)
-except ImportError:  # pragma: no cover
-    _PIL_IMAGE_TYPE = ()
+from .image_io import CHANNELS_FIRST, as_chw_array, read_image, to_float_rgb, to_float_tensor
 
 
 # mmdet's `DetDataPreprocessor` mean/std, on the 0-255 pixel scale, RGB order (= ImageNet mean/std x 255).
@@ -38,13 +31,10 @@ ALIGN_DETR_STD = [58.395, 57.12, 57.375]
 # Values follow `PIL.Image.Resampling` so that a saved config reads like other transformers processors.
 # Nearest is torch's legacy "nearest" (floor(dst * in / out)), which is what cv2 INTER_NEAREST (mmcv) does.
 _RESAMPLE_TO_TORCH_MODE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-_PIL_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 # Keys transformers itself writes into a saved preprocessor config: accepted (auto_map is kept, as transformers does).
 _BOOKKEEPING_KEYS = ("image_processor_type", "processor_class", "_processor_class", "feature_extractor_type", "auto_map")
 # Keys of transformers' older DETR processors, still found in saved configs.
 _LEGACY_KEYS = ("max_size", "pad_and_return_pixel_mask")
-_CHANNELS_FIRST = ("channels_first", "first")
-_CHANNELS_LAST = ("channels_last", "last")
 _SIZE_FORMS = (
     "{'shortest_edge': int, 'longest_edge': int} (keep ratio, mmcv's rounding; longest_edge optional), "
     "{'max_height': int, 'max_width': int} (keep ratio, largest size that fits), {'height': int, 'width': int} "
@@ -153,112 +143,6 @@ def _canvas_size(sizes: Sequence[tuple[int, int]], pad_size: tuple[int, int] | N
     if pad_size[0] < max_height or pad_size[1] < max_width:
         raise ValueError(f"pad_size {tuple(pad_size)} is smaller than the largest image ({max_height}, {max_width}).")
     return int(pad_size[0]), int(pad_size[1])
-
-
-def _as_chw_array(image: Any, input_data_format: Any = None, do_convert_rgb: bool = True) -> tuple[np.ndarray, str]:
-    """
-    One raw image -> `(C, H, W)` NumPy array with 3 channels and its pixel kind: "uint8" (0-255), "uint16" (0-65535)
-    or "float" (checked to be finite and in [0, 1]). Step 1 of the class docstring, shared by both backends.
-    """
-    if _PIL_IMAGE_TYPE and isinstance(image, _PIL_IMAGE_TYPE):
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"Got a zero-size PIL image ({image.width}x{image.height}).")
-        input_data_format = "channels_last"
-        if image.mode == "I":  # 32-bit ints; older Pillow opens 16-bit PNGs in this mode
-            image = np.asarray(image)
-            low, high = int(image.min()), int(image.max())
-            if low < 0 or high > 65535:
-                raise ValueError(
-                    f"PIL mode 'I' image with values in [{low}, {high}]: read as 16-bit, values must lie in "
-                    "[0, 65535]; convert it to 8-bit ('L'/'RGB') or 16-bit yourself first."
-                )
-            image = image.astype(np.uint16)
-        elif image.mode in _PIL_MODES_16BIT or image.mode == "F":
-            image = np.asarray(image)  # keep 16-bit / float precision, handled below
-        elif image.mode == "RGB" or not do_convert_rgb:
-            image = np.asarray(image)
-        else:  # L, LA, P, RGBA, CMYK, ... ; alpha is dropped as cv2 (mmcv) does
-            image = np.asarray(image.convert("RGB"))
-    elif isinstance(image, torch.Tensor):
-        tensor = image.detach()
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor = tensor.float()
-        image = tensor.cpu().numpy()
-    elif not isinstance(image, np.ndarray):
-        raise ValueError(
-            f"Unsupported image type {type(image).__name__}: pass a PIL.Image.Image, a numpy array (HWC) or a "
-            "torch tensor (CHW), or a list of them."
-        )
-
-    if image.dtype == np.uint8:
-        kind = "uint8"
-    elif image.dtype == np.uint16:
-        kind = "uint16"
-    elif np.issubdtype(image.dtype, np.floating):
-        kind = "float"
-    else:
-        raise ValueError(
-            f"Unsupported image dtype {image.dtype}: use uint8 (0-255), uint16 (0-65535) or float in [0, 1]."
-        )
-
-    # Layout -> (C, H, W)
-    if image.ndim == 2:
-        image = image[None]
-    elif image.ndim == 3:
-        hwc = image.shape[-1] in (1, 3, 4)
-        chw = image.shape[0] in (1, 3, 4)
-        fmt = None if input_data_format is None else str(getattr(input_data_format, "value", input_data_format))
-        if fmt is None:
-            if hwc and chw:  # e.g. (3, 5, 3): guessing would silently swap height and channels
-                raise ValueError(
-                    f"Ambiguous image shape {tuple(image.shape)}: both the first and the last axis could be "
-                    "the channels. Pass input_data_format='channels_first' (C, H, W) or 'channels_last' (H, W, C)."
-                )
-            if not (hwc or chw):
-                raise ValueError(
-                    f"Cannot find the channel axis of an image of shape {tuple(image.shape)}: expected 1, 3 or "
-                    "4 channels on the first or the last axis."
-                )
-            is_hwc = hwc
-        elif fmt in _CHANNELS_FIRST + _CHANNELS_LAST:
-            is_hwc = fmt in _CHANNELS_LAST
-            if not (hwc if is_hwc else chw):
-                raise ValueError(
-                    f"Image of shape {tuple(image.shape)} has no 1, 3 or 4 channels on the "
-                    f"{'last' if is_hwc else 'first'} axis (input_data_format={fmt!r})."
-                )
-        else:
-            raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {fmt!r}.")
-        if is_hwc:
-            image = image.transpose(2, 0, 1)
-    else:
-        raise ValueError(f"An image must be 2-d (grayscale) or 3-d (with channels), got shape {tuple(image.shape)}.")
-    if image.shape[1] == 0 or image.shape[2] == 0:
-        raise ValueError(f"Got a zero-size image of shape {tuple(image.shape)} (C, H, W).")
-
-    # Channels -> RGB
-    if image.shape[0] != 3:
-        if not do_convert_rgb:
-            raise ValueError(
-                f"do_convert_rgb=False, but the image has {image.shape[0]} channel(s); the model takes 3 (RGB). "
-                "Leave do_convert_rgb on to convert grayscale (repeated) and RGBA (alpha dropped) images."
-            )
-        image = np.broadcast_to(image, (3, *image.shape[1:])) if image.shape[0] == 1 else image[:3]
-
-    if kind == "float":
-        low, high = float(image.min()), float(image.max())
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("Float image contains NaN or infinite values.")
-        if low < 0.0 or high > 1.0:
-            raise ValueError(
-                f"Float images must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]. "
-                "Pass 0-255 data as uint8, or divide by 255 first."
-            )
-    return image, kind
-
-
-# Factor from each pixel kind to the 0-255 scale.
-_TO_255 = {"uint8": None, "uint16": 255.0 / 65535.0, "float": 255.0}
 
 
 class AlignDetrImageProcessorBase(BaseImageProcessor):
@@ -425,7 +309,7 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
                 "the image); leave them unset."
             )
         data_format = options["data_format"]
-        if data_format is not None and str(getattr(data_format, "value", data_format)) not in _CHANNELS_FIRST:
+        if data_format is not None and str(getattr(data_format, "value", data_format)) not in CHANNELS_FIRST:
             raise ValueError(f"data_format must be 'channels_first' (the model's layout), got {data_format!r}.")
         return_tensors = options["return_tensors"]
         return_tensors = None if return_tensors is None else str(getattr(return_tensors, "value", return_tensors))
@@ -577,8 +461,6 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
     def _read(image: Any) -> Any:
         """Paths, URLs and encoded bytes are read as `align-detr predict` reads them (EXIF, 16-bit; see image_io)."""
         if isinstance(image, (str, bytes, os.PathLike)):
-            from .image_io import read_image
-
             return read_image(image)
         return image
 
@@ -762,7 +644,7 @@ class AlignDetrImageProcessorBase(BaseImageProcessor):
 
         pixel_values, labels = [], []
         for index, raw_image in enumerate(images):
-            array, kind = _as_chw_array(raw_image, options["input_data_format"], options["do_convert_rgb"])
+            array, kind = as_chw_array(raw_image, options["input_data_format"], options["do_convert_rgb"])
             image = self._prepare_image(array, kind, options["device"])
             orig_size = tuple(array.shape[-2:])
             new_size = self._output_size(*orig_size, options["size"]) if options["do_resize"] else orig_size
@@ -915,30 +797,12 @@ class AlignDetrImageProcessor(AlignDetrImageProcessorBase):
     def backend(self) -> str:
         return "torchvision"
 
-    @staticmethod
-    def to_float_rgb(image: Any, input_data_format: str | None = None) -> tuple[torch.Tensor, bool]:
-        """One raw image -> float32 `(3, H, W)` RGB tensor on the 0-255 scale, plus whether the source was uint8.
-        (Step 1 of the class docstring; the data loaders use it too, so every path converts pixels alike.)"""
-        array, kind = _as_chw_array(image, input_data_format)
-        return AlignDetrImageProcessor._to_float_tensor(array, kind, None), kind == "uint8"
-
-    @staticmethod
-    def _to_float_tensor(array: np.ndarray, kind: str, device: torch.device | None) -> torch.Tensor:
-        if kind == "uint16":  # torch has limited uint16 support; int32 is exact
-            array = array.astype(np.int32)
-        array = np.ascontiguousarray(array)
-        if not array.flags.writeable:  # e.g. a view of a PIL image: torch would warn
-            array = array.copy()
-        tensor = torch.from_numpy(array)
-        if device is not None:
-            tensor = tensor.to(device)  # before the float conversion: moves 1 byte per uint8 pixel, not 4
-        tensor = tensor.to(torch.float32)
-        if _TO_255[kind] is not None:
-            tensor = tensor * _TO_255[kind]
-        return tensor.contiguous()
+    # One raw image -> float32 `(3, H, W)` RGB on the 0-255 scale, plus whether the source was uint8 (step 1 of the
+    # class docstring; `image_io.to_float_rgb`, which the data loaders use too, so every path converts pixels alike).
+    to_float_rgb = staticmethod(to_float_rgb)
 
     def _prepare_image(self, image, kind, device):
-        return self._to_float_tensor(image, kind, device)
+        return to_float_tensor(image, kind, device)
 
     def resize(
         self, image: torch.Tensor, size: dict[str, int], resample: int = 2, round_to_uint8: bool = False

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .image_processing_align_detr import _TO_255, AlignDetrImageProcessorBase, _canvas_size
+from .image_io import TO_255
+from .image_processing_align_detr import AlignDetrImageProcessorBase, _canvas_size
 
 __all__ = ["AlignDetrImageProcessorPil", "resize_array"]
 
@@ -82,8 +83,8 @@ class AlignDetrImageProcessorPil(AlignDetrImageProcessorBase):
 
     def _prepare_image(self, image, kind, device):
         image = image.astype(np.float32)  # a copy: later steps work in place
-        if _TO_255[kind] is not None:
-            image *= np.float32(_TO_255[kind])
+        if TO_255[kind] is not None:
+            image *= np.float32(TO_255[kind])
         return image
 
     def _resize_image(self, image, new_size, resample, round_to_uint8):

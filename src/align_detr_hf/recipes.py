@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .configuration_align_detr import AlignDetrConfig
+from .configuration_align_detr import AlignDetrConfig, small_config
 from .data import Compose, RandomHorizontalFlip, build_eval_transforms, build_train_transforms
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .modeling_align_detr import AlignDetrForObjectDetection
@@ -298,11 +298,8 @@ def apply_recipe_to_model(model: nn.Module, recipe: TrainingRecipe) -> None:
             f"train_stem=True but the model freezes the stem and {frozen_stages} stage(s) "
             "(freeze_backbone_stages); the stem cannot train under frozen stages. Use --no-train_stem."
         )
-    encoder = model.model.backbone
     model.config.freeze_backbone_stages = -1
-    encoder.frozen_stages = -1
-    encoder.model.requires_grad_(True)
-    encoder.freeze()  # re-freezes what never trains (e.g. Swin's unused final norm)
+    model.model.backbone.set_frozen_stages(-1)  # keeps frozen what never trains (e.g. Swin's unused final norm)
 
 
 def build_model(
@@ -315,7 +312,7 @@ def build_model(
     ignore_mismatched_sizes: bool = False,
 ) -> AlignDetrForObjectDetection:
     """The model of a training job: a pretrained checkpoint (with `id2label` for the new classes), else a random
-    init from `config_name`, the small demo architecture, or the default (R-50) configuration."""
+    init from `config_name`, the small preset (`small_config`), or the default (R-50) configuration."""
     id2label = {int(k): v for k, v in id2label.items()}
     label2id = {v: k for k, v in id2label.items()}
     if model_name_or_path:
@@ -325,9 +322,7 @@ def build_model(
     if config_name:
         config = AlignDetrConfig.from_pretrained(config_name, id2label=id2label, label2id=label2id)
     elif demo_model:
-        from .demo import demo_config
-
-        config = demo_config(id2label, d_model=d_model, num_queries=num_queries)
+        config = small_config(id2label, d_model=d_model, num_queries=num_queries)
     else:
         config = AlignDetrConfig(id2label=id2label, label2id=label2id)
     return AlignDetrForObjectDetection(config)
