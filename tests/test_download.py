@@ -261,3 +261,17 @@ def test_images_from_urls_go_through_the_same_path(server, private_cache):
                                              r"ended after"):
         open_image(server.url("/b.png"))
     assert [name.endswith("-a.png") for name in cache_entries(private_cache)] == [True]
+
+
+def test_convert_from_a_url_writes_the_model_from_the_cached_file(server, private_cache, small_state_dict, tmp_path):
+    """The whole `convert` from a URL: one download into the cache, the model card's checks read that copy."""
+    from align_detr_hf import AlignDetrForObjectDetection
+    from align_detr_hf.cli import main as cli
+
+    name = unique_name()
+    server.routes[f"/zoo/{name}"] = ("ok", torch_bytes({"meta": {"epoch": 12}, "state_dict": small_state_dict}))
+    out = tmp_path / "converted"
+    cli(["convert", "--checkpoint", server.url(f"/zoo/{name}"), "--output_dir", str(out)])
+    model = AlignDetrForObjectDetection.from_pretrained(out)
+    assert model.config.num_labels == small_state_dict["bbox_head.cls_branches.0.weight"].shape[0]
+    assert server.hits.count(f"/zoo/{name}") == 1  # the card's sha256 read the cached copy, no second download

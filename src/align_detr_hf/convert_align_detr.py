@@ -423,7 +423,7 @@ def convert_checkpoint(
         processor.save_pretrained(staging)
         layout = mmdet_names(state_dict)[1]
         entry = _zoo_entry(str(checkpoint), layout)
-        local = _download(str(checkpoint)) if re.match(r"https?://", str(checkpoint)) else str(checkpoint)
+        local = str(download(str(checkpoint))) if is_url(checkpoint) else str(checkpoint)  # the cached copy
         card = model_card_fields(
             entry, model.config, str(checkpoint), model_name=push_to_hub, layout=layout,
             iteration=(meta or {}).get("iteration") if layout == "detrex" else None,
