@@ -25,7 +25,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--synthetic_shapes", "12", "--synthetic_image_size", "64", "--demo_model", "--d_model", "32",
         "--num_queries", "10", "--image_scale", "0.08", "--warmup_steps", "2", "--seed", "3"]
 CODE_FILES = {"configuration_align_detr.py", "modeling_align_detr.py", "image_processing_align_detr.py",
-              "image_processing_pil_align_detr.py", "loss_align_detr.py", "box_ops.py",
+              "image_processing_pil_align_detr.py", "image_processing_base_align_detr.py", "loss_align_detr.py", "box_ops.py",
               "ms_deform_attn.py", "ms_deform_attn_gather.py", "backbone_align_detr.py", "denoising_align_detr.py",
               "matching_align_detr.py", "targets_align_detr.py", "pipeline_align_detr.py", "image_io.py", "slicing.py"}
 SIZE = {"shortest_edge": 64, "longest_edge": 96}
@@ -332,8 +332,9 @@ def test_model_push_to_hub_uploads_weights_code_and_our_card(tmp_path, monkeypat
     model = AlignDetrForObjectDetection(tiny_config())
     assert model.push_to_hub("org/tiny", tags=["demo"], dataset_name="shapes") == "commit"
     assert uploaded["repo_id"] == "org/tiny"
-    # the processor's two files are pushed with the processor (the model's code does not import them)
-    model_code = CODE_FILES - {"image_processing_align_detr.py", "image_processing_pil_align_detr.py"}
+    # the processor's three files are pushed with the processor (the model's code does not import them)
+    model_code = CODE_FILES - {"image_processing_align_detr.py", "image_processing_pil_align_detr.py",
+                               "image_processing_base_align_detr.py"}
     assert {"model.safetensors", "config.json", "README.md"} | model_code <= set(uploaded)
     card = ModelCard(uploaded["README.md"].decode())
     assert "demo" in card.data.tags and card.data.license == "apache-2.0"

@@ -44,7 +44,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
 from .file_io import MANIFEST_NAME, owned_file, owned_files_in
-from .image_processing_align_detr import AlignDetrImageProcessor, AlignDetrImageProcessorBase
+from .image_processing_align_detr import AlignDetrImageProcessor
+from .image_processing_base_align_detr import AlignDetrImageProcessorBase
 from .image_processing_pil_align_detr import AlignDetrImageProcessorPil
 from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel, AlignDetrPreTrainedModel
 

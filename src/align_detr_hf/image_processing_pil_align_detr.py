@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .image_io import TO_255
-from .image_processing_align_detr import AlignDetrImageProcessorBase, _canvas_size
+from .image_processing_base_align_detr import AlignDetrImageProcessorBase, _canvas_size
 
 __all__ = ["AlignDetrImageProcessorPil", "resize_array"]
 
