@@ -112,9 +112,9 @@ def build_detector(name: str, id2label: dict, d_model: int, num_queries: int, nu
         vit = dict(model_type="lw_detr_vit" if name == "lw_detr" else "rf_detr_dinov2", hidden_size=d_model,
                    num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=image_size, patch_size=8,
                    num_windows=4, out_indices=[2, 4])
-        group_kwargs = dict(backbone_config=vit, d_model=d_model, decoder_layers=num_layers, decoder_ffn_dim=4 * d_model,
-                            decoder_self_attention_heads=4, decoder_cross_attention_heads=4, num_queries=num_queries,
-                            id2label=id2label)
+        group_kwargs = dict(backbone_config=vit, d_model=d_model, decoder_layers=num_layers,
+                            decoder_ffn_dim=4 * d_model, decoder_self_attention_heads=4,
+                            decoder_cross_attention_heads=4, num_queries=num_queries, id2label=id2label)
         if name == "lw_detr":
             return transformers.LwDetrForObjectDetection(
                 transformers.LwDetrConfig(projector_scale_factors=[1.0], **group_kwargs))
@@ -218,7 +218,8 @@ def _paired_difference(results: list[dict], dataset: str, model_name: str, loss:
     `loss` is ahead."""
     by_seed = {(r["loss"], r["seed"]): r["map"] for r in results if r["model"] == model_name
                and r["dataset"] == dataset}
-    diffs = [by_seed[(loss, s)] - by_seed[("own", s)] for (name, s) in by_seed if name == "own" and (loss, s) in by_seed]
+    diffs = [by_seed[(loss, s)] - by_seed[("own", s)] for (name, s) in by_seed
+             if name == "own" and (loss, s) in by_seed]
     if not diffs:
         return "-"
     spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
@@ -248,9 +249,9 @@ def render(results: list[dict], args, seconds: float) -> str:
         "",
         f"Each model trained from random init with its own loss and with the Align-DETR loss "
         f"(`use_align_detr_loss(model)`, defaults), on two generated data sets: `shapes` (a few large overlapping "
-        f"shapes, {args.num_classes} classes) and `dense` (up to {args.image_size // 8} small non-overlapping shapes of "
-        f"6-{args.image_size // 4} px, 4 classes); {args.num_train_images} train / {args.num_val_images} val images of "
-        f"{args.image_size} px each. Same tiny widths for every model (d_model {args.d_model}, {args.num_layers} "
+        f"shapes, {args.num_classes} classes) and `dense` (up to {args.image_size // 8} small non-overlapping shapes "
+        f"of 6-{args.image_size // 4} px, 4 classes); {args.num_train_images} train / {args.num_val_images} val "
+        f"images of {args.image_size} px each. Same tiny widths for every model (d_model {args.d_model}, {args.num_layers} "
         f"decoder layers, {args.num_queries} queries; the demo's ResNet backbone 16-128 channels, except LW-DETR and "
         f"RF-DETR, which need their ViT: 4 blocks of width {args.d_model}, patch 8; their Group DETR default of 13 "
         f"query groups), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr}, grad clip 0.1, flip "

@@ -362,7 +362,8 @@ class AlignDetrLossAdapter:
         loss = sum(loss_dict.values())
         # per layer as the model lays out its last layer (query groups back beside each other)
         groups = inputs.logits.shape[1] // logits.shape[0]
-        auxiliary_outputs = [{"logits": _groups_out_of_batch(lg, groups), "pred_boxes": _groups_out_of_batch(bx, groups)}
+        auxiliary_outputs = [{"logits": _groups_out_of_batch(lg, groups),
+                              "pred_boxes": _groups_out_of_batch(bx, groups)}
                              for lg, bx in zip(inputs.logits[:-1], inputs.boxes[:-1])]
         return loss, loss_dict, auxiliary_outputs
 
