@@ -247,19 +247,22 @@ def render(results: list[dict], args, seconds: float) -> str:
         f"## Align-DETR loss on transformers' detectors: {', '.join(args.models)}, {args.steps} steps "
         f"(`benchmarks/bench_loss_adapters.py`)",
         "",
-        f"Each model trained from random init with its own loss and with the Align-DETR loss "
-        f"(`use_align_detr_loss(model)`, defaults), on two generated data sets: `shapes` (a few large overlapping "
-        f"shapes, {args.num_classes} classes) and `dense` (up to {args.image_size // 8} small non-overlapping shapes "
-        f"of 6-{args.image_size // 4} px, 4 classes); {args.num_train_images} train / {args.num_val_images} val "
-        f"images of {args.image_size} px each. Same tiny widths for every model (d_model {args.d_model}, "
-        f"{args.num_layers} decoder layers, {args.num_queries} queries; the demo's ResNet backbone 16-128 channels, "
-        f"except LW-DETR and RF-DETR, which need their ViT: 4 blocks of width {args.d_model}, patch 8; their Group "
-        f"DETR default of 13 query groups), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr}, "
-        f"grad clip 0.1, flip augmentation, seeds {args.seeds}. COCO bbox mAP on the val set per seed, mean ± sample std over seeds; "
-        f"Δ mAP: the row's loss minus the model's own, paired by seed (on how many seeds it is ahead). Ablation rows: "
-        f"`ia_bce` = IA-BCE with one-to-one matching (k = 1, so no rank weights), `ia_bce+one_to_k` = default k with "
-        f"rank weights off (tau = 1e9); `align_detr` = both plus rank weights (tau 1.5); `align_detr:k=K,tau=T` = "
-        f"k of every layer but the last (and of the encoder), tau of the rank weights.",
+        " ".join([
+            "Each model trained from random init with its own loss and with the Align-DETR loss",
+            "(`use_align_detr_loss(model)`, defaults), on two generated data sets: `shapes` (a few large overlapping",
+            f"shapes, {args.num_classes} classes) and `dense` (up to {args.image_size // 8} small non-overlapping",
+            f"shapes of 6-{args.image_size // 4} px, 4 classes); {args.num_train_images} train /",
+            f"{args.num_val_images} val images of {args.image_size} px each. Same tiny widths for every model",
+            f"(d_model {args.d_model}, {args.num_layers} decoder layers, {args.num_queries} queries; the demo's",
+            "ResNet backbone 16-128 channels, except LW-DETR and RF-DETR, which need their ViT: 4 blocks of width",
+            f"{args.d_model}, patch 8; their Group DETR default of 13 query groups), {args.steps} steps of batch",
+            f"{args.batch_size}, AdamW lr {args.lr}, grad clip 0.1, flip augmentation, seeds {args.seeds}. COCO bbox",
+            "mAP on the val set per seed, mean ± sample std over seeds; Δ mAP: the row's loss minus the model's own,",
+            "paired by seed (on how many seeds it is ahead). Ablation rows: `ia_bce` = IA-BCE with one-to-one",
+            "matching (k = 1, so no rank weights), `ia_bce+one_to_k` = default k with rank weights off (tau = 1e9);",
+            "`align_detr` = both plus rank weights (tau 1.5); `align_detr:k=K,tau=T` = k of every layer but the last",
+            "(and of the encoder), tau of the rank weights.",
+        ]),
         "",
         "| data | model | loss | mAP per seed | mAP | AP50 | AP75 | Δ mAP vs own | train s / run |",
         "|---|---|---|---|---|---|---|---|---|",
