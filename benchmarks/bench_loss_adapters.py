@@ -292,7 +292,7 @@ def render(results: list[dict], args, seconds: float) -> str:
                       f"noise, and none of these figures predicts converged accuracy; `--full` runs are needed for that."]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     total_train = sum(r["train_seconds"] for r in results) / 60
-    how = (f"re-rendered (`--report_only`) from the runs recorded by `bench_loss_adapters.py` with these settings"
+    how = ("re-rendered (`--report_only`) from the runs recorded by `bench_loss_adapters.py` with these settings"
            if args.report_only else f"{seconds / 60:.1f} min of wall time in this invocation")
     lines += ["", f"Command: `{common.command_line()}`; {how}; {total_train:.0f} min of training in all. "
                   f"Train times are wall-clock on a machine shared with other jobs (1-min load average at writing: "
