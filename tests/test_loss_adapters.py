@@ -52,13 +52,26 @@ def build(name, **overrides):
     if name == "detr":
         config = transformers.DetrConfig(backbone_config=_backbone(["stage4"]), encoder_layers=1, **width)
         return transformers.DetrForObjectDetection(config)
+    if name in ("lw_detr", "rf_detr"):  # a tiny windowed ViT backbone; 3 query groups of 8 in training
+        vit = dict(model_type=f"{name}_vit" if name == "lw_detr" else "rf_detr_dinov2", hidden_size=16,
+                   num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8,
+                   num_windows=4, out_indices=[1, 2])
+        kwargs = dict(backbone_config=vit, d_model=32, decoder_layers=2, decoder_ffn_dim=32,
+                      decoder_self_attention_heads=2, decoder_cross_attention_heads=2, decoder_n_points=2,
+                      num_queries=8, group_detr=3, id2label=ID2LABEL)
+        if name == "lw_detr":
+            kwargs["projector_scale_factors"] = [1.0]
+        prefix = "LwDetr" if name == "lw_detr" else "RfDetr"
+        config = getattr(transformers, f"{prefix}Config")(**{**kwargs, **overrides})
+        return getattr(transformers, f"{prefix}ForObjectDetection")(config)
     kwargs = dict(backbone_config=_backbone(), encoder_in_channels=[16, 16, 32], feat_strides=[8, 16, 32],
                   encoder_hidden_dim=32, hidden_expansion=0.5, decoder_in_channels=[32] * 3, num_denoising=6,
                   **width)
     kwargs.update(overrides)
     classes = {"rt_detr": ("RTDetrConfig", "RTDetrForObjectDetection"),
                "rt_detr_v2": ("RTDetrV2Config", "RTDetrV2ForObjectDetection"),
-               "d_fine": ("DFineConfig", "DFineForObjectDetection")}
+               "d_fine": ("DFineConfig", "DFineForObjectDetection"),
+               "deimv2": ("Deimv2Config", "Deimv2ForObjectDetection")}
     config_class, model_class = (getattr(transformers, n) for n in classes[name])
     return model_class(config_class(**kwargs))
 
@@ -87,7 +100,11 @@ EXPECTED_KEYS = {
     "rt_detr": _keys(["", "d0.", "enc_"], ["", "d0."]),
     "rt_detr_v2": _keys(["", "d0.", "enc_"], ["", "d0."]),
     "d_fine": _keys(["", "d0.", "pre.", "enc_"], ["", "d0.", "pre."]),
+    "deimv2": _keys(["", "d0.", "pre.", "enc_"], ["", "d0.", "pre."]),
+    "lw_detr": _keys(["", "d0.", "enc_"]),
+    "rf_detr": _keys(["", "d0.", "enc_"]),
 }
+KEEPS_DISTRIBUTION_LOSSES = ("d_fine", "deimv2")
 
 
 class _TwoImages(torch.utils.data.Dataset):
@@ -110,7 +127,7 @@ def test_forward_gradients_and_trainer_step(name, tmp_path):
     output = model(pixel_values=_pixels(), labels=_labels())
     own_terms = {k for k in output.loss_dict if k.startswith("own.")}
     assert set(output.loss_dict) - own_terms == EXPECTED_KEYS[name]
-    if name == "d_fine":  # its distribution losses are kept beside ours, nothing else of its own
+    if name in KEEPS_DISTRIBUTION_LOSSES:  # their distribution losses are kept beside ours, nothing else of theirs
         assert own_terms and {k.split("_")[1] for k in own_terms} == {"fgl", "ddf"}
     else:
         assert not own_terms
@@ -138,7 +155,7 @@ def test_forward_gradients_and_trainer_step(name, tmp_path):
     with torch.no_grad():
         eval_keys = set(model(pixel_values=_pixels(), labels=_labels()).loss_dict)
     without_dn = {k for k in EXPECTED_KEYS[name] if "dn_" not in k}
-    assert eval_keys == (_keys(["", "enc_"]) if name == "d_fine" else without_dn)
+    assert eval_keys == (_keys(["", "enc_"]) if name in KEEPS_DISTRIBUTION_LOSSES else without_dn)
 
 
 def _spy_on_loss_inputs(model):
@@ -159,7 +176,8 @@ def _direct_loss(num_labels, num_gt_repeat, labels=None, **outputs):
     return build_loss(config)(inputs, labels or _labels())[1]
 
 
-@pytest.mark.parametrize("name", ["rt_detr", "deformable_detr_two_stage", "conditional_detr"])
+@pytest.mark.parametrize("name", ["rt_detr", "deformable_detr_two_stage", "conditional_detr", "lw_detr", "rf_detr",
+                                  "deimv2"])
 def test_adapter_equals_align_detr_loss_on_the_same_tensors(name):
     """Through the model + adapter == AlignDetrLoss on the same predictions, re-laid out by hand here."""
     model = build(name)
@@ -168,7 +186,35 @@ def test_adapter_equals_align_detr_loss_on_the_same_tensors(name):
     model.train()
     output = model(pixel_values=_pixels(), labels=_labels())
     (logits, _, _, pred_boxes, _, outputs_class, outputs_coord), kwargs = calls[0][0][:7], calls[0][1]
-    if name == "rt_detr":  # batch-first, denoising queries first
+    if name in ("lw_detr", "rf_detr"):  # layer-first, 3 groups of 8 queries side by side: group g of image b is our
+        # batch entry g * B + b, matched against image b's targets; proposals passed positionally, grouped alike
+        enc_logits, enc_boxes = calls[0][0][7:9]
+        groups = [slice(8 * g, 8 * (g + 1)) for g in range(3)]
+        assert outputs_class.shape[2] == 24
+        expected = _direct_loss(
+            3, [2, 1, 2], _labels() * 3,
+            logits=torch.cat([outputs_class[:, :, g] for g in groups], 1),
+            boxes=torch.cat([outputs_coord[:, :, g] for g in groups], 1),
+            encoder_logits=torch.cat([enc_logits[:, g] for g in groups]),
+            encoder_boxes=torch.cat([enc_boxes[:, g] for g in groups]),
+        )
+        assert [a["logits"].shape for a in output.auxiliary_outputs] == [logits.shape]  # the model's own layout
+        torch.testing.assert_close(output.auxiliary_outputs[0]["logits"], outputs_class[0], rtol=0, atol=0)
+    elif name == "deimv2":  # D-FINE's layout: batch-first, the pre prediction first, boxes clamped to the image
+        num_dn, _ = kwargs["denoising_meta_values"]["dn_num_split"]
+        groups = kwargs["denoising_meta_values"]["dn_num_group"]
+        layers_class, layers_coord = outputs_class.transpose(0, 1), outputs_coord.clamp(0, 1).transpose(0, 1)
+        assert layers_class.shape[0] == 3  # pre + 2 decoder layers
+        config = AlignDetrConfig(num_labels=3, decoder_layers=3, num_gt_repeat=[2, 2, 1, 2])  # pre takes d0's k
+        inputs = AlignDetrLossInputs(
+            layers_class[:, :, num_dn:], layers_coord[:, :, num_dn:], ["pre.", "d0.", ""], kwargs["enc_topk_logits"],
+            kwargs["enc_topk_bboxes"], layers_class[:, :, :num_dn], layers_coord[:, :, :num_dn],
+            DenoisingLayout(num_groups=groups, max_gt=num_dn // (2 * groups)))
+        expected = build_loss(config)(inputs, _labels())[1]
+        own = {k for k in output.loss_dict if k.startswith("own.")}
+        assert own and all(k.split("_")[1] in ("fgl", "ddf") for k in own)
+        expected.update({k: output.loss_dict[k] for k in own})
+    elif name == "rt_detr":  # batch-first, denoising queries first
         meta = kwargs["denoising_meta_values"]
         num_dn, num_queries = meta["dn_num_split"]
         groups = meta["dn_num_group"]
@@ -379,6 +425,35 @@ def test_clear_errors():
         model = build("rt_detr")
         use_align_detr_loss(model, keep_terms=["loss_focal"])
         model.train()(pixel_values=_pixels(), labels=_labels())
+
+
+def test_group_detr_layouts_we_cannot_honour_are_one_clear_error():
+    with pytest.raises(ValueError, match="LwDetrForObjectDetection passes its per-layer predictions .*auxiliary_loss"):
+        use_align_detr_loss(build("lw_detr", auxiliary_loss=False))
+    model = build("rf_detr")
+    adapter = use_align_detr_loss(model)
+    outputs_class, outputs_coord, _ = _random_rt_detr_inputs(num_queries=20)  # 20 queries: not groups of 8
+    with pytest.raises(ValueError, match="passed 20 queries, not a multiple of config.num_queries=8"):
+        adapter(outputs_class[:, -1], _labels(), "cpu", outputs_coord[:, -1], model.config,
+                outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1))
+    # eval mode runs one group: 8 queries, no repetition of the targets
+    model.eval()
+    with torch.no_grad():
+        output = model(pixel_values=_pixels(), labels=_labels())
+    assert output.logits.shape[1] == 8 and torch.isfinite(output.loss)
+
+
+def test_group_detr_kept_terms_take_the_models_own_weights():
+    model = build("lw_detr", bbox_loss_coefficient=3.0)
+    adapter = use_align_detr_loss(model, keep_terms=["loss_bbox"])
+    calls = _spy_on_loss_inputs(model)
+    model.train()
+    output = model(pixel_values=_pixels(), labels=_labels())
+    own = adapter.own_loss_function(*calls[0][0], **calls[0][1])[1]
+    kept = {k: v for k, v in output.loss_dict.items() if k.startswith("own.")}
+    assert set(kept) == {"own.loss_bbox", "own.loss_bbox_0", "own.loss_bbox_enc"}
+    for key, value in kept.items():
+        torch.testing.assert_close(value, 3.0 * own[key[4:]])
 
 
 def test_example_fine_tunes_rt_detr_with_the_align_detr_loss(tmp_path):

@@ -30,7 +30,22 @@ Supported models (all predict one sigmoid logit per class, `num_labels` logits, 
   losses (FGL and DDF) are kept beside ours by default (`keep_terms=("loss_fgl", "loss_ddf")`): they are computed by
   D-FINE's own loss function, on its own one-to-one matching, and added as `own.loss_fgl...`.
 
-DETR, DAB-DETR and other softmax ("no-object" class) models are rejected with an error.
+* `LwDetrForObjectDetection`, `RfDetrForObjectDetection`: Group DETR training. In training mode they run
+  `config.group_detr` groups of `num_queries` queries side by side (queries, encoder proposals and encoder heads
+  per group; self-attention within a group only), and their own loss matches each group one-to-one against the same
+  targets. The adapter moves the groups into the batch axis (group-major: `G * B` sets of `num_queries` queries,
+  the targets repeated `G` times), so every group gets its own one-to-k matching, rank weights and encoder term,
+  and the GT-count normaliser counts every group, as theirs does. Their classification term already is IA-BCE
+  (without one-to-k or rank weights); the encoder proposals are class-aware (ranked by their best class), so the
+  encoder term is too. In eval mode they pass one group. A query count that is not a multiple of
+  `config.num_queries` is refused with an error.
+* `Deimv2ForObjectDetection`: D-FINE's layout (pre prediction, denoising, encoder proposals) and the same kept
+  terms. Its own loss is D-FINE's with MAL (an IoU-target BCE) for classification and dense one-to-one matching (the
+  union of every layer's Hungarian matches) for the box terms: both do what IA-BCE and one-to-k do, so ours replaces
+  them; FGL and DDF (its fine-grained box distributions) have no counterpart in ours and are kept.
+
+DETR, DAB-DETR and other softmax ("no-object" class) models are rejected with an error, as are the segmentation
+variants (`RfDetrForInstanceSegmentation`: its loss also has mask terms).
 
 Adding a model: everything model-specific is one [`ModelFamily`] entry of `MODEL_FAMILIES`, plus its class names in
 `SUPPORTED_MODELS`. Its `inputs` function turns the model's loss-function arguments into [`AlignDetrLossInputs`]
@@ -38,8 +53,9 @@ Adding a model: everything model-specific is one [`ModelFamily`] entry of `MODEL
 proposals if any); `setup` checks the model's config and hooks what its loss function is not given; `keep_terms` and
 `own_term_weight` say which of its own terms are kept and how its own total weights them. The adapter does the rest
 (which layers, k, the encoder term, kept terms). A model that trains groups of queries one-to-one each (Group DETR)
-fits by moving the groups into the batch axis and repeating the targets: the GT-count normaliser then counts every
-group, as those models' own losses do.
+fits by moving the groups into the batch axis: an `inputs` function may return a batch axis of `G * B` (group-major),
+and the adapter repeats the targets `G` times; the GT-count normaliser then counts every group, as those models' own
+losses do.
 """
 
 from __future__ import annotations
@@ -74,7 +90,8 @@ class AlignDetrLossOptions:
     decoder_num_gt_repeat: queries matched to each GT, one entry per decoder layer (first to last), or a single
         entry: the last layer only. None: Align-DETR's `[2, ..., 2, 1]` over every decoder layer.
     encoder_num_gt_repeat: the same for the encoder's proposals; 0 switches the encoder term off. None: 2 where the
-        model has encoder proposals (Deformable DETR two-stage, RT-DETR, D-FINE), off otherwise.
+        model has encoder proposals (Deformable DETR two-stage, RT-DETR, D-FINE, LW-DETR, RF-DETR, DEIMv2),
+        off otherwise.
     loss_overrides: values for [`AlignDetrLossConfig`]'s fields (`LOSS_HYPER_PARAMETERS`).
     keep_terms: the model's own loss terms to add beside ours, by name prefix (`"loss_fgl"` keeps `loss_fgl`,
         `loss_fgl_aux_0`, `loss_fgl_dn_1`, ...), reported as `own.<name>`. They come from the model's own loss
@@ -179,6 +196,41 @@ def _d_fine_inputs(adapter, logits, pred_boxes, config, outputs_class, outputs_c
     return inputs
 
 
+def _groups_into_batch(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(..., B, G * Q, D) -> (..., G * B, Q, D), group-major: entry `g * B + b` is group g of image b."""
+    grouped = x.unflatten(-2, (num_groups, x.shape[-2] // num_groups))  # (..., B, G, Q, D)
+    return grouped.transpose(-4, -3).flatten(-4, -3)
+
+
+def _groups_out_of_batch(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The inverse of `_groups_into_batch` for one layer: (G * B, Q, D) -> (B, G * Q, D)."""
+    if num_groups == 1:
+        return x
+    return x.unflatten(0, (num_groups, x.shape[0] // num_groups)).transpose(0, 1).flatten(1, 2)
+
+
+def _group_detr_inputs(adapter, logits, pred_boxes, config, outputs_class=None, outputs_coord=None,
+                       enc_outputs_class=None, enc_outputs_coord=None, **kwargs):
+    """LW-DETR / RF-DETR: `outputs_class` (L, B, G * Q, C) layer-first (None without auxiliary outputs), the
+    encoder's per-group top-k proposals as `enc_outputs_*` (B, G * Q, ...), passed positionally. The G query groups
+    move into the batch axis (see the module docstring)."""
+    if outputs_class is not None:
+        logits, pred_boxes = outputs_class, outputs_coord
+    else:
+        logits, pred_boxes = logits[None], pred_boxes[None]
+    num_queries = logits.shape[2]
+    if num_queries % config.num_queries:
+        raise ValueError(f"{adapter.model_class_name} passed {num_queries} queries, not a multiple of "
+                         f"config.num_queries={config.num_queries}: its query groups cannot be told apart.")
+    groups = num_queries // config.num_queries
+    encoder_logits = encoder_boxes = None
+    if enc_outputs_class is not None:
+        encoder_logits = _groups_into_batch(enc_outputs_class, groups)
+        encoder_boxes = _groups_into_batch(enc_outputs_coord, groups)
+    return AlignDetrLossInputs(_groups_into_batch(logits, groups), _groups_into_batch(pred_boxes, groups),
+                               decoder_layer_names(logits.shape[0]), encoder_logits, encoder_boxes)
+
+
 def _refuse_encoder_term(adapter) -> None:
     if adapter.options.encoder_num_gt_repeat:
         raise ValueError(f"encoder_num_gt_repeat={adapter.options.encoder_num_gt_repeat} asks for an encoder term, but "
@@ -192,10 +244,14 @@ def _deformable_detr_setup(adapter, model) -> None:
         _refuse_encoder_term(adapter)
 
 
-def _conditional_detr_setup(adapter, model) -> None:
+def _require_auxiliary_outputs(adapter, model) -> None:
     if not model.config.auxiliary_loss and len(adapter.options.decoder_num_gt_repeat or [0, 0]) > 1:
-        raise ValueError("ConditionalDetrForObjectDetection passes its per-layer predictions to the loss only with "
-                         "config.auxiliary_loss=True; set it, or pass decoder_num_gt_repeat=[k] (last layer only).")
+        raise ValueError(f"{adapter.model_class_name} passes its per-layer predictions to the loss only with "
+                         f"config.auxiliary_loss=True; set it, or pass decoder_num_gt_repeat=[k] (last layer only).")
+
+
+def _conditional_detr_setup(adapter, model) -> None:
+    _require_auxiliary_outputs(adapter, model)
     _refuse_encoder_term(adapter)
 
 
@@ -207,11 +263,26 @@ def _detr_own_term_weight(key: str, config) -> float | None:
     return None if base not in weights else float(weights[base])
 
 
+def _group_detr_own_term_weight(key: str, config) -> float | None:
+    """LW-DETR / RF-DETR weight `loss_ce`, `loss_bbox`, `loss_giou` (and their `_<i>` / `_enc` copies) when they add
+    them up; `cardinality_error*` is logged, not added."""
+    base = key.rsplit("_", 1)[0] if key.endswith("_enc") or key[-1].isdigit() else key
+    weights = {"loss_ce": config.class_loss_coefficient, "loss_bbox": config.bbox_loss_coefficient,
+               "loss_giou": config.giou_loss_coefficient}
+    return None if base not in weights else float(weights[base])
+
+
 MODEL_FAMILIES = {
     "deformable_detr": ModelFamily(_detr_inputs, _deformable_detr_setup, own_term_weight=_detr_own_term_weight),
     "conditional_detr": ModelFamily(_detr_inputs, _conditional_detr_setup, own_term_weight=_detr_own_term_weight),
     "rt_detr": ModelFamily(_rt_detr_inputs),
     "d_fine": ModelFamily(_d_fine_inputs, keep_terms=("loss_fgl", "loss_ddf"), last_layer_alone=True),
+    # Group DETR (LW-DETR, RF-DETR): query groups moved into the batch axis; their own weights on their own terms
+    "group_detr": ModelFamily(_group_detr_inputs, _require_auxiliary_outputs,
+                              own_term_weight=_group_detr_own_term_weight),
+    # DEIMv2: D-FINE's layout. Ours replaces MAL (IoU-target BCE) and dense one-to-one matching, which do the jobs of
+    # IA-BCE and one-to-k; FGL/DDF (box distributions) have no counterpart in ours and are kept, as for D-FINE.
+    "deimv2": ModelFamily(_d_fine_inputs, keep_terms=("loss_fgl", "loss_ddf"), last_layer_alone=True),
 }
 
 # Model class name -> its family in MODEL_FAMILIES.
@@ -221,6 +292,9 @@ SUPPORTED_MODELS = {
     "RTDetrForObjectDetection": "rt_detr",
     "RTDetrV2ForObjectDetection": "rt_detr",
     "DFineForObjectDetection": "d_fine",
+    "LwDetrForObjectDetection": "group_detr",
+    "RfDetrForObjectDetection": "group_detr",
+    "Deimv2ForObjectDetection": "deimv2",
 }
 
 
@@ -276,28 +350,39 @@ class AlignDetrLossAdapter:
 
     # ---------------------------------------------------------------------------------------------------- loss
 
-    def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
-        inputs = self.adapt(logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
+    def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, *args,
+                 **kwargs):
+        inputs = self.adapt(logits, pred_boxes, config, outputs_class, outputs_coord, *args, **kwargs)
         loss_dict = self.align_detr_losses(inputs, labels, config)
         if self.options.keep_terms:
             # D-FINE in eval mode computes no distribution losses: nothing to keep is not an error there
             loss_dict.update(self._kept_own_terms(
                 not self._last_layer_alone(inputs), logits, labels, device, pred_boxes, config, outputs_class,
-                outputs_coord, **kwargs))
+                outputs_coord, *args, **kwargs))
         loss = sum(loss_dict.values())
-        auxiliary_outputs = [{"logits": lg, "pred_boxes": bx} for lg, bx in zip(inputs.logits[:-1], inputs.boxes[:-1])]
+        # per layer as the model lays out its last layer (query groups back beside each other)
+        groups = inputs.logits.shape[1] // logits.shape[0]
+        auxiliary_outputs = [{"logits": _groups_out_of_batch(lg, groups),
+                              "pred_boxes": _groups_out_of_batch(bx, groups)}
+                             for lg, bx in zip(inputs.logits[:-1], inputs.boxes[:-1])]
         return loss, loss_dict, auxiliary_outputs
 
-    def adapt(self, logits, pred_boxes, config, outputs_class=None, outputs_coord=None,
+    def adapt(self, logits, pred_boxes, config, outputs_class=None, outputs_coord=None, *args,
               **kwargs) -> AlignDetrLossInputs:
         """Re-lay a model's loss-function arguments out as [`AlignDetrLoss`] reads them (the family's `inputs`)."""
         if logits.shape[-1] != config.num_labels:
             raise ValueError(f"{self.model_class_name} gives {logits.shape[-1]} logits per query but config.num_labels "
                              f"is {config.num_labels}; the Align-DETR loss needs one sigmoid logit per class.")
-        return self.family.inputs(self, logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
+        return self.family.inputs(self, logits, pred_boxes, config, outputs_class, outputs_coord, *args, **kwargs)
 
     def align_detr_losses(self, inputs: AlignDetrLossInputs, labels: list[dict], config) -> dict:
-        """The Align-DETR terms of a model's adapted predictions, named as mmdetection names them."""
+        """The Align-DETR terms of a model's adapted predictions, named as mmdetection names them. A batch axis of
+        `G * len(labels)` holds G query groups (group-major, see the module docstring): the targets are repeated."""
+        batch = inputs.logits.shape[1]
+        if batch % max(len(labels), 1):
+            raise ValueError(f"{self.model_class_name}: {batch} prediction sets for {len(labels)} label dicts; give "
+                             f"one label dict per image.")
+        labels = list(labels) * (batch // max(len(labels), 1))
         inputs, decoder_k = self._select_layers(inputs, config)
         encoder_k = self._encoder_num_gt_repeat(inputs)
         # Proposals scored by one logit (two-stage Deformable DETR ranks and trains them by its class-0 logit) are
@@ -402,7 +487,8 @@ def use_align_detr_loss(
 
     Args:
         model: a `DeformableDetrForObjectDetection`, `ConditionalDetrForObjectDetection`, `RTDetrForObjectDetection`,
-            `RTDetrV2ForObjectDetection` or `DFineForObjectDetection` instance.
+            `RTDetrV2ForObjectDetection`, `DFineForObjectDetection`, `LwDetrForObjectDetection`,
+            `RfDetrForObjectDetection` or `Deimv2ForObjectDetection` instance.
         decoder_num_gt_repeat: k per decoder layer (first to last), or `[k]` for the last layer only. Default
             Align-DETR's `[2, ..., 2, 1]`.
         encoder_num_gt_repeat: k of the encoder proposals (0: no encoder term). Default 2 where there are proposals.
@@ -410,7 +496,7 @@ def use_align_detr_loss(
         gamma: negatives weighted by `p^gamma` (`negative_gamma`).
         tau: prime-sample weight `exp(-rank / tau)` (`rank_tau`).
         keep_terms: the model's own terms to keep beside ours (name prefixes, e.g. `("loss_fgl", "loss_ddf")`);
-            default: D-FINE's distribution losses for D-FINE, none otherwise.
+            default: the distribution losses of D-FINE and DEIMv2 for those, none otherwise.
         **loss_overrides: other [`AlignDetrLossConfig`] fields (`LOSS_HYPER_PARAMETERS`), e.g. `matcher_giou_cost`.
     Returns:
         The [`AlignDetrLossAdapter`] now set as `model.loss_function`. Undo with [`remove_align_detr_loss`].
