@@ -19,6 +19,7 @@
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import statistics
@@ -197,12 +198,11 @@ def run_case(case) -> dict:
             "objects": len(objects)}
 
 
-def run_worker(case, lock: str, timeout=1800):
-    """A timing case in a fresh process, holding the machine-wide timing lock (`flock LOCK`) while it runs."""
+def run_worker(case, timeout=1800):
+    """A timing case in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    command = [sys.executable, __file__, "--worker", json.dumps(case)]
-    proc = subprocess.run(["flock", lock, *command] if lock else command, capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -211,24 +211,38 @@ def run_worker(case, lock: str, timeout=1800):
 
 def measure_costs(args, folder: Path) -> dict:
     """`--rounds` rounds; each round runs every (size, method) case once, in a fresh process, in turn (so load
-    changes hit all cases alike). Returns {(size, method, threshold): {"seconds": [...], "peak_bytes": [...]}}."""
+    changes hit all cases alike), all of it holding the machine-wide timing lock (`flock(2)` on `--lock`, the lock
+    `flock LOCK command` takes), so no other benchmark times meanwhile.
+    Returns {(size, method, threshold): {"seconds": [...], "peak_bytes": [...], "detections": [...]}}."""
     cases = [(size, name, args.threshold) for size in SIZES for name in METHODS]
     cases += [(size, "sliced (NMS)", 0.0) for size in SIZES_AT_0]  # the setting scored above (merge cost)
     costs = {case: {"seconds": [], "peak_bytes": [], "detections": []} for case in cases} if args.rounds else {}
-    for round_index in range(args.rounds):
-        for size, name, threshold in cases:
-            result = run_worker({"folder": str(folder), "size": size, "method": name, "threads": args.threads,
-                                 "tile": TILE, "threshold": threshold}, args.lock)
-            if "error" in result:
-                print(size, name, threshold, "error:", result["error"], flush=True)
-                costs[(size, name, threshold)]["error"] = result["error"]
-                continue
-            for key in ("seconds", "peak_bytes", "detections"):
-                costs[(size, name, threshold)][key].append(result[key])
-            print(f"round {round_index} {size} {name} t={threshold}: {result['seconds']:.2f} s, "
-                  f"{result['peak_bytes'] / 2**20:.0f} MiB, {result['detections']} detections "
-                  f"({result['objects']} objects)", flush=True)
+    lock = open(args.lock, "a") if args.lock and args.rounds else None
+    if lock:
+        print(f"waiting for the timing lock {args.lock}", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        print("timing lock held", flush=True)
+    try:
+        for round_index in range(args.rounds):
+            time_round(args, folder, cases, costs, round_index)
+    finally:
+        if lock:
+            lock.close()  # releases the lock
     return costs
+
+
+def time_round(args, folder, cases, costs, round_index):
+    for size, name, threshold in cases:
+        result = run_worker({"folder": str(folder), "size": size, "method": name, "threads": args.threads,
+                             "tile": TILE, "threshold": threshold})
+        if "error" in result:
+            print(size, name, threshold, "error:", result["error"], flush=True)
+            continue
+        for key in ("seconds", "peak_bytes", "detections"):
+            costs[(size, name, threshold)][key].append(result[key])
+        print(f"round {round_index} {size} {name} t={threshold}: {result['seconds']:.2f} s, "
+              f"{result['peak_bytes'] / 2**20:.0f} MiB, {result['detections']} detections "
+              f"({result['objects']} objects)", flush=True)
 
 
 CLASS_COLOURS = ((230, 25, 75), (0, 130, 200), (255, 160, 0), (60, 180, 75))  # one per shape class
@@ -298,10 +312,11 @@ def render(args, info, scores, costs, counts, total_s, loads) -> str:
         "## Sliced inference on small, dense objects (CPU)",
         "",
         f"Command: `{common.command_line()}` (the model trained by the same script without `--skip_train`); "
-        f"{total_s / 60:.1f} min for scoring and timing. Machine: {common.machine_info()['cpu']}, 2 cores shared with "
-        f"other jobs (1-minute load average {loads[0]:.1f} before the timing, {loads[1]:.1f} after): timings are "
-        f"noisy. Timing ran under `flock {args.lock}` (no other benchmark timed meanwhile), {args.threads} torch "
-        "thread(s).",
+        f"{total_s / 60:.1f} min for scoring and timing (timing included the wait for the lock). Machine: "
+        f"{common.machine_info()['cpu']}, 2 cores shared with other jobs"
+        + (f" (1-minute load average {loads[0]:.1f} before the timing, {loads[1]:.1f} after): timings are noisy. "
+           f"Timing held the machine-wide lock `{args.lock}` (no other benchmark timed meanwhile), {args.threads} "
+           "torch thread(s)." if args.rounds else "."),
         "",
         f"Data: `synthetic.generate_dense_dataset` (shapes of 6-32 px, 4 classes, none overlapping). Training: "
         f"{args.train_images} images of {args.train_size} px with {args.objects} objects each, cut into "
@@ -413,6 +428,10 @@ def main():
     info["val_small"] = sum(a["area"] < 32**2 for a in gt["annotations"]) / len(gt["annotations"])
     scores = evaluate(folder, val_ann)
     counts = picture(folder, val_ann, Path(args.picture), args.picture_threshold)
+    if args.rounds:  # the scores now, the timing (which may wait for the lock) when it is done
+        untimed = argparse.Namespace(**{**vars(args), "rounds": 0})
+        text = render(untimed, info, scores, {}, counts, time.perf_counter() - started, [os.getloadavg()[0]] * 2)
+        common.write_section("slicing", text + "\n\nTiming: pending (waiting for the timing lock).", args.output)
     loads = [os.getloadavg()[0]]
     costs = measure_costs(args, folder)
     loads.append(os.getloadavg()[0])
