@@ -337,8 +337,8 @@ def render(args, info, scores, costs, counts, total_s, loads) -> str:
         f"AP_small ~ AP). The cost columns come from the cost curve below (the {SIZES[-2]} px image, threshold "
         f"{args.threshold}).",
         "",
-        f"| method | AP | AP50 | AP_small | AR@100 | AR@1000 | s / MPix ({SIZES[-2]} px image) | peak MiB ({SIZES[-2]} px "
-        "image) |",
+        f"| method | AP | AP50 | AP_small | AR@100 | AR@1000 | s / MPix ({SIZES[-2]} px image) "
+        f"| peak MiB ({SIZES[-2]} px image) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in scores.items():
@@ -349,7 +349,8 @@ def render(args, info, scores, costs, counts, total_s, loads) -> str:
     lines += [] if not args.rounds else [
         "",
         f"Cost curve: one generated image per size (~590 objects per MPix), each case in a fresh process, a warm-up on "
-        f"a 512 px crop, then one timed call; {args.rounds} rounds, the cases in turn within each round, medians shown. "
+        f"a 512 px crop, then one timed call; {args.rounds} rounds, the cases in turn within each round, medians "
+        "shown. "
         f"Detection threshold {args.threshold} as a user would run it (the README's), and the sliced pass also at "
         "threshold 0 as scored above (the merge then compares every kept box of a class pairwise). Peak memory: RSS "
         "above the level before the call, polled every millisecond.",
