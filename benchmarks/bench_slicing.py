@@ -1,22 +1,28 @@
 """Sliced inference on the dense synthetic set: accuracy with and without slicing, and its cost per megapixel (CPU).
 
-    python benchmarks/bench_slicing.py --threads 2
+    python benchmarks/bench_slicing.py                 # train (~35 min on 1 thread), score, time, write
+    python benchmarks/bench_slicing.py --skip_train    # reuse the model in WORK_DIR/model: score, time, write
 
-1. Generates the dense set (`align_detr_hf.synthetic.generate_dense_dataset`: large images, hundreds of 6-36 px
-   shapes), cuts the training images into `--tile` px tiles (`slicing.slice_coco_dataset`) and trains the demo-size model
-   (`demo.demo_config`, d_model 64, `--num_queries`) on the tiles from scratch for `--steps` steps (the demo's
-   `from_scratch` recipe), its processor at the tile size (a tile is seen at scale 1).
+1. Generates the dense set (`align_detr_hf.synthetic.generate_dense_dataset`: large images, hundreds of 6-32 px
+   shapes), cuts the training images into `--tile` px tiles (`slicing.slice_coco_dataset`) and trains the demo-size
+   model (`demo.demo_config`, d_model 64, `--num_queries`) on the tiles from scratch with the `from_scratch` recipe,
+   the step count fitted to `--time_budget_s`, its processor at the tile size (a tile is seen at scale 1). The model
+   is saved to `--model_dir` (default /tmp/slicing26/model, outside the repository) and reused with `--skip_train`.
 2. Scores the validation images (COCO bbox, maxDets 100/300/1000, so AP is at 1000 detections) with the plain
-   full-image pass (the image resized to the processor's size) and with slicing (`--tile` px tiles, overlap 0.2, + the
-   full-image pass, NMS and WBF).
-3. Times both on one image per size in a fresh worker process each (median of `--repeats` after one warm-up) and
-   measures peak RSS above the level before the run (benchmarks/common.PeakMemory), per megapixel.
-4. Writes the `slicing` section of BENCHMARKS.md and a before/after picture (docs/slicing_before_after.png).
+   full-image pass (the image resized to the processor's size), the plain pass at scale 1 and slicing (`--tile` px
+   tiles, overlap 0.2, + the full-image pass, NMS and WBF).
+3. Times each method on one generated image per size, each call in a fresh worker process run under
+   `flock --lock` (the machine-wide timing lock), `--rounds` rounds in turn, and measures peak RSS above the level
+   before the call (benchmarks/common.PeakMemory), per megapixel.
+4. Writes the `slicing` section of BENCHMARKS.md and the before/after picture (docs/slicing_before_after.png).
 """
 
 import argparse
+import dataclasses
+import fcntl
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,56 +38,84 @@ from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor  
 from align_detr_hf.data import collate_fn, load_coco_folder  # noqa: E402
 from align_detr_hf.demo import demo_config  # noqa: E402
 from align_detr_hf.evaluation import coco_summary  # noqa: E402
-from align_detr_hf.optim import build_optimizer, build_scheduler  # noqa: E402
-from align_detr_hf.recipes import FROM_SCRATCH, apply_recipe_to_model, build_recipe_transforms  # noqa: E402
+from align_detr_hf.optim import build_optimizer  # noqa: E402
+from align_detr_hf.recipes import (  # noqa: E402
+    FROM_SCRATCH,
+    apply_recipe_to_model,
+    build_recipe_transforms,
+    fit_schedule,
+)
 from align_detr_hf.slicing import SliceConfig, detect_passes, merge_detections, slice_coco_dataset, sliced_detect  # noqa: E402
 from align_detr_hf.synthetic import generate_dense_dataset  # noqa: E402
 
 TILE = 128  # set by --tile
 MAX_DETS = (100, 300, 1000)
-SIZES = (512, 1024)
+SIZES = (512, 1024, 2048)  # the cost curve; the table takes the middle one
+SIZES_AT_0 = (1024,)  # threshold 0: the merge's pairwise IoU grows with the square of the boxes kept
 
 
 def processor_for_tiles() -> AlignDetrImageProcessor:
     return AlignDetrImageProcessor(size={"shortest_edge": TILE, "longest_edge": TILE})
 
 
-def train(args, work: Path) -> Path:
+def train(args, work: Path, folder: Path) -> Path:
+    """Train the demo-size model on tiles of the dense set; the step count is fitted to `--time_budget_s` from the
+    measured step time (`recipes.fit_schedule`: warm-up and lr drop at the recipe's fractions of the fitted length).
+    Saves the model, its processor and train_info.json to `folder` every `--save_every` steps and at the end."""
     train_ann = generate_dense_dataset(work / "dense_train", args.train_images, args.train_size, args.objects, seed=0)
     tiles_ann = slice_coco_dataset(train_ann, work / "dense_train" / "images", work / "tiles", TILE, overlap=0.2)
     dataset = load_coco_folder(tiles_ann, transforms=build_recipe_transforms("flip", TILE / 800), seed=0)
-    model = AlignDetrForObjectDetection(demo_config(dataset.id2label, d_model=64, num_queries=args.num_queries))
+    model = AlignDetrForObjectDetection(demo_config(dataset.id2label, d_model=args.d_model,
+                                                    num_queries=args.num_queries))
     apply_recipe_to_model(model, FROM_SCRATCH)
-    optimizer = build_optimizer(model, FROM_SCRATCH.learning_rate, FROM_SCRATCH.weight_decay,
-                                FROM_SCRATCH.backbone_lr_mult)
-    scheduler = build_scheduler(optimizer, warmup_steps=FROM_SCRATCH.warmup_steps,
-                                warmup_start_factor=FROM_SCRATCH.warmup_start_factor,
-                                milestones=[int(args.steps * 0.8)])
+    recipe = dataclasses.replace(FROM_SCRATCH, max_train_steps=args.steps, warmup_steps=max(1, args.steps // 60))
+    optimizer = build_optimizer(model, args.lr, recipe.weight_decay, recipe.backbone_lr_mult)
+    schedule = fit_schedule(recipe, step_seconds=1e-6, budget_seconds=args.time_budget_s)  # re-fit once timed
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.lr_factor(step))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate_fn,
                                          generator=torch.Generator().manual_seed(0))
+    train_objects = sum(len(r.get("annotations", [])) for r in dataset.records)
+    folder.mkdir(parents=True, exist_ok=True)
     model.train()
-    step, start, epoch = 0, time.perf_counter(), 0
-    while step < args.steps and time.perf_counter() - start < args.time_budget_s:
+    step, epoch, start, losses, step_times = 0, 0, time.perf_counter(), [], []
+
+    def save():
+        model.save_pretrained(folder)
+        processor_for_tiles().save_pretrained(folder)
+        info = {"steps": step, "planned_steps": schedule.max_steps, "milestones": list(schedule.milestones),
+                "train_s": round(time.perf_counter() - start, 1), "tiles": len(dataset), "train_objects": train_objects,
+                "threads": torch.get_num_threads(), "batch_size": args.batch_size, "lr": args.lr,
+                "d_model": args.d_model, "num_queries": args.num_queries,
+                "final_loss": round(sum(losses[-50:]) / max(len(losses[-50:]), 1), 3)}
+        (folder / "train_info.json").write_text(json.dumps(info))
+
+    while step < schedule.max_steps:
         dataset.set_epoch(epoch)
         for batch in loader:
+            tick = time.perf_counter()
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), FROM_SCRATCH.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
-            if step % 25 == 0:
-                print(f"step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
-            if step >= args.steps or time.perf_counter() - start > args.time_budget_s:
+            losses.append(loss.item())
+            step_times.append(time.perf_counter() - tick)
+            if step % 50 == 0 or step == 10:  # re-fit the schedule to the budget from the last 50 step times
+                recent = step_times[-50:]
+                schedule = fit_schedule(recipe, sum(recent) / len(recent),
+                                        max(args.time_budget_s - (time.perf_counter() - start), 0), step, schedule)
+            if step % 50 == 0:
+                print(f"step {step}/{schedule.max_steps} loss {sum(losses[-50:]) / 50:.3f} "
+                      f"lr {scheduler.get_last_lr()[0]:.1e} ({time.perf_counter() - start:.0f}s, "
+                      f"{sum(step_times[-50:]) / 50:.2f} s/step)", flush=True)
+            if step % args.save_every == 0:
+                save()
+            if step >= schedule.max_steps:
                 break
         epoch += 1
-    folder = work / "model"
-    model.save_pretrained(folder)
-    processor_for_tiles().save_pretrained(folder)
-    info = {"steps": step, "train_s": round(time.perf_counter() - start, 1), "tiles": len(dataset),
-            "train_objects": sum(len(r["annotations"]) if "annotations" in r else 0 for r in dataset.records)}
-    (folder / "train_info.json").write_text(json.dumps(info))
+    save()
     return folder
 
 
@@ -89,31 +123,44 @@ def load(folder: Path):
     return AlignDetrForObjectDetection.from_pretrained(folder).eval(), AlignDetrImageProcessor.from_pretrained(folder)
 
 
-def plain_detect(model, processor, image, top_k=1000):
+def plain_detect(model, processor, image, threshold=0.0, top_k=1000):
     inputs = processor(images=image, return_tensors="pt")
     with torch.no_grad():
         outputs = model(**inputs)
-    return processor.post_process_object_detection(outputs, target_sizes=[(image.height, image.width)], top_k=top_k)[0]
+    return processor.post_process_object_detection(outputs, threshold=threshold,
+                                                   target_sizes=[(image.height, image.width)], top_k=top_k)[0]
+
+
+def native_detect(model, processor, image, threshold=0.0):
+    """The plain pass with the processor's size set to the image's own, so the model sees it at scale 1 in one pass
+    (bounded by the model's queries, not by the resize)."""
+    native = AlignDetrImageProcessor.from_dict({**processor.to_dict(), "size": {
+        "shortest_edge": min(image.size), "longest_edge": max(image.size)}})
+    return plain_detect(model, native, image, threshold)
 
 
 METHODS = {
-    "full image": lambda m, p, image: plain_detect(m, p, image),
-    "sliced (NMS)": lambda m, p, image: sliced_detect(m, p, image, SliceConfig(tile_size=TILE, merge="nms")),
+    "full image": plain_detect,
+    "full image at scale 1": native_detect,
+    "sliced (NMS)": lambda m, p, image, threshold=0.0: sliced_detect(m, p, image, SliceConfig(tile_size=TILE),
+                                                                     threshold),
 }
 
 
 def evaluate(folder: Path, val_ann: Path) -> dict:
-    """COCO scores of the full-image pass and of the merges, from one run of the passes per image."""
+    """COCO scores of the plain passes and of the merges (from one run of the sliced passes per image), all at score
+    threshold 0 so that up to 1000 detections per image are ranked."""
     from PIL import Image
 
     model, processor = load(folder)
     gt = json.loads(val_ann.read_text())
     merges = {"sliced (NMS)": SliceConfig(tile_size=TILE), "sliced (WBF)": SliceConfig(tile_size=TILE, merge="wbf")}
-    results = {name: [] for name in ("full image", *merges, "tiles only (NMS)")}
+    results = {name: [] for name in ("full image", "full image at scale 1", *merges, "tiles only (NMS)")}
     for info in gt["images"]:
         image = Image.open(val_ann.parent / "images" / info["file_name"]).convert("RGB")
         passes = detect_passes(model, processor, image, merges["sliced (NMS)"])
         found = {"full image": plain_detect(model, processor, image),
+                 "full image at scale 1": native_detect(model, processor, image),
                  "tiles only (NMS)": merge_detections([p for p in passes if p[1] is not None], image.size,
                                                       merges["sliced (NMS)"])}
         found.update({name: merge_detections(passes, image.size, config) for name, config in merges.items()})
@@ -129,7 +176,8 @@ def evaluate(folder: Path, val_ann: Path) -> dict:
 
 
 def run_case(case) -> dict:
-    """One timing case in this (fresh) process: a dense image of `size` px, plain or sliced."""
+    """One timing case in this (fresh) process: a dense image of `size` px, one method, one timed run after a
+    warm-up on a 512 px crop."""
     import random
 
     from align_detr_hf.synthetic import draw_dense_image
@@ -139,15 +187,19 @@ def run_case(case) -> dict:
     torch.set_num_threads(case["threads"])
     model, processor = load(Path(case["folder"]))
     size = case["size"]
-    image, _ = draw_dense_image(random.Random(size), size, size, num_objects=size * size // 2600)
+    image, objects = draw_dense_image(random.Random(size), size, size, num_objects=size * size // 1700)
     method = METHODS[case["method"]]
-    method(model, processor, image.crop((0, 0, 512, 512)))  # warm-up (a crop: the full size is slow on CPU)
+    found = method(model, processor, image.crop((0, 0, 512, 512)), case["threshold"])  # warm-up
     with common.PeakMemory("cpu", process_peak=False) as memory:  # the import-time peak is not ours
-        times = common.time_it(lambda: method(model, processor, image), "cpu", warmup=0, repeats=case["repeats"])
-    return {**common.summary(times), "peak_bytes": memory.peak_bytes}
+        start = time.perf_counter()
+        found = method(model, processor, image, case["threshold"])
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_bytes": memory.peak_bytes, "detections": len(found["scores"]),
+            "objects": len(objects)}
 
 
 def run_worker(case, timeout=1800):
+    """A timing case in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -157,33 +209,85 @@ def run_worker(case, timeout=1800):
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
 
 
-def picture(folder: Path, val_ann: Path, output: Path, threshold: float, crop: int = 448) -> None:
-    """Full-image pass (left) and sliced (right) on a crop of the first validation image, 1:1 pixels."""
-    from PIL import Image, ImageDraw
+def measure_costs(args, folder: Path) -> dict:
+    """`--rounds` rounds; each round runs every (size, method) case once, in a fresh process, in turn (so load
+    changes hit all cases alike), all of it holding the machine-wide timing lock (`flock(2)` on `--lock`, the lock
+    `flock LOCK command` takes), so no other benchmark times meanwhile.
+    Returns {(size, method, threshold): {"seconds": [...], "peak_bytes": [...], "detections": [...]}}."""
+    cases = [(size, name, args.threshold) for size in SIZES for name in METHODS]
+    cases += [(size, "sliced (NMS)", 0.0) for size in SIZES_AT_0]  # the setting scored above (merge cost)
+    costs = {case: {"seconds": [], "peak_bytes": [], "detections": []} for case in cases} if args.rounds else {}
+    lock = open(args.lock, "a") if args.lock and args.rounds else None
+    if lock:
+        print(f"waiting for the timing lock {args.lock}", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        print("timing lock held", flush=True)
+    try:
+        for round_index in range(args.rounds):
+            time_round(args, folder, cases, costs, round_index)
+    finally:
+        if lock:
+            lock.close()  # releases the lock
+    return costs
 
-    from align_detr_hf.visualize import draw_detections
+
+def time_round(args, folder, cases, costs, round_index):
+    for size, name, threshold in cases:
+        result = run_worker({"folder": str(folder), "size": size, "method": name, "threads": args.threads,
+                             "tile": TILE, "threshold": threshold})
+        if "error" in result:
+            print(size, name, threshold, "error:", result["error"], flush=True)
+            continue
+        for key in ("seconds", "peak_bytes", "detections"):
+            costs[(size, name, threshold)][key].append(result[key])
+        print(f"round {round_index} {size} {name} t={threshold}: {result['seconds']:.2f} s, "
+              f"{result['peak_bytes'] / 2**20:.0f} MiB, {result['detections']} detections "
+              f"({result['objects']} objects)", flush=True)
+
+
+CLASS_COLOURS = ((230, 25, 75), (0, 130, 200), (255, 160, 0), (60, 180, 75))  # one per shape class
+
+
+def draw_panel(image, found, threshold, title, crop):
+    """`image` cropped to `crop`, with the boxes scoring above `threshold` outlined in their class's colour (no tags:
+    hundreds of 6-32 px objects leave no room for them)."""
+    from PIL import ImageDraw
+
+    keep = found["scores"] > threshold
+    panel = image.crop(crop)
+    draw = ImageDraw.Draw(panel)
+    shown = 0
+    for label, (x0, y0, x1, y1) in zip(found["labels"][keep].tolist(), found["boxes"][keep].tolist()):
+        if x0 < crop[2] and y0 < crop[3]:
+            shown += 1
+            draw.rectangle((x0 - crop[0], y0 - crop[1], x1 - crop[0], y1 - crop[1]),
+                           outline=CLASS_COLOURS[label % len(CLASS_COLOURS)], width=2)
+    draw.rectangle((0, 0, panel.width, 16), fill=(255, 255, 255))
+    draw.text((4, 2), f"{title}: {shown} here, {int(keep.sum())} in the whole image", fill=(0, 0, 0))
+    return panel
+
+
+def picture(folder: Path, val_ann: Path, output: Path, threshold: float, crop: int = 384) -> dict:
+    """Ground truth, full-image pass and sliced on the top-left crop of the first validation image, at 1:1 pixels."""
+    from PIL import Image
 
     model, processor = load(folder)
     gt = json.loads(val_ann.read_text())
-    image = Image.open(val_ann.parent / "images" / gt["images"][0]["file_name"]).convert("RGB")
-    id2label = model.config.id2label
-    label2id = {name: int(i) for i, name in id2label.items()}
-    panels = []
+    info = gt["images"][0]
+    image = Image.open(val_ann.parent / "images" / info["file_name"]).convert("RGB")
+    boxes = [a for a in gt["annotations"] if a["image_id"] == info["id"]]
+    truth = {"scores": torch.ones(len(boxes)), "labels": torch.tensor([a["category_id"] - 1 for a in boxes]),
+             "boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in boxes)])}
+    box = (0, 0, crop, crop)
+    counts = {"objects": len(boxes)}
+    panels = [draw_panel(image, truth, 0.5, "ground truth", box)]
     for name in ("full image", "sliced (NMS)"):
-        found = METHODS[name](model, processor, image)
-        keep = found["scores"] > threshold
-        detections = [{"label": id2label[int(label)], "score": float(score), "box": box}
-                      for score, label, box in zip(found["scores"][keep], found["labels"][keep],
-                                                   found["boxes"][keep].tolist())]
-        drawn = draw_detections(image, detections, label2id=label2id).crop((0, 0, crop, crop))
-        header = ImageDraw.Draw(drawn)
-        header.rectangle((0, 0, crop, 18), fill=(255, 255, 255))
-        header.text((4, 3), f"{name}: {int(keep.sum())} detections > {threshold} in the whole image",
-                    fill=(0, 0, 0))
-        panels.append(drawn)
-    canvas = Image.new("RGB", (2 * crop + 8, crop), (255, 255, 255))
-    canvas.paste(panels[0], (0, 0))
-    canvas.paste(panels[1], (crop + 8, 0))
+        found = METHODS[name](model, processor, image, threshold)
+        counts[name] = int((found["scores"] > threshold).sum())
+        panels.append(draw_panel(image, found, threshold, f"{name}, score > {threshold}", box))
+    canvas = Image.new("RGB", (3 * crop + 16, crop), (255, 255, 255))
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (i * (crop + 8), 0))
     output.parent.mkdir(parents=True, exist_ok=True)
     colours = 64
     while True:  # an 8-bit palette keeps the README picture small
@@ -191,69 +295,117 @@ def picture(folder: Path, val_ann: Path, output: Path, threshold: float, crop: i
         if output.stat().st_size < 300_000 or colours <= 8:
             break
         colours //= 2
+    return counts
 
 
-def render(args, info, scores, costs, total_s) -> str:
+def render(args, info, scores, costs, counts, total_s, loads) -> str:
+    mpix_ref = SIZES[-2] ** 2 / 1e6
+
+    def median(values):
+        return statistics.median(values) if values else float("nan")
+
+    def cost(size, name, threshold):
+        c = costs.get((size, name, threshold), {})
+        return median(c.get("seconds", [])), median(c.get("peak_bytes", [])) / 2**20
+
     lines = [
         "## Sliced inference on small, dense objects (CPU)",
         "",
-        f"Command: `{common.command_line()}`; {total_s / 60:.1f} min in all. Machine: {common.machine_info()['cpu']}, "
-        f"{args.threads} torch threads, shared with other jobs: timings are noisy.",
+        f"Command: `{common.command_line()}` (the model trained by the same script without `--skip_train`); "
+        f"{total_s / 60:.1f} min for scoring and timing (timing included the wait for the lock). Machine: "
+        f"{common.machine_info()['cpu']}, 2 cores shared with other jobs"
+        + (f" (1-minute load average {loads[0]:.1f} before the timing, {loads[1]:.1f} after): timings are noisy. "
+           f"Timing held the machine-wide lock `{args.lock}` (no other benchmark timed meanwhile), {args.threads} "
+           "torch thread(s)." if args.rounds else "."),
         "",
-        f"Data: `generate_dense_dataset` (shapes of 6-36 px, none overlapping). Training: {args.train_images} images "
-        f"of {args.train_size} px with {args.objects} objects each, cut into {info['tiles']} tiles of {TILE} px "
-        f"(overlap 0.2); the demo-size model (d_model 64, 2+2 layers, {args.num_queries} queries) trained from "
-        f"scratch for {info['steps']} steps of {args.batch_size} tiles ({info['train_s'] / 60:.1f} min). "
-        f"Validation: {args.val_images} images of {args.val_size} px with {args.val_objects} objects each (seed 1). "
-        f"Processor: shortest and longest edge {TILE}, so a tile is seen at scale 1 and the full image at "
-        f"{TILE}/{args.val_size}. Sliced: `SliceConfig(tile_size={TILE})` (overlap 0.2, full-image pass added, "
-        "1000 detections kept). COCO bbox with maxDets (100, 300, 1000): AP and AP_small at 1000 detections.",
+        f"Data: `synthetic.generate_dense_dataset` (shapes of 6-32 px, 4 classes, none overlapping). Training: "
+        f"{args.train_images} images of {args.train_size} px with {args.objects} objects each, cut into "
+        f"{info['tiles']} tiles of {TILE} px (`slicing.slice_coco_dataset`, overlap 0.2; {info['train_objects']} "
+        f"objects); the demo-size model (`demo.demo_config`: ~1 M parameters, d_model {info['d_model']}, 2+2 layers, "
+        f"{info['num_queries']} queries) trained from scratch, `from_scratch` recipe (AdamW lr {info['lr']:g}, flip), "
+        f"batch {info['batch_size']}, {info['steps']} steps in {info['train_s'] / 60:.1f} min on "
+        f"{info['threads']} thread(s) (schedule fitted to the time budget, lr x0.1 at step "
+        f"{info['milestones'][0] if info['milestones'] else '-'}; final loss {info['final_loss']}). "
+        f"Validation: {args.val_images} images of {args.val_size} px with {args.val_objects} objects drawn each "
+        f"(seed 1). Processor: shortest and longest edge {TILE}, so a tile is seen at scale 1 and the plain pass sees "
+        f"the whole image at {TILE}/{args.val_size}. \"full image at scale 1\": the plain pass with the processor's "
+        f"size set to the image's ({args.val_size} px), one pass at the training scale but at most "
+        f"{info['num_queries']} distinct boxes (the queries). Sliced: `SliceConfig(tile_size={TILE})` (overlap 0.2, "
+        "full-image pass added, class-wise merge between passes, 1000 detections kept); \"tiles only\" is the "
+        "same without the full-image pass. Scored at threshold 0, COCO bbox with maxDets (100, 300, 1000): AP, AP50 "
+        f"and AP_small at 1000 detections ({info['val_small']:.0%} of the objects are COCO-small, < 32x32 px, so "
+        f"AP_small ~ AP). The cost columns come from the cost curve below (the {SIZES[-2]} px image, threshold "
+        f"{args.threshold}).",
         "",
-        "| method | AP | AP50 | AP_small | AR@100 | AR@1000 |",
-        "|---|---|---|---|---|---|",
+        f"| method | AP | AP50 | AP_small | AR@100 | AR@1000 | s / MPix ({SIZES[-2]} px image) "
+        f"| peak MiB ({SIZES[-2]} px image) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in scores.items():
+        seconds, peak = cost(SIZES[-2], name, args.threshold)
+        timed = f"{seconds / mpix_ref:.2f} | {peak:,.0f}" if seconds == seconds else "- | -"
         lines.append(f"| {name} | {s['map']:.3f} | {s['map_50']:.3f} | {s['map_small']:.3f} | {s['mar_100']:.3f} | "
-                     f"{s['mar_1000']:.3f} |")
+                     f"{s['mar_1000']:.3f} | {timed} |")
+    lines += [] if not args.rounds else [
+        "",
+        f"Cost curve: one generated image per size (~590 objects per MPix), each case in a fresh process, a warm-up on "
+        f"a 512 px crop, then one timed call; {args.rounds} rounds, the cases in turn within each round, medians "
+        "shown. "
+        f"Detection threshold {args.threshold} as a user would run it (the README's), and the sliced pass also at "
+        "threshold 0 as scored above (the merge then compares every kept box of a class pairwise). Peak memory: RSS "
+        "above the level before the call, polled every millisecond.",
+        "",
+        "| image | MPix | method | threshold | s | s / MPix | peak MiB | peak MiB / MPix | detections |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (size, name, threshold), c in costs.items():
+        mpix = size * size / 1e6
+        if not c["seconds"]:
+            lines.append(f"| {size}x{size} | {mpix:.2f} | {name} | {threshold} | error | | | | |")
+            continue
+        seconds, peak = cost(size, name, threshold)
+        lines.append(f"| {size}x{size} | {mpix:.2f} | {name} | {threshold} | {seconds:.2f} | {seconds / mpix:.2f} | "
+                     f"{peak:,.0f} | {peak / mpix:,.0f} | {int(median(c['detections']))} |")
     lines += [
         "",
-        f"Cost per image (one image per size, fresh process each, median of {args.repeats} after a warm-up; peak "
-        "memory: RSS above the level before the timed runs, polled every millisecond):",
+        f"Picture (`docs/slicing_before_after.png`): the top-left 384 px of the first validation image at 1:1 pixels; "
+        f"ground truth, the plain pass and the sliced pass, detections above {args.picture_threshold} "
+        f"(in the whole image: {counts.get('full image', 0)} plain, {counts.get('sliced (NMS)', 0)} sliced; "
+        f"{counts['objects']} objects).",
         "",
-        "| image | method | s | s / MPix | peak MiB | peak MiB / MPix |",
-        "|---|---|---|---|---|---|",
+        "![ground truth, full image, sliced](docs/slicing_before_after.png)",
+        "",
+        "GPU figures: pending (no GPU on this run).",
     ]
-    for (size, name), result in costs.items():
-        mpix = size * size / 1e6
-        if "median_s" not in result:
-            lines.append(f"| {size}x{size} | {name} | error | | | |")
-            continue
-        peak = result["peak_bytes"] / 2**20
-        lines.append(f"| {size}x{size} | {name} | {result['median_s']:.2f} | {result['median_s'] / mpix:.2f} | "
-                     f"{peak:,.0f} | {peak / mpix:,.0f} |")
-    lines += ["", "![full image vs sliced](docs/slicing_before_after.png)"]
-    lines += ["", "GPU figures: pending (no GPU on this run)."]
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--work_dir", default="/tmp/bench_slicing")
+    parser.add_argument("--work_dir", default="/tmp/slicing26", help="generated data (and the model by default)")
+    parser.add_argument("--model_dir", help="where the trained model is saved / reused (default WORK_DIR/model)")
+    parser.add_argument("--skip_train", action="store_true", help="reuse the model in MODEL_DIR")
+    parser.add_argument("--train_only", action="store_true", help="train, then stop")
     parser.add_argument("--tile", type=int, default=128, help="tile side = the processor's size")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--time_budget_s", type=float, default=540)
+    parser.add_argument("--steps", type=int, default=10000, help="the schedule's length on a fast machine")
+    parser.add_argument("--time_budget_s", type=float, default=2100, help="the schedule is fitted to this")
+    parser.add_argument("--save_every", type=int, default=250)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=FROM_SCRATCH.learning_rate)
+    parser.add_argument("--d_model", type=int, default=64)
     parser.add_argument("--num_queries", type=int, default=60)
-    parser.add_argument("--train_images", type=int, default=4)
+    parser.add_argument("--train_images", type=int, default=32)
     parser.add_argument("--train_size", type=int, default=512)
     parser.add_argument("--objects", type=int, default=150)
     parser.add_argument("--val_images", type=int, default=2)
     parser.add_argument("--val_size", type=int, default=768)
     parser.add_argument("--val_objects", type=int, default=340)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip_train", action="store_true", help="reuse WORK_DIR/model")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (0: no timing)")
+    parser.add_argument("--threshold", type=float, default=0.3, help="detection threshold of the timed calls")
+    parser.add_argument("--picture_threshold", type=float, default=0.3)
+    parser.add_argument("--lock", default="/tmp/timing.lock", help="machine-wide timing lock ('' for none)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--picture", default=str(REPO / "docs" / "slicing_before_after.png"))
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     args = parser.parse_args()
@@ -266,19 +418,28 @@ def main():
     torch.manual_seed(0)
     started = time.perf_counter()
     work = Path(args.work_dir)
-    folder = work / "model" if args.skip_train else train(args, work)
+    folder = Path(args.model_dir) if args.model_dir else work / "model"
+    if not args.skip_train:
+        train(args, work, folder)
+    if args.train_only:
+        return
     info = json.loads((folder / "train_info.json").read_text())
     val_ann = generate_dense_dataset(work / "dense_val", args.val_images, args.val_size, args.val_objects, seed=1)
+    gt = json.loads(val_ann.read_text())
+    info["val_small"] = sum(a["area"] < 32**2 for a in gt["annotations"]) / len(gt["annotations"])
     scores = evaluate(folder, val_ann)
-    picture(folder, val_ann, Path(args.picture), threshold=0.3)
-    costs = {}
-    for size in SIZES:
-        for name in ("full image", "sliced (NMS)"):
-            case = {"folder": str(folder), "size": size, "method": name, "repeats": args.repeats,
-                    "threads": args.threads, "tile": TILE}
-            costs[(size, name)] = run_worker(case)
-            print(size, name, costs[(size, name)].get("median_s", costs[(size, name)]), flush=True)
-    common.write_section("slicing", render(args, info, scores, costs, time.perf_counter() - started), args.output)
+    counts = picture(folder, val_ann, Path(args.picture), args.picture_threshold)
+    if args.rounds:  # the scores now, the timing (which may wait for the lock) when it is done
+        untimed = argparse.Namespace(**{**vars(args), "rounds": 0})
+        text = render(untimed, info, scores, {}, counts, time.perf_counter() - started, [os.getloadavg()[0]] * 2)
+        common.write_section("slicing", text + "\n\nTiming: pending (waiting for the timing lock).", args.output)
+    loads = [os.getloadavg()[0]]
+    costs = measure_costs(args, folder)
+    loads.append(os.getloadavg()[0])
+    (work / "results.json").write_text(json.dumps({"scores": scores, "counts": counts, "loads": loads,
+                                                   "costs": [[*k, v] for k, v in costs.items()]}))
+    text = render(args, info, scores, costs, counts, time.perf_counter() - started, loads)
+    common.write_section("slicing", text, args.output)
     print(f"wrote {args.output} and {args.picture}")
 
 
