@@ -227,18 +227,36 @@ def _demo(argv: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export_align_detr import export_onnx, load_for_export
+    from .export_align_detr import check_exportable
+    from .export_pipeline import export_targets
+    from .export_verify import failures
 
-    model = load_for_export(args.model)
-    path = export_onnx(
-        model,
-        args.output,
-        opset=args.opset,
-        fp16=args.fp16,
-        with_postprocess=args.with_postprocess,
-        top_k=args.top_k,
-    )
-    print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    processor, model = _load_model(args.model, "cpu")
+    check_exportable(model)
+    try:
+        _, report = export_targets(
+            model,
+            processor,
+            args.output,
+            opset=args.opset,
+            fp16=args.fp16,
+            int8=args.int8,
+            openvino=args.openvino,
+            with_postprocess=args.with_postprocess,
+            top_k=args.top_k,
+            calibrate=args.calibrate,
+            calibration_images=args.calibration_images,
+            verify=args.verify,
+            verify_images=args.verify_images,
+            max_map_drop=args.max_map_drop,
+        )
+    except ImportError as error:  # transformers < 5.25 (no exporters), or an extra that is not installed
+        print(f"align-detr export: error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from error
+    failed = failures(report) if report is not None else []
+    if failed:
+        print(f"align-detr export: error: certificate failed: {'; '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,15 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_parser = commands.add_parser(
         "export",
-        help="export to ONNX (inputs pixel_values, pixel_mask; outputs logits, pred_boxes)",
-        description="Export the detector to an ONNX file with dynamic batch, height and width. Inputs pixel_values "
-        "(B, 3, H, W) as the image processor makes them and pixel_mask (B, H, W); outputs logits and pred_boxes. "
-        "See align_detr_hf/export_align_detr.py for the preprocessing steps a consumer must do.",
+        help="export to ONNX / OpenVINO (float32, float16, int8), optionally certified on data",
+        description="Export the detector with dynamic batch, height and width through transformers' exporters. "
+        "Inputs pixel_values (B, 3, H, W) as the image processor makes them and pixel_mask (B, H, W); outputs "
+        "logits and pred_boxes. See align_detr_hf/export_align_detr.py for the preprocessing steps a consumer must "
+        "do, and align_detr_hf/export_runtime.py for the runner that checks inputs as eager PyTorch does. With "
+        "--verify DATA each file is run over DATA against eager PyTorch; the report is written beside the file and "
+        "into the folder's README.md, and the command exits with status 1 when a file's mAP differs by more than "
+        "its threshold.",
     )
     export_parser.add_argument("--model", required=True, help="model folder (save_pretrained / convert) or Hub id")
     export_parser.add_argument("--output", required=True, help="the .onnx file to write (its folder must exist)")
     export_parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
     export_parser.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU runtimes)")
+    export_parser.add_argument(
+        "--int8", action="store_true",
+        help="also write OUTPUT.int8.onnx: int8 static quantization calibrated on --calibrate images (CPU)",
+    )
+    export_parser.add_argument(
+        "--openvino", action="store_true",
+        help="also write OUTPUT.xml/.bin for OpenVINO (and OUTPUT.int8.xml with --int8); needs the openvino extra",
+    )
     export_parser.add_argument(
         "--with-postprocess",
         action="store_true",
@@ -310,6 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
         "boxes (xyxy pixels)",
     )
     export_parser.add_argument("--top-k", type=int, default=300, help="detections per image with --with-postprocess")
+    export_parser.add_argument(
+        "--verify", metavar="DATA", default=None,
+        help="certify every written file on DATA: a COCO folder or annotation .json, a saved `datasets` folder or "
+        "Hub id[:split], or synthetic[:N[:SIZE]] (built-in shapes)",
+    )
+    export_parser.add_argument(
+        "--verify-images", type=int, default=None, metavar="N", help="use only the first N images of DATA"
+    )
+    export_parser.add_argument(
+        "--max-map-drop", type=float, default=None, metavar="POINTS",
+        help="largest accepted |ΔmAP| in points (default 0.1 for float32, 0.5 for float16 and int8)",
+    )
+    export_parser.add_argument(
+        "--calibrate", metavar="DATA", default=None,
+        help="int8 calibration images, DATA as for --verify (default synthetic:32; use images like yours)",
+    )
+    export_parser.add_argument(
+        "--calibration-images", type=int, default=32, metavar="N", help="calibration images used (default 32)"
+    )
     export_parser.set_defaults(func=_export)
 
     # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help

@@ -149,6 +149,7 @@ def export_config(model: nn.Module, export_format: str = "onnx", with_postproces
     Deferred asserts: torch's reshape rules ask questions such as "is this stage's window count 1?" that hold across
     the exported range (`min_side` makes every count at least 2) but that its solver cannot prove for symbolic
     sizes; as asserts they are checked when the ExportedProgram runs, instead of failing the export."""
+    _require_exporters()
     from transformers.exporters import DynamoConfig, OnnxConfig, OpenVINOConfig
 
     _check_model(model)
@@ -166,6 +167,24 @@ def export_config(model: nn.Module, export_format: str = "onnx", with_postproces
         prefer_deferred_runtime_asserts_over_guards=True,
         **settings,
     )
+
+
+def check_exportable(model) -> None:
+    """Raise a one-line ValueError when `model` cannot be exported (not Align-DETR, or a backbone family without a
+    dynamic-size export): before any tracing."""
+    _check_model(model)
+
+
+def _require_exporters() -> None:
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("transformers.exporters") is None:
+        raise ImportError(
+            f"exporting needs transformers >= 5.25 (transformers.exporters); transformers {transformers.__version__} "
+            "is installed: pip install -U 'transformers>=5.25'."
+        )
 
 
 def _check_model(model) -> None:
@@ -202,6 +221,7 @@ def _inference_mode_for_export(model: nn.Module):
 
 def _export(exporter_class, model, export_format, with_postprocess, top_k, example, **settings):
     """One component exported by transformers' exporter: (the backend's program, its metadata)."""
+    _require_exporters()
     _check_model(model)
     if with_postprocess and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer of at least 1, got {top_k!r}.")
@@ -285,8 +305,32 @@ def export_onnx(
     onnx_model = _to_proto(program)
     _name_dynamic_axes(onnx_model)
     _check_graph(onnx_model, with_postprocess)
+    set_metadata(onnx_model, export_metadata(model, with_postprocess, top_k, "fp16" if fp16 else "fp32"))
     _write_atomically(path, onnx_model.SerializeToString())
     return path
+
+
+def export_metadata(model, with_postprocess: bool, top_k: int, precision: str) -> dict:
+    """What a runner needs to know about an exported file, stored in it (`export_runtime.read_metadata`)."""
+    return {
+        "min_side": min_side(model.config.backbone_config),
+        "max_side": MAX_SIDE,
+        "with_postprocess": with_postprocess,
+        "top_k": top_k if with_postprocess else None,
+        "precision": precision,
+        "id2label": {str(k): v for k, v in model.config.id2label.items()},
+    }
+
+
+def set_metadata(onnx_model, metadata: dict) -> None:
+    """Store `metadata` as the ONNX model's `align_detr` metadata entry (replacing an older one)."""
+    import json
+
+    entries = [entry for entry in onnx_model.metadata_props if entry.key != "align_detr"]
+    del onnx_model.metadata_props[:]
+    onnx_model.metadata_props.extend(entries)
+    entry = onnx_model.metadata_props.add()
+    entry.key, entry.value = "align_detr", json.dumps(metadata)
 
 
 def _to_proto(program):
@@ -338,12 +382,3 @@ def _check_graph(onnx_model, with_postprocess: bool) -> None:
 def _write_atomically(path: Path, data: bytes) -> None:
     """Temporary sibling, fsync, rename: a failed export leaves no file and keeps an older one."""
     atomic_write_bytes(path, data)
-
-
-def load_for_export(model: str):
-    """An `AlignDetrForObjectDetection` from a folder or Hub id, with the CLI's error messages."""
-    from .cli import _load_model
-
-    _, detector = _load_model(model, "cpu")
-    _check_model(detector)
-    return detector
