@@ -235,15 +235,26 @@ def _export(exporter_class, model, export_format, with_postprocess, top_k, examp
 
 @contextmanager
 def _quiet_transformers_exporters():
-    """transformers' exporters log an "experimental, version drift" note per export: our tests pin the outcome."""
+    """Keep the exporters' chatter out of the user's terminal: transformers' "experimental, version drift" note, the
+    ONNX exporter's progress lines (printed) and its registry's notes on ops this model does not use. Errors still
+    raise."""
+    import contextlib
+    import io
+    import logging as std_logging
+
     from transformers.utils import logging
 
     level = logging.get_verbosity()
+    registry = std_logging.getLogger("torch.onnx._internal.exporter._registration")
+    registry_level = registry.level
     logging.set_verbosity_error()
+    registry.setLevel(std_logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logging.set_verbosity(level)
+        registry.setLevel(registry_level)
 
 
 def export_program(

@@ -20,7 +20,9 @@ The same QDQ file runs int8 on ONNX Runtime and, converted, on OpenVINO (`export
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +126,14 @@ def int8_quantizer(calibration: Iterable[dict]):
     class AlignDetrStaticQuantizer(OnnxRuntimeQuantizer):
         def quantize(self, model, sample_inputs, export_format):
             import onnx_ir
+            from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
+            LiftConstantsToInitializersPass()(model)  # constant biases as initializers, which QDQ quantizes
             proto = onnx_ir.to_proto(model)
             fold_weight_transposes(proto)
             self.config.nodes_to_quantize = nodes_to_quantize(proto)
-            return super().quantize(onnx_ir.from_proto(proto), sample_inputs, export_format)
+            with _quiet_root_logger():  # onnxruntime.quantization logs its notes on the root logger
+                return super().quantize(onnx_ir.from_proto(proto), sample_inputs, export_format)
 
     config = OnnxRuntimeStaticConfig(
         quant_format=QuantFormat.QDQ,
@@ -140,6 +145,17 @@ def int8_quantizer(calibration: Iterable[dict]):
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
     return AlignDetrStaticQuantizer(config, calibration_dataset=list(calibration))
+
+
+@contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def quantize_onnx(model_path, output, calibration: Iterable[dict]) -> Path:
