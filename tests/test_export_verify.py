@@ -125,7 +125,8 @@ def test_certificate_is_written_beside_the_file_and_into_the_model_card(tiny, tm
     write_certificate(report, exported)  # again: the section is replaced, the user's text kept
     text = card.read_text()
     assert text.startswith("# My detector\n\nMy own notes.\n") and text.count(CARD_START) == text.count(CARD_END) == 1
-    assert "| 40.0 |" in text and "| 50.0 | 70.0" not in text
+    assert "| onnxruntime | model.onnx | onnxruntime | fp32 | 40.0 |" in text
+    assert "| onnxruntime | model.onnx | onnxruntime | fp32 | 50.0 |" not in text
 
 
 def test_cli_verify_writes_the_certificate_and_fails_with_status_1(tiny, pseudo_labelled, tmp_path, monkeypatch,
