@@ -53,14 +53,15 @@ def check_export_matches_eager(family, monkeypatch):
 def test_swin_exports_with_dynamic_height_and_width(monkeypatch):
     """transformers' Swin pads in Python `if`s; torch.export refused it ("Constraints violated (height, width)")."""
     model, program = check_export_matches_eager("swin", monkeypatch)
-    assert min_side(model.config.backbone_config) == 4 * 2**3 * 4 + 1  # patch x 2^(stages-1) x window + 1
+    assert min_side(model.config) == 4 * 2**3 * 4 + 1  # patch x 2^(stages-1) x window + 1
     small = {"pixel_values": torch.zeros(1, 3, 128, 200), "pixel_mask": torch.ones(1, 128, 200, dtype=torch.long)}
     with pytest.raises(Exception, match="129"):  # below the range: the program's own check
         program.module()(**small)
 
 
 def test_convnext_exports_with_dynamic_height_and_width(monkeypatch):
-    check_export_matches_eager("convnext", monkeypatch)
+    model, _ = check_export_matches_eager("convnext", monkeypatch)
+    assert min_side(model.config) == 96  # sizes rounded down: three stride-32 cells (torch.export asked for 96)
 
 
 @pytest.mark.slow

@@ -192,6 +192,24 @@ def test_int8_refuses_a_file_that_is_not_float32(tiny, tmp_path):
         quantize_onnx(path, tmp_path / "none.onnx", [])
 
 
+def test_detect_gives_the_processor_and_eager_detections(tiny):
+    model, processor, _, path = tiny
+    data = load_verification_data("synthetic:2")
+    images = [data.load_image(0), data.load_image(1)]
+    detections = ExportedDetector(path).detect(images, processor, threshold=0.0, top_k=10)
+    inputs = processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    expected = processor.post_process_object_detection(
+        outputs, threshold=0.0, target_sizes=[(im.height, im.width) for im in images], top_k=10
+    )
+    for got, want in zip(detections, expected):
+        torch.testing.assert_close(got["scores"], want["scores"], atol=1e-5, rtol=0)
+        # near-tied scores may come in another order: each box has a partner of its label (pixels; measured ~1e-5)
+        for label, box in zip(got["labels"], got["boxes"]):
+            assert ((want["boxes"] - box).abs().amax(-1)[want["labels"] == label] < 1e-3).any()
+
+
 # ------------------------------------------------------------------------------------------------------ OpenVINO
 
 

@@ -23,9 +23,9 @@ Graph contract (both exports):
              scores (B, K), labels (B, K) int64, boxes (B, K, 4) xyxy in original-image pixels: only
              with_postprocess; the image processor's `post_process_object_detection` before its threshold
              (sigmoid over all Q x C pairs, top-K, clamped to the image), K = min(top_k, Q * C)
-B, H and W are dynamic: B >= 1 and H, W from `min_side(config)` to 8192 pixels (65 for ResNet and ConvNeXt, where
-the coarsest feature level, stride 64, has more than one cell; 32 x window + 1 for Swin, where every stage has
-more than one attention window; `export_backbones.py`). The ExportedProgram checks the range; the ONNX graph cannot
+B, H and W are dynamic: B >= 1 and H, W from `min_side(config)` to 8192 pixels (65 for ResNet, where the coarsest
+feature level, stride 64, has more than one cell; 96 for ConvNeXt, which rounds sizes down; 32 x window + 1 for
+Swin, where every stage has more than one attention window; `export_backbones.py`). The ExportedProgram checks the range; the ONNX graph cannot
 check anything, so `export_runtime.ExportedDetector` (the documented runner) does, before running it: sizes in the
 range, a pixel_mask of pixel_values' (B, H, W) holding a top-left rectangle of ones in each image (the checks of
 eager PyTorch), target_sizes of any real or integer dtype (cast to float32, the graph's type). Fed directly, the
@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy
-from .export_backbones import check_backbone_exportable, min_side
+from .export_backbones import MAX_SIDE, check_backbone_exportable, min_side
 from .file_io import atomic_write_bytes
 from .ms_deform_attn import custom_kernels_disabled
 
@@ -73,7 +73,7 @@ POSTPROCESS_OUTPUT_NAMES = ("scores", "labels", "boxes")
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
 DEFAULT_TOP_K = 300
-MAX_SIDE, MAX_BATCH = 8192, 1024
+MAX_BATCH = 1024
 # the example input the graph is traced with; other sizes and batches run because the dimensions are dynamic
 EXAMPLE_BATCH = 2
 
@@ -116,7 +116,7 @@ def example_inputs(model: nn.Module, with_postprocess: bool = False, batch: int 
     """Inputs of the graph's names and dtypes on the model's device; the last image is partly padding, so the mask
     matters. The default size is a little above the model's smallest exportable side."""
     parameter = next(model.parameters())
-    side = min_side(model.config.backbone_config)
+    side = min_side(model.config)
     height = height or max(256, side + 31)
     width = width or max(320, side + 95)
     generator = torch.Generator().manual_seed(0)
@@ -132,7 +132,7 @@ def example_inputs(model: nn.Module, with_postprocess: bool = False, batch: int 
 def dynamic_shapes(model: nn.Module, with_postprocess: bool = False) -> dict:
     """torch.export's `dynamic_shapes` for the graph inputs: batch, height and width, in the model's exportable
     range (`min_side`)."""
-    side = min_side(model.config.backbone_config)
+    side = min_side(model.config)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     height = torch.export.Dim("height", min=side, max=MAX_SIDE)
     width = torch.export.Dim("width", min=side, max=MAX_SIDE)
@@ -324,7 +324,7 @@ def export_onnx(
 def export_metadata(model, with_postprocess: bool, top_k: int, precision: str) -> dict:
     """What a runner needs to know about an exported file, stored in it (`export_runtime.read_metadata`)."""
     return {
-        "min_side": min_side(model.config.backbone_config),
+        "min_side": min_side(model.config),
         "max_side": MAX_SIDE,
         "with_postprocess": with_postprocess,
         "top_k": top_k if with_postprocess else None,

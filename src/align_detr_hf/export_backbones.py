@@ -25,21 +25,29 @@ EXPORTABLE_BACKBONES = {
     "convnextv2": "as is",
     "swin": "branch-free padding while exporting; sides above 32 x window",
 }
-# the coarsest feature level (stride 64) must have more than one cell for the traced size arithmetic to hold
-MIN_SIDE = 65
+# the sides of every exported model lie between min_side(config) and MAX_SIDE
+MAX_SIDE = 8192
 
 
-def min_side(backbone_config) -> int:
-    """The smallest height and width an export of a model with this backbone takes (and reasons about).
+def min_side(config) -> int:
+    """The smallest height and width an export of this model (an AlignDetrConfig) takes and reasons about.
 
-    Swin: torch's reshape rules branch on whether a stage has a single attention window along a side; above
-    patch x 2^(stages - 1) x window pixels every stage has at least two, so one graph serves every size."""
-    if getattr(backbone_config, "model_type", None) != "swin":
-        return MIN_SIDE
-    patch = backbone_config.patch_size
-    patch = max(patch) if isinstance(patch, (tuple, list)) else patch
-    stride = patch * 2 ** (len(backbone_config.depths) - 1)
-    return max(MIN_SIDE, stride * backbone_config.window_size + 1)
+    The traced size arithmetic holds when the coarsest feature level has more than one cell: stride 32 x 2^extra
+    levels (65 pixels for the usual 4 levels from 3 backbone stages). ResNet and Swin round their stage sizes up
+    (padding), ConvNeXt down (a patchify stem and 2x2 downsampling without padding), so ConvNeXt needs a third stride-32
+    cell: 96 pixels. Swin also needs every stage to hold at least two attention windows along each side (torch's
+    reshape rules branch on a single window): more than patch x 2^(stages - 1) x window pixels."""
+    backbone = config.backbone_config
+    extra = max(config.num_feature_levels - len(backbone.out_features), 0)
+    coarsest = 32 * 2**extra
+    if backbone.model_type in ("convnext", "convnextv2"):
+        return 32 * (2**extra + 1)
+    side = coarsest + 1
+    if backbone.model_type == "swin":
+        patch = backbone.patch_size
+        patch = max(patch) if isinstance(patch, (tuple, list)) else patch
+        side = max(side, patch * 2 ** (len(backbone.depths) - 1) * backbone.window_size + 1)
+    return side
 
 
 def check_backbone_exportable(backbone_config) -> None:
@@ -49,8 +57,8 @@ def check_backbone_exportable(backbone_config) -> None:
         raise ValueError(
             f"the {model_type!r} backbone has no tested dynamic-size export (a size-dependent branch in its code "
             f"would fix the graph to the example's size, or fail the export after minutes); exportable backbones: "
-            f"{', '.join(sorted(EXPORTABLE_BACKBONES))}, at heights and widths from {MIN_SIDE} (Swin: 32 x window "
-            f"+ 1) to 8192 pixels."
+            f"{', '.join(sorted(EXPORTABLE_BACKBONES))}, at heights and widths from 65 (ConvNeXt 96, Swin 32 x "
+            f"window + 1) to {MAX_SIDE} pixels."
         )
 
 

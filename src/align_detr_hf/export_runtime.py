@@ -54,9 +54,12 @@ class _OnnxRuntimeSession:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # e.g. a float16 op the CPU provider lacks: one line, naming the file
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"ONNX Runtime ({providers}) cannot run {path.name}: {first}") from error
         self.input_types = {value.name: value.type for value in self.session.get_inputs()}
         self.output_names = [value.name for value in self.session.get_outputs()]
 
