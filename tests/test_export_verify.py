@@ -175,7 +175,12 @@ def test_int8_keeps_the_precision_sensitive_layers_in_float(tiny, tmp_path):
     pixel_values = calibration[0]["pixel_values"]
     full, reduced = ExportedDetector(path)(pixel_values), ExportedDetector(int8)(pixel_values)
     assert np.isfinite(reduced["logits"]).all()
-    assert np.abs(reduced["pred_boxes"] - full["pred_boxes"]).max() < 0.05  # measured ~0.01 (relative units)
+    # a random model's scores are near-tied (~0.02), so int8 reorders its queries: compare each float box with the
+    # nearest int8 one. Measured: median 0, largest 0.0625 (two cells of the finest level), relative units
+    nearest = np.abs(full["pred_boxes"][:, :, None] - reduced["pred_boxes"][:, None]).max(-1).min(-1)
+    assert np.median(nearest) < 0.01 and nearest.max() < 0.1
+    top = lambda outputs: np.sort(1 / (1 + np.exp(-outputs["logits"].max(-1))), -1)[:, -5:]  # noqa: E731
+    assert np.abs(top(full) - top(reduced)).max() < 0.02  # the five best scores; measured 0.005
 
 
 def test_int8_refuses_a_file_that_is_not_float32(tiny, tmp_path):

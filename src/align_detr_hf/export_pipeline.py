@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .export_align_detr import _check_output_path, export_onnx
+
 DEFAULT_CALIBRATION = "synthetic:32"
 CALIBRATION_SEED = 4321
 
@@ -39,7 +41,6 @@ def export_targets(model, processor, output, *, opset: int = 18, fp16: bool = Fa
                    verify_images: int | None = None, max_map_drop: float | None = None, batch_size: int = 4,
                    threads: int | None = None, log=print) -> tuple[dict[str, Path], dict | None]:
     """Export, quantize, convert and (with `verify`) certify; returns ({target: file}, the report or None)."""
-    from .export_align_detr import _check_output_path, export_onnx
     from .export_verify import calibration_batches, certify, load_verification_data, write_certificate
 
     if fp16 and int8:
