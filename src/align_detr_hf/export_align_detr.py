@@ -25,9 +25,9 @@ Graph contract (both exports):
              (sigmoid over all Q x C pairs, top-K, clamped to the image), K = min(top_k, Q * C)
 B, H and W are dynamic: B >= 1 and H, W from `min_side(config)` to 8192 pixels (65 for ResNet, where the coarsest
 feature level, stride 64, has more than one cell; 96 for ConvNeXt, which rounds sizes down; 32 x window + 1 for
-Swin, where every stage has more than one attention window; `export_backbones.py`). The ExportedProgram checks the range; the ONNX graph cannot
-check anything, so `export_runtime.ExportedDetector` (the documented runner) does, before running it: sizes in the
-range, a pixel_mask of pixel_values' (B, H, W) holding a top-left rectangle of ones in each image (the checks of
+Swin, where every stage has more than one attention window; `export_backbones.py`). The ExportedProgram checks the
+range; the ONNX graph cannot check anything, so `export_runtime.ExportedDetector` (the documented runner) does,
+before running it: sizes in the range, a pixel_mask of pixel_values' (B, H, W) holding a top-left rectangle of ones in each image (the checks of
 eager PyTorch), target_sizes of any real or integer dtype (cast to float32, the graph's type). Fed directly, the
 graph runs on a mask of another size or one without real pixels and returns finite numbers that mean nothing.
 
@@ -152,7 +152,7 @@ def export_config(model: nn.Module, export_format: str = "onnx", with_postproces
     _require_exporters()
     from transformers.exporters import DynamoConfig, OnnxConfig, OpenVINOConfig
 
-    _check_model(model)
+    check_exportable(model)
     config_class = {"onnx": OnnxConfig, "openvino": OpenVINOConfig, "dynamo": DynamoConfig}.get(export_format)
     if config_class is None:
         raise ValueError(f"export_format must be 'onnx', 'openvino' or 'dynamo', got {export_format!r}.")
@@ -169,12 +169,6 @@ def export_config(model: nn.Module, export_format: str = "onnx", with_postproces
     )
 
 
-def check_exportable(model) -> None:
-    """Raise a one-line ValueError when `model` cannot be exported (not Align-DETR, or a backbone family without a
-    dynamic-size export): before any tracing."""
-    _check_model(model)
-
-
 def _require_exporters() -> None:
     import importlib.util
 
@@ -187,7 +181,9 @@ def _require_exporters() -> None:
         )
 
 
-def _check_model(model) -> None:
+def check_exportable(model) -> None:
+    """Raise a one-line ValueError when `model` cannot be exported (not Align-DETR, or a backbone family without a
+    dynamic-size export): before any tracing."""
     from .modeling_align_detr import AlignDetrForObjectDetection
 
     if not isinstance(model, AlignDetrForObjectDetection):
@@ -222,7 +218,7 @@ def _inference_mode_for_export(model: nn.Module):
 def _export(exporter_class, model, export_format, with_postprocess, top_k, example, **settings):
     """One component exported by transformers' exporter: (the backend's program, its metadata)."""
     _require_exporters()
-    _check_model(model)
+    check_exportable(model)
     if with_postprocess and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer of at least 1, got {top_k!r}.")
     wrapper = AlignDetrExportWrapper(model, top_k if with_postprocess else None)
@@ -307,7 +303,7 @@ def export_onnx(
     """
     from transformers.exporters import OnnxExporter
 
-    _check_model(model)
+    check_exportable(model)
     _check_opset(opset)
     path = _check_output_path(output)
     if fp16:

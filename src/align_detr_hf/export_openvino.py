@@ -1,4 +1,4 @@
-"""OpenVINO, a second CPU runtime for exported Align-DETR models (optional extra: `pip install align-detr-hf[openvino]`).
+"""OpenVINO, a second CPU runtime for exported Align-DETR models (the optional extra `align-detr-hf[openvino]`).
 
     export_openvino(model, "model.xml")              # transformers' OpenVINOExporter: the PyTorch model -> IR
     onnx_to_openvino("model.int8.onnx", "model.int8.xml")   # an exported ONNX file (the int8 QDQ one too) -> IR
