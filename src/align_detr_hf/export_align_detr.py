@@ -28,8 +28,9 @@ feature level, stride 64, has more than one cell; 96 for ConvNeXt, which rounds 
 Swin, where every stage has more than one attention window; `export_backbones.py`). The ExportedProgram checks the
 range; the ONNX graph cannot check anything, so `export_runtime.ExportedDetector` (the documented runner) does,
 before running it: sizes in the range, a pixel_mask of pixel_values' (B, H, W) holding a top-left rectangle of
-ones in each image (the checks of eager PyTorch), target_sizes of any real or integer dtype (cast to float32, the graph's type). Fed directly, the
-graph runs on a mask of another size or one without real pixels and returns finite numbers that mean nothing.
+ones in each image (the checks of eager PyTorch), target_sizes of any real or integer dtype (cast to float32, the
+graph's type). Fed directly, the graph runs on a mask of another size or one without real pixels and returns
+finite numbers that mean nothing.
 
 Feeding the graph, what `AlignDetrImageProcessor` does (so a consumer needs no Python):
     1. RGB, channels first.
