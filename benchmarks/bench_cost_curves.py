@@ -59,17 +59,18 @@ def run_case(case) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_function = model.loss_function
     match_times = []
-    original_match = type(loss_function)._match_all_layers
+    matcher = loss_function.matcher
 
-    def timed_match(self, *args, **kwargs):  # the matching inside the real loss call: costs, host copy, solver
+    def timed_match(*args, **kwargs):  # the matching inside the real loss call: costs, host copy, solver
         common.synchronize(device)
         start = time.perf_counter()
-        result = original_match(self, *args, **kwargs)
+        result = matcher(*args, **kwargs)
         common.synchronize(device)
         match_times.append(time.perf_counter() - start)
         return result
 
-    type(loss_function)._match_all_layers = timed_match
+    loss_function.matcher = timed_match
+    model.loss_function = loss_function
 
     def step():
         out = model(pixels, pixel_mask=mask, labels=labels)

@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 LOSS_TYPES = ("dino", "align_detr")
+WRITER = "benchmarks/bench_loss_ab.py"  # how its files are recorded in their folders' manifests (file_io)
 METRICS = (("map", "mAP"), ("map_50", "AP50"), ("map_75", "AP75"))
 
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=int, default=30)
     p.add_argument("--data_dir", default=None, help="where to generate the data (default: a temporary folder)")
     p.add_argument("--results_json", default=None, help="also write every run's metrics here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --results_json / --data_dir content this script did not write (other files kept)")
     p.add_argument("--no_write", action="store_true", help="do not update BENCHMARKS.md")
     p.add_argument("--benchmarks_md", default=None, help="the BENCHMARKS.md to update (default: the repository's)")
     return p
@@ -161,16 +164,18 @@ def markdown(table: dict, results: list[dict], args: argparse.Namespace, wall_se
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from align_detr_hf.synthetic import SHAPE_CLASSES, generate_shapes_dataset
+    from align_detr_hf.file_io import claim_output, owned_file
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import write_shapes_data
+
+    if args.results_json:  # before hours of training: the file may be replaced only if it is ours
+        claim_output(args.results_json, WRITER, overwrite=args.overwrite)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data_dir or tmp)
-        classes = SHAPE_CLASSES[:3]
-        train_ann = str(generate_shapes_dataset(data / "train", args.num_train_images, args.image_size, seed=0,
-                                                classes=classes))
-        val_ann = str(generate_shapes_dataset(data / "val", args.num_val_images, args.image_size, seed=10_000,
-                                              classes=classes))
+        data = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
+        train_ann, val_ann = map(str, write_shapes_data(data, WRITER, args.overwrite, args.num_train_images,
+                                                        args.num_val_images, args.image_size))
         run_args = {k: getattr(args, k) for k in ("steps", "image_size", "batch_size", "lr", "warmup_steps")}
         jobs = [(loss_type, seed) for seed in args.seeds for loss_type in LOSS_TYPES]
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -181,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = markdown(table, results, args, wall)
     print(text)
     if args.results_json:
-        Path(args.results_json).write_text(json.dumps({"results": results, "summary": table}, indent=2))
+        with owned_file(args.results_json, WRITER, overwrite=args.overwrite) as temp:
+            temp.write_text(json.dumps({"results": results, "summary": table}, indent=2))
     if not args.no_write:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from common import write_section
@@ -191,4 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common
+
+    common.run_main(main)

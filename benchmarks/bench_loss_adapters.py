@@ -35,7 +35,7 @@ from align_detr_hf.data import (  # noqa: E402
 )
 from align_detr_hf.evaluation import evaluate_model  # noqa: E402
 from align_detr_hf.loss_adapters import use_align_detr_loss  # noqa: E402
-from align_detr_hf.synthetic import SHAPE_CLASSES, generate_shapes_dataset  # noqa: E402
+from align_detr_hf.file_io import claim_output, record_output  # noqa: E402
 
 MODELS = ("deformable_detr", "deformable_detr_two_stage", "conditional_detr", "rt_detr", "rt_detr_v2", "d_fine")
 LOSSES = ("own", "align_detr")
@@ -78,10 +78,12 @@ def build_detector(name: str, id2label: dict, d_model: int, num_queries: int, nu
     raise ValueError(f"Unknown model {name!r}; choose from {MODELS}.")
 
 
+WRITER = "benchmarks/bench_loss_adapters.py"  # how its files are recorded in their folders' manifests (file_io)
+
+
 def make_data(out: Path, args):
-    classes = SHAPE_CLASSES[: args.num_classes]
-    train_ann = generate_shapes_dataset(out / "train", args.num_train_images, args.image_size, seed=0, classes=classes)
-    val_ann = generate_shapes_dataset(out / "val", args.num_val_images, args.image_size, seed=10_000, classes=classes)
+    train_ann, val_ann = common.write_shapes_data(out, WRITER, args.overwrite, args.num_train_images,
+                                                  args.num_val_images, args.image_size, args.num_classes)
     train = load_coco_folder(train_ann, transforms=Compose([RandomHorizontalFlip(0.5)]), seed=0)
     val = load_coco_folder(val_ann, transforms=build_eval_transforms(scale=args.image_size / 800.0))
     return train, val
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="JSON lines of finished runs (default: <work_dir>/runs.jsonl)")
     p.add_argument("--output", default=str(common.REPO / "BENCHMARKS.md"))
     p.add_argument("--no_write", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--overwrite", action="store_true",
+                   help="take over a --results file / --work_dir data this script did not write (other files kept)")
     p.add_argument("--section", default="loss_adapters",
                    help="BENCHMARKS.md section to write (another name keeps a second table, e.g. longer runs)")
     p.add_argument("--report_only", action="store_true",
@@ -246,6 +250,7 @@ def main(argv=None) -> list[dict]:
     if args.report_only:
         common.write_section(args.section, render(done, args, 0.0), args.output)
         return done
+    claim_output(results_path, WRITER, overwrite=args.overwrite)  # appended to: it must be ours, as we left it
     train_set, val_set = make_data(work / "data", args)
     for seed in args.seeds:
         for model_name in args.models:
@@ -258,6 +263,7 @@ def main(argv=None) -> list[dict]:
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 with results_path.open("a") as f:
                     f.write(json.dumps(result) + "\n")
+                record_output(results_path, WRITER)
                 if not args.no_write:  # after every run: an interrupted benchmark still leaves its table
                     common.write_section(args.section, render(done, args, time.perf_counter() - start),
                                          args.output)
@@ -268,4 +274,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -13,8 +13,8 @@ table to BENCHMARKS.md between `<!-- recipes:start -->` and `<!-- recipes:end --
     python benchmarks/bench_recipes.py                    # all three in parallel, 1 thread each (~15-40 min)
     python benchmarks/bench_recipes.py --steps 300        # a shorter check (the table says so)
 
-The scripts run with `--num_workers 0` here: on 128 px images decoding costs ~1 ms per image, and worker processes
-would only take cores from the three concurrent jobs.
+The scripts run with `--dataloader_num_workers 0` here: on 128 px images decoding costs ~1 ms per image, and worker
+processes would only take cores from the three concurrent jobs.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ import torch  # noqa: E402
 from align_detr_hf import AlignDetrForObjectDetection  # noqa: E402
 from align_detr_hf.data import build_eval_transforms, collate_fn, load_coco_folder  # noqa: E402
 from align_detr_hf.evaluation import evaluate_model  # noqa: E402
+from align_detr_hf.file_io import claim_output, owned_file, record_output  # noqa: E402
 from align_detr_hf.recipes import FROM_SCRATCH  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("demo", "accelerate", "trainer")
+WRITER = "benchmarks/bench_recipes.py"  # how its files are recorded in OUTPUT_DIR's manifest (file_io)
 
 
 def parse_args(argv=None):
@@ -52,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=float, default=0.05, help="allowed |mAP - demo mAP| (absolute)")
     p.add_argument("--output_dir", default="/tmp/bench_recipes")
     p.add_argument("--no_write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace logs / results.json / val data in OUTPUT_DIR that this script did not write")
     p.add_argument("--report_only", action="store_true",
                    help="no training: rewrite the table from OUTPUT_DIR/results.json of an earlier run")
     return p.parse_args(argv)
@@ -61,12 +65,12 @@ def job_command(job: str, args, out: Path) -> list[str]:
     common_data = ["--seed", str(args.seed), "--synthetic_shapes", str(args.num_train_images),
                    "--synthetic_image_size", str(args.image_size), "--demo_model"]
     if job == "demo":
-        return [sys.executable, "-m", "align_detr_hf.demo", "--output_dir", str(out), "--steps", str(args.steps),
+        return [sys.executable, "-m", "align_detr_hf.demo", "--output_dir", str(out), "--max_steps", str(args.steps),
                 "--num_train_images", str(args.num_train_images), "--image_size", str(args.image_size),
                 "--seed", str(args.seed), "--threads", str(args.threads), "--time_budget_s", "1e9", "--quiet"]
     if job == "accelerate":
         return [sys.executable, str(REPO / "examples" / "train_accelerate.py"), *common_data, "--output_dir",
-                str(out), "--max_train_steps", str(args.steps), "--num_workers", "0", "--no_eval",
+                str(out), "--max_steps", str(args.steps), "--dataloader_num_workers", "0", "--no_eval",
                 "--checkpointing_steps", str(10 * args.steps)]
     return [sys.executable, str(REPO / "examples" / "train_trainer.py"), *common_data, "--output_dir", str(out),
             "--max_steps", str(args.steps), "--dataloader_num_workers", "0", "--eval_strategy", "no",
@@ -82,6 +86,9 @@ def main(argv=None):
     root = Path(args.output_dir)
     if args.report_only:
         return rerender(root / "results.json", args.no_write)
+    # before any work: the files written here (the jobs' folders follow their own commands' rules)
+    for name in [f"{job}.log" for job in args.jobs] + ["results.json"]:
+        claim_output(root / name, WRITER, overwrite=args.overwrite)
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -101,6 +108,7 @@ def main(argv=None):
             if job in results or proc.poll() is None:
                 continue
             log.close()
+            record_output(root / f"{job}.log", WRITER)
             shown = ["python" if c == sys.executable else os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c
                      for c in cmd]
             wall = finished.get(job, time.perf_counter()) - start
@@ -116,10 +124,12 @@ def main(argv=None):
     torch.set_num_threads(max(1, args.threads))
     val_annotation = root / "demo" / "data" / "val" / "annotations.json"
     if not val_annotation.is_file():  # the demo was not run: generate its validation set
+        from align_detr_hf.file_io import atomic_directory
         from align_detr_hf.synthetic import SHAPE_CLASSES, generate_shapes_dataset
 
-        val_annotation = generate_shapes_dataset(root / "val", 100, args.image_size, args.seed + 10_000,
-                                                 classes=SHAPE_CLASSES[:3])
+        with atomic_directory(root / "val", WRITER, overwrite=args.overwrite) as staging:
+            generate_shapes_dataset(staging, 100, args.image_size, args.seed + 10_000, classes=SHAPE_CLASSES[:3])
+        val_annotation = root / "val" / "annotations.json"
     scale = args.image_size / 800.0
     val_set = load_coco_folder(val_annotation, transforms=build_eval_transforms(scale=scale))
     loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate_fn)
@@ -130,9 +140,9 @@ def main(argv=None):
         model = AlignDetrForObjectDetection.from_pretrained(path)
         result["metrics"] = evaluate_model(model, loader, val_set.coco_ground_truth())
         print(f"[bench_recipes] {job}: mAP {result['metrics']['map']:.3f}", flush=True)
-    (root / "results.json").write_text(json.dumps(
-        {"args": vars(args), "results": results, "num_val": len(val_set), "command": common.command_line()}, indent=2
-    ))
+    with owned_file(root / "results.json", WRITER, overwrite=args.overwrite) as temp:
+        temp.write_text(json.dumps({"args": vars(args), "results": results, "num_val": len(val_set),
+                                    "command": common.command_line()}, indent=2))
     text = report(args, results, len(val_set), common.command_line())
     print(text)
     if not args.no_write:
@@ -182,4 +192,4 @@ def report(args, results: dict, num_val: int, command: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

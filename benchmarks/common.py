@@ -229,6 +229,33 @@ def write_section(name: str, text: str, path=None) -> None:
         current = before + block + rest.split(end, 1)[1]
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(current)
-    os.replace(tmp, path)
+    from align_detr_hf.file_io import atomic_write_text
+
+    atomic_write_text(path, current)  # a private temporary sibling, never a fixed name beside the user's file
+
+
+def write_shapes_data(folder, writer: str, overwrite: bool, num_train: int, num_val: int, image_size: int,
+                      num_classes: int = 3, val_seed: int = 10_000) -> tuple[Path, Path]:
+    """The synthetic shapes train/val COCO folders in `folder`, under the package's ownership rule (file_io): built
+    beside it and swapped in, replacing only an unchanged earlier copy written by `writer` (or anything with
+    `overwrite`; other files are kept). Returns the two annotation files."""
+    from align_detr_hf.file_io import atomic_directory
+    from align_detr_hf.synthetic import SHAPE_CLASSES, generate_shapes_dataset
+
+    classes = SHAPE_CLASSES[:num_classes]
+    with atomic_directory(folder, writer, overwrite=overwrite) as staging:
+        generate_shapes_dataset(staging / "train", num_train, image_size, seed=0, classes=classes)
+        generate_shapes_dataset(staging / "val", num_val, image_size, seed=val_seed, classes=classes)
+    return Path(folder) / "train" / "annotations.json", Path(folder) / "val" / "annotations.json"
+
+
+def run_main(main) -> None:
+    """Run a benchmark's `main()`; an output path it may not write (file_io's ownership rule) is one line on stderr
+    and exit code 2, as in the `align-detr` commands."""
+    from align_detr_hf.file_io import OutputPathError
+
+    try:
+        main()
+    except OutputPathError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

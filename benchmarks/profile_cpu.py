@@ -15,6 +15,11 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+from align_detr_hf.file_io import claim_output, owned_file  # noqa: E402
+
+WRITER = "benchmarks/profile_cpu.py"  # how its output is recorded in its folder's manifest (file_io)
+DEFAULT_OUTPUT = Path(__file__).parent / "profile_cpu.md"
+
 
 def profile_model(name, mode, batch, height, width, top, sort_by, by_shape=False):
     torch.manual_seed(0)
@@ -61,8 +66,12 @@ def main():
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--sort-by", default="self_cpu_time_total")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "profile_cpu.md"))
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output file this script did not write")
     args = parser.parse_args()
+    # the repository's own profile_cpu.md is this script's to rewrite; any other file follows the ownership rule
+    overwrite = args.overwrite or Path(args.output).resolve() == DEFAULT_OUTPUT.resolve()
+    claim_output(args.output, WRITER, overwrite=overwrite)  # before the (minutes of) profiling
     height, width = args.size
     info = common.machine_info()
     lines = [
@@ -84,9 +93,10 @@ def main():
             print(f"{name} {mode} b{batch}: {wall:.2f}s under the profiler", flush=True)
             lines += [f"## {name}, {mode}, batch {batch}, {height}x{width} ({wall:.2f} s under the profiler)", "",
                       "```", table, "```", ""]
-    Path(args.output).write_text("\n".join(lines))
+    with owned_file(args.output, WRITER, overwrite=overwrite) as temp:
+        temp.write_text("\n".join(lines))
     print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

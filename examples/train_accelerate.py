@@ -13,6 +13,9 @@ Several CPU processes (gloo): `accelerate launch --cpu` starts only one process 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py ...
 Resume after an interruption (exactly: same data order, optimizer/scheduler state and weights):
     ... --resume_from_checkpoint latest     (or a path out/checkpoints/step_000500)
+Run identity (`align_detr_hf.training_run`): `run.json` in the output folder and in each checkpoint. A new run refuses
+a folder holding another run's checkpoints or final model (unless --overwrite_output_dir), rotation deletes only this
+run's checkpoints, `latest` resumes only the folder's run; a non-finite loss stops the run, nothing non-finite is saved.
 
 Recipe (`align_detr_hf.recipes`, printed at start): `--recipe auto` picks `finetune` (the reference: multi-scale
 resize + crop, backbone lr x0.1, frozen stem, filter_empty_gt + min_size 32, 12 epochs, AdamW lr 1e-4) when
@@ -35,19 +38,14 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import re
-import shutil
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 import align_detr_hf  # noqa: F401  (registers the Auto classes)
-from align_detr_hf import AlignDetrImageProcessor
-from align_detr_hf import loss_align_detr
 from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import (
     build_eval_transforms,
@@ -57,7 +55,9 @@ from align_detr_hf.data import (
     default_num_workers,
     load_train_val_datasets,
 )
-from align_detr_hf.evaluation import coco_summary
+from align_detr_hf.flags import add_deprecated_alias, document_flags
+from align_detr_hf.evaluation_report import write_evaluation_report
+from align_detr_hf.evaluation_streaming import StreamingCocoEvaluator, evaluate_loader
 from align_detr_hf.hub import push_folder_to_hub, training_card_kwargs, write_model_card
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
@@ -71,8 +71,14 @@ from align_detr_hf.recipes import (
     recipe_for_job,
     resolve_recipe,
 )
-
-CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+from align_detr_hf.training_run import (
+    ACCELERATE_CHECKPOINTS,
+    RunFolder,
+    check_finite_weights,
+    data_fingerprint,
+    exit_on_error,
+    save_checkpoint,
+)
 
 
 def parse_args(argv=None):
@@ -89,11 +95,12 @@ def parse_args(argv=None):
     d.add_argument("--synthetic_shapes", type=int, default=0, help="generate N synthetic shapes images instead")
     d.add_argument("--synthetic_image_size", type=int, default=128)
     d.add_argument("--synthetic_num_classes", type=int, default=3, help="1-4 (the demo uses 3)")
-    d.add_argument("--num_workers", type=int, default=None, help="data worker processes (default min(4, cores))")
-    d.add_argument("--pin_memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: when CUDA is available")
-    d.add_argument("--persistent_workers", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: when there are workers")
+    # transformers' names; the older spellings still work (add_deprecated_alias)
+    add_deprecated_alias(d, d.add_argument("--dataloader_num_workers", type=int, default=None), "--num_workers")
+    add_deprecated_alias(d, d.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction),
+                         "--pin_memory", "--no-pin_memory")
+    add_deprecated_alias(d, d.add_argument("--dataloader_persistent_workers", action=argparse.BooleanOptionalAction),
+                         "--persistent_workers", "--no-persistent_workers")
     r = p.add_argument_group("recipe (default: the recipe's value; see align_detr_hf.recipes)")
     r.add_argument("--recipe", choices=["auto", "from_scratch", "finetune"], default="auto",
                    help="auto: finetune with --model_name_or_path, from_scratch otherwise")
@@ -117,12 +124,14 @@ def parse_args(argv=None):
     m.add_argument("--num_queries", type=int, default=30, help="with --demo_model")
     t = p.add_argument_group("training")
     t.add_argument("--output_dir", required=True)
+    t.add_argument("--overwrite_output_dir", action="store_true",
+                   help="write into a folder holding another run's checkpoints/final model (same names replaced)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--per_device_train_batch_size", type=int, default=None)
     t.add_argument("--per_device_eval_batch_size", type=int, default=4)
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--num_train_epochs", type=int, default=None)
-    t.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides the epochs")
+    add_deprecated_alias(t, t.add_argument("--max_steps", type=int, default=None), "--max_train_steps")
     t.add_argument("--learning_rate", type=float, default=None)
     t.add_argument("--weight_decay", type=float, default=None)
     t.add_argument("--backbone_lr_mult", type=float, default=None)
@@ -134,7 +143,7 @@ def parse_args(argv=None):
     t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="overrides `accelerate launch --mixed_precision`")
     t.add_argument("--checkpointing_steps", default="epoch", help="an integer (every N optimizer steps) or 'epoch'")
-    t.add_argument("--checkpoints_total_limit", type=int, default=2)
+    add_deprecated_alias(t, t.add_argument("--save_total_limit", type=int, default=2), "--checkpoints_total_limit")
     t.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
     t.add_argument("--stop_after_steps", type=int, default=None,
                    help="end the run (after checkpointing) at this optimizer step, as if interrupted")
@@ -146,7 +155,7 @@ def parse_args(argv=None):
                    help="record the loss normaliser (GT count all-reduced across processes) per rank to json")
     t.add_argument("--push_to_hub", action="store_true")
     t.add_argument("--hub_model_id")
-    return p.parse_args(argv)
+    return document_flags(p).parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -159,104 +168,42 @@ def recipe_from_args(args):
         "weight_decay": args.weight_decay, "backbone_lr_mult": args.backbone_lr_mult, "train_stem": args.train_stem,
         "warmup_steps": args.warmup_steps, "warmup_start_factor": args.warmup_start_factor,
         "lr_drop_epochs": args.lr_drop_epochs, "lr_drop_fraction": args.lr_drop_fraction,
-        "num_train_epochs": args.num_train_epochs, "max_train_steps": args.max_train_steps,
+        "num_train_epochs": args.num_train_epochs, "max_train_steps": args.max_steps,
         "batch_size": args.per_device_train_batch_size, "max_grad_norm": args.max_grad_norm,
         "filter_empty_gt": args.filter_empty_gt, "filter_min_size": args.filter_min_size,
         "group_by_aspect_ratio": args.group_by_aspect_ratio,
     })
 
 
-def list_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with training_state.json; temp folders are ignored), oldest first."""
-    found = []
-    if checkpoint_root.is_dir():
-        for child in checkpoint_root.iterdir():
-            match = CHECKPOINT_RE.match(child.name)
-            if match and (child / "training_state.json").is_file():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def save_checkpoint(accelerator, checkpoint_root: Path, state: dict, total_limit: int) -> Path:
-    """`save_state` into a temp folder, then rename it into place (atomic on one filesystem)."""
-    final = checkpoint_root / f"step_{state['completed_steps']:07d}"
-    tmp = checkpoint_root / f".tmp-step_{state['completed_steps']:07d}"
-    if accelerator.is_main_process:
-        checkpoint_root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "training_state.json").write_text(json.dumps(state))
-        if final.exists():  # the same step saved twice (e.g. step and epoch end coincide): replace it
-            old = checkpoint_root / f".old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        for _, path in list_checkpoints(checkpoint_root)[:-total_limit] if total_limit > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 class NormaliserRecorder:
-    """Wraps the loss's cross-process GT-count reduction to record its input and result on this rank."""
+    """Wraps the model's loss function to record, at every call, the GT counts that normalised it on this rank and
+    their mean over the ranks (`AlignDetrLoss.normalisers`)."""
 
-    def __init__(self):
-        self.records = []
-        self._original = loss_align_detr._reduce_mean
+    def __init__(self, model):
+        self.model, self.records = model, []
 
     def __enter__(self):
-        original = self._original
+        loss_function = self.model.loss_function
 
-        def recording_reduce_mean(values, device):
-            result = original(values, device)
-            reduced = result.tolist() if torch.is_tensor(result) else list(result)
-            self.records.append({"local": list(values), "reduced": reduced})
+        def recording_loss(inputs, labels):
+            result = loss_function(inputs, labels)
+            local, reduced = loss_function.normalisers
+            self.records.append({"local": list(local),
+                                 "reduced": reduced.tolist() if torch.is_tensor(reduced) else list(reduced)})
             return result
 
-        loss_align_detr._reduce_mean = recording_reduce_mean
+        self.model.loss_function = recording_loss
         return self
 
     def __exit__(self, *exc):
-        loss_align_detr._reduce_mean = self._original
+        self.model.loss_function = None  # the model's own loss again
 
 
-@torch.no_grad()
-def evaluate(accelerator, model, loader, coco_gt, top_k=100):
-    processor = AlignDetrImageProcessor(do_resize=False)
-    model.eval()
-    per_image = []
-    for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
-        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-        sizes = [tuple(int(v) for v in t["orig_size"].tolist()) for t in batch["labels"]]
-        outputs = {"logits": outputs.logits.float().cpu(), "pred_boxes": outputs.pred_boxes.float().cpu()}
-        detections = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes, top_k=top_k)
-        for target, det in zip(batch["labels"], detections):
-            image_id = int(target["image_id"].item())
-            per_image.append(
-                (image_id, [
-                    {"image_id": image_id, "category_id": int(label), "score": float(score),
-                     "bbox": [x0, y0, x1 - x0, y1 - y0]}
-                    for score, label, (x0, y0, x1, y1) in zip(
-                        det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist())
-                ])
-            )
-    gathered = gather_object(per_image) if accelerator.num_processes > 1 else per_image
-    model.train()
-    if not accelerator.is_main_process:
-        return None
-    seen, results = set(), []
-    for image_id, dets in gathered:  # even_batches may repeat a few images: keep each once
-        if image_id not in seen:
-            seen.add(image_id)
-            results.extend(dets)
-    return coco_summary(coco_gt, results)
+def evaluate(accelerator, model, loader, evaluator):
+    """COCO metrics (main process; None elsewhere): each batch post-processed as it comes, top-100 per image kept."""
+    batches = tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False)
+    done = evaluate_loader(model, batches, evaluator, accelerator)
+    return done.metrics if done else None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -265,7 +212,6 @@ def evaluate(accelerator, model, loader, coco_gt, top_k=100):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
     accelerator_kwargs = dict(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -280,6 +226,8 @@ def main(argv=None):
     log = accelerator.print
 
     recipe = recipe_from_args(args)
+    folder = RunFolder(output_dir, ACCELERATE_CHECKPOINTS)  # checked before anything is written into it
+    resume_from = folder.prepare(args.resume_from_checkpoint, args.overwrite_output_dir, log)
 
     # ---- data (generation/reading on the main process first)
     with accelerator.main_process_first():
@@ -299,11 +247,12 @@ def main(argv=None):
         raise ValueError("No training images left (after filtering); check the data or --no-filter_empty_gt.")
     train_set = train_set.with_transforms(build_recipe_transforms(recipe.augment, scale))
     val_set = val_set.with_transforms(build_eval_transforms(scale=scale))
-    coco_gt = val_set.coco_ground_truth()
-    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+    evaluator = StreamingCocoEvaluator(val_set.coco_ground_truth())
+    num_workers = default_num_workers() if args.dataloader_num_workers is None else args.dataloader_num_workers
     train_loader = build_train_loader(
         train_set, recipe.batch_size, seed=args.seed, group_by_aspect_ratio=recipe.group_by_aspect_ratio,
-        num_workers=num_workers, pin_memory=args.pin_memory, persistent_workers=args.persistent_workers,
+        num_workers=num_workers, pin_memory=args.dataloader_pin_memory,
+        persistent_workers=args.dataloader_persistent_workers,
     )
     sampler = train_loader.batch_sampler.sampler
     val_loader = torch.utils.data.DataLoader(
@@ -335,33 +284,29 @@ def main(argv=None):
         accelerator.init_trackers("align_detr", config={k: v for k, v in vars(args).items()
                                                         if isinstance(v, (int, float, str, bool))})
 
-    # ---- resume
+    # ---- run identity, resume
+    run = folder.start(resume_from, overwrite=args.overwrite_output_dir, is_main=accelerator.is_main_process, log=log,
+                       seed=args.seed, batch_size=recipe.batch_size, num_processes=accelerator.num_processes,
+                       gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       data_fingerprint=data_fingerprint(train_set), model_source=args.model_name_or_path)
     completed_steps, start_epoch, skip_batches, micro_step = 0, 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            found = list_checkpoints(checkpoint_root)
-            path = str(found[-1][1]) if found else None
-        if path:
-            accelerator.load_state(path)
-            state = json.loads((Path(path) / "training_state.json").read_text())
-            completed_steps, start_epoch = state["completed_steps"], state["epoch"]
-            skip_batches, micro_step = state["batches_in_epoch"], state["micro_step"]
-            log(f"Resumed from {path}: step {completed_steps}, epoch {start_epoch}, batch {skip_batches}")
-        else:
-            log("No checkpoint found; starting from scratch")
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        state = json.loads((resume_from / "training_state.json").read_text())
+        completed_steps, start_epoch = state["completed_steps"], state["epoch"]
+        skip_batches, micro_step = state["batches_in_epoch"], state["micro_step"]
+        log(f"Resumed at step {completed_steps}, epoch {start_epoch}, batch {skip_batches}")
 
     log(f"{len(train_set)} train / {len(val_set)} val images, {accelerator.num_processes} process(es), "
         f"{steps_per_epoch} steps/epoch, {max_steps} steps")
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process,
                     desc="train")
     checkpoint_every = None if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps)
-    recorder = NormaliserRecorder() if args.debug_log_normaliser else None
+    recorder = NormaliserRecorder(accelerator.unwrap_model(model)) if args.debug_log_normaliser else None
     if recorder:
         recorder.__enter__()
     model.train()
-    stop = False
-    metrics = None
+    stop, metrics, evaluated_at = False, None, None
     for epoch in range(start_epoch, num_epochs):
         # accelerate's prepared loader re-sets its sampler's epoch from its own iteration counter when iterated,
         # so the epoch is given to the loader (not only to our sampler), also for the resumed partial epoch
@@ -406,14 +351,14 @@ def main(argv=None):
                      "micro_step": micro_step}
             stop = completed_steps >= max_steps or (args.stop_after_steps and completed_steps >= args.stop_after_steps)
             if stop or (checkpoint_every and completed_steps % checkpoint_every == 0):
-                save_checkpoint(accelerator, checkpoint_root, state, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, folder, run, state, args.save_total_limit)
             if stop:
                 break
         if stop and batches_in_epoch < len(train_loader):
             break
         # ---- end of epoch: evaluation and checkpoint
         if not args.no_eval:
-            metrics = evaluate(accelerator, model, val_loader, coco_gt)
+            metrics, evaluated_at = evaluate(accelerator, model, val_loader, evaluator), completed_steps
             if accelerator.is_main_process:
                 log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if args.with_tracking:
@@ -421,10 +366,15 @@ def main(argv=None):
         if args.checkpointing_steps == "epoch":
             state = {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0,
                      "micro_step": micro_step}
-            save_checkpoint(accelerator, checkpoint_root, state, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, folder, run, state, args.save_total_limit)
         if stop:
             break
     progress.close()
+    if not args.no_eval and completed_steps >= max_steps and evaluated_at != completed_steps:
+        # a run that ends inside an epoch (e.g. shorter than one) is evaluated at its end
+        metrics, evaluated_at = evaluate(accelerator, model, val_loader, evaluator), completed_steps
+        if accelerator.is_main_process:
+            log(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if recorder:
         recorder.__exit__()
         debug_dir = output_dir / "debug"
@@ -438,10 +388,13 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
+    check_finite_weights(unwrapped, f"{final_dir}")
     unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         eval_image_processor(scale).save_pretrained(final_dir)
+        if evaluated_at == completed_steps:  # pictures of the final weights' evaluation, linked from the card
+            write_evaluation_report(final_dir / "evaluation", evaluator, val_set, title="final model", overwrite=True)
         repo_id = args.hub_model_id or (output_dir.resolve().name if args.push_to_hub else None)
         hyperparameters = {"recipe": recipe.name, **dataclasses.asdict(recipe), "num_processes":
                            accelerator.num_processes, "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -463,4 +416,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -11,9 +11,12 @@ Recipe (`align_detr_hf.recipes`, printed at start): `--recipe auto` picks `finet
 `--model_name_or_path` and `from_scratch` (the demo's) otherwise; every field has an overriding flag. The optimiser
 and schedule (`align_detr_hf.optim`: AdamW, backbone lr multiplier, no weight decay on norm layers, warm-up then
 x0.1 steps) are installed by overriding `Trainer.create_optimizer` / `create_scheduler`; the training loader
-(aspect-ratio batches, worker processes) by overriding `get_train_dataloader`. Evaluation uses pycocotools (`map`, `map_50`, ...; the
-Trainer prefixes them with `eval_`). Detection models need `remove_unused_columns=False` (the dataset yields
-`pixel_values`/`labels` dicts) and `eval_do_concat_batches=False` (images of different sizes per batch).
+(aspect-ratio batches, worker processes) by overriding `get_train_dataloader`. COCO evaluation (`eval_map`, ...) keeps
+only each batch's top-100 detections (`CocoMetrics`, `batch_eval_metrics=True`: memory flat in the number of images);
+pictures of the last one go to final/evaluation/. Detection models need `remove_unused_columns=False`.
+Our callbacks (`align_detr_hf.training_run`) give the output folder one run identity, as in train_accelerate.py
+(another run's folder refused unless --overwrite_output_dir; only this run's checkpoints rotated or resumed by
+`latest`), and stop at the first non-finite loss; nothing non-finite is saved.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import align_detr_hf  # noqa: F401  (registers the Auto classes)
 from align_detr_hf.configuration_align_detr import LOSS_TYPES
 from align_detr_hf.data import build_eval_transforms, build_train_loader, collate_fn, default_num_workers
 from align_detr_hf.data import load_train_val_datasets
-from align_detr_hf.evaluation import build_compute_metrics
+from align_detr_hf.flags import document_flags
+from align_detr_hf.evaluation_report import write_evaluation_report
+from align_detr_hf.evaluation_streaming import CocoMetrics
 from align_detr_hf.hub import ModelCardCallback, ModelCardTrainerMixin, training_card_kwargs
 from align_detr_hf.optim import build_optimizer, build_scheduler
 from align_detr_hf.recipes import (
@@ -46,6 +51,8 @@ from align_detr_hf.recipes import (
     recipe_for_job,
     resolve_recipe,
 )
+from align_detr_hf.training_run import TRAINER_CHECKPOINTS, RunFolder, StopOnNonFiniteLossCallback, TrainingRunCallback
+from align_detr_hf.training_run import exit_on_error
 
 
 def parse_args(argv=None):
@@ -79,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--num_queries", type=int, default=30)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite_output_dir", action="store_true", help="write into another run's folder (see above)")
     p.add_argument("--num_train_epochs", type=int, default=None)
     p.add_argument("--max_steps", type=int, default=None)
     p.add_argument("--per_device_train_batch_size", type=int, default=None)
@@ -109,8 +117,8 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="none")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id")
-    p.add_argument("--resume_from_checkpoint")
-    return p.parse_args(argv)
+    p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (of this folder's run)")
+    return document_flags(p).parse_args(argv)
 
 
 class AlignDetrTrainer(ModelCardTrainerMixin, Trainer):  # trainer.push_to_hub(): our model card
@@ -173,6 +181,8 @@ def main(argv=None):
     args = parse_args(argv)
     recipe = recipe_from_args(args)
     output_dir = Path(args.output_dir)
+    folder = RunFolder(output_dir, TRAINER_CHECKPOINTS)  # checked before anything is written into it
+    resume_from = folder.prepare(args.resume_from_checkpoint, args.overwrite_output_dir)
     train_set, val_set = load_train_val_datasets(
         args.train_annotation, args.train_images, args.val_annotation, args.val_images, args.dataset_name,
         args.train_split, args.val_split, args.train_val_split, args.synthetic_shapes, output_dir / "data",
@@ -209,29 +219,19 @@ def main(argv=None):
         per_device_train_batch_size=recipe.batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=recipe.learning_rate,
-        weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm,
-        eval_strategy=args.eval_strategy,
-        eval_steps=args.eval_steps,
-        save_strategy=args.save_strategy,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        logging_steps=args.logging_steps,
-        fp16=args.fp16,
-        bf16=args.bf16,
-        seed=args.seed,
-        dataloader_num_workers=num_workers,
-        dataloader_pin_memory=pin_memory,
+        learning_rate=recipe.learning_rate, weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm,
+        eval_strategy=args.eval_strategy, eval_steps=args.eval_steps,
+        save_strategy=args.save_strategy, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        logging_steps=args.logging_steps, fp16=args.fp16, bf16=args.bf16, seed=args.seed,
+        dataloader_num_workers=num_workers, dataloader_pin_memory=pin_memory,
         dataloader_persistent_workers=persistent and num_workers > 0,
         remove_unused_columns=False,  # items are {"pixel_values", "labels"}; keep them
-        eval_do_concat_batches=False,  # per-batch predictions of different image sizes
+        batch_eval_metrics=True,  # CocoMetrics adds each batch as it comes instead of Trainer keeping all outputs
         report_to=args.report_to,
-        push_to_hub=args.push_to_hub,
-        hub_model_id=args.hub_model_id,
+        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         metric_for_best_model="eval_map" if args.eval_strategy != "no" else None,
-        greater_is_better=True,
-        load_best_model_at_end=False,
+        greater_is_better=True, load_best_model_at_end=False,
+        resume_from_checkpoint=str(resume_from) if resume_from else None,
     )
     # README.md (base model, data, last COCO evaluation, recipe, usage) in every checkpoint, push and the final save
     model_card = ModelCardCallback(**training_card_kwargs(
@@ -239,23 +239,23 @@ def main(argv=None):
         train_annotation=args.train_annotation, synthetic_shapes=args.synthetic_shapes, hub_model_id=args.hub_model_id,
         hyperparameters={"recipe": recipe.name, **dataclasses.asdict(recipe)},
     ))
+    coco_metrics = CocoMetrics(val_set.coco_ground_truth())  # post-processes each batch on its process
     trainer = AlignDetrTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
+        model=model, args=training_args, train_dataset=train_set,
         eval_dataset=val_set if args.eval_strategy != "no" else None,
-        data_collator=collate_fn,
-        processing_class=processor,
-        compute_metrics=build_compute_metrics(val_set.coco_ground_truth()),
+        data_collator=collate_fn, processing_class=processor,
+        compute_metrics=coco_metrics, preprocess_logits_for_metrics=coco_metrics.preprocess_logits_for_metrics,
         recipe=recipe,
-        callbacks=[model_card],
+        callbacks=[model_card, TrainingRunCallback(args.overwrite_output_dir), StopOnNonFiniteLossCallback()],
     )
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)
     if args.eval_strategy != "no":
         metrics.update(trainer.evaluate())  # before the final save, so that the model card shows it
     trainer.log_metrics("all", metrics)
     final_dir = output_dir / "final"
+    if args.eval_strategy != "no" and trainer.is_world_process_zero():  # the final evaluation's pictures
+        write_evaluation_report(final_dir / "evaluation", coco_metrics.last_evaluator, val_set, overwrite=True)
     # weights, processor and our code; with --push_to_hub, Trainer.save_model also pushes (trainer.push_to_hub: the
     # output folder with our code and, through create_model_card, our card)
     trainer.save_model(str(final_dir))
@@ -266,4 +266,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# downloads (loopback servers in tests) go to a private cache of this session, never to the user's
+os.environ.setdefault("ALIGN_DETR_CACHE", __import__("tempfile").mkdtemp(prefix="align_detr_test_cache_"))
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402
@@ -44,6 +46,33 @@ def tiny_config(**overrides):
     )
     kwargs.update(overrides)
     return AlignDetrConfig(**kwargs)
+
+
+# Batched and one-image runs of the same weights differ by float32 rounding only: another batch size makes the CPU's
+# BLAS pick another blocking of the same matrix products (e.g. AVX-512 vs AVX2 kernels on EPYC vs Xeon), so the sums
+# round differently, by the order of the rounding error itself. That error is measured on the machine running the test,
+# against a float64 run of the same weights (`float32_noise`), and a batch may differ from one image by
+# NOISE_FACTOR times it (the largest ratio seen is about 1.5); mixing up images would differ by orders more.
+NOISE_FACTOR = 4.0
+
+
+@torch.no_grad()
+def float32_noise(model, runs, outputs):
+    """{name: largest |float32 - float64| of `outputs(model(**kwargs))[name]` over `runs`}, at least one float32
+    ulp of the output's magnitude. `runs`: forward kwargs of one-image runs; float tensors are run in float64 too."""
+    import copy
+
+    reference = copy.deepcopy(model).double()
+    noise = {}
+    for kwargs in runs:
+        ours = outputs(model(**kwargs))
+        exact = outputs(reference(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                     for k, v in kwargs.items()}))
+        for name, tensor in ours.items():
+            error = (tensor.double() - exact[name]).abs().max().item()
+            ulp = torch.finfo(torch.float32).eps * exact[name].abs().max().item()
+            noise[name] = max(noise.get(name, 0.0), error, ulp)
+    return noise
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +138,8 @@ def assert_train_outputs_match(out, head: dict, num_dn: int, losses: dict, logit
     """A train-mode forward (mmdetection's denoising queries injected) against mmdetection's recorded head outputs
     and loss terms: identical encoder top-k, denoising and matching parts of every layer, every loss term."""
     assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
-    scores, boxes = head["all_layers_cls_scores"], head["all_layers_bbox_preds"]
+    # mmdetection's head outputs are layer-first (L, B, ...); ours are batch-first (B, L, ...)
+    scores, boxes = head["all_layers_cls_scores"].transpose(0, 1), head["all_layers_bbox_preds"].transpose(0, 1)
     torch.testing.assert_close(out.dn_logits, scores[:, :, :num_dn], atol=logits_atol, rtol=0)
     torch.testing.assert_close(out.intermediate_logits, scores[:, :, num_dn:], atol=logits_atol, rtol=0)
     torch.testing.assert_close(out.dn_pred_boxes, boxes[:, :, :num_dn], atol=boxes_atol, rtol=0)

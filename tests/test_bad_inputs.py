@@ -23,7 +23,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor
-from align_detr_hf.loss_align_detr import validate_labels
+from align_detr_hf.targets_align_detr import validate_labels
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
@@ -333,7 +333,7 @@ def test_coco_folder_annotation_of_unknown_image(coco_folder):
     from align_detr_hf.data import load_coco_folder
 
     path = coco_folder(annotations=[{"id": 2, "image_id": 42, "category_id": 5, "bbox": [0, 0, 2, 2]}])
-    with pytest.raises(ValueError, match=r"Annotation 2 refers to image_id 42, which is not in 'images'"):
+    with pytest.raises(ValueError, match=r"annotations\[1\] \(id 2\): image_id 42 is not in 'images'"):
         load_coco_folder(path)
 
 
@@ -341,7 +341,7 @@ def test_coco_folder_duplicate_annotation_ids(coco_folder):
     from align_detr_hf.data import load_coco_folder
 
     path = coco_folder(annotations=[{"id": 1, "image_id": 1, "category_id": 5, "bbox": [0, 0, 2, 2]}])
-    with pytest.raises(ValueError, match=r"Duplicate annotation id 1"):
+    with pytest.raises(ValueError, match=r"annotations\[1\] \(id 1\): id 1 is already used by annotations\[0\]"):
         load_coco_folder(path)
 
 

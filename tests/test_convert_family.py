@@ -50,8 +50,11 @@ def test_swin_dino_eval_outputs_match_mmdetection(swin_model, small_inputs):
     torch.testing.assert_close(out.enc_topk_logits, reference["enc_topk_logits"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(out.enc_topk_boxes, reference["enc_topk_boxes"], atol=BOXES_ATOL, rtol=0)
     assert out.intermediate_logits.shape == reference["all_dec_logits"].shape == (2, 2, 100, 80)
-    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    # the reference is layer-first (L, B, ...), our outputs batch-first (B, L, ...)
+    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
 
 
 def test_swin_dino_train_outputs_and_losses_match_mmdetection(swin_model, small_inputs):
@@ -83,8 +86,10 @@ def test_plain_conversion_of_mmdetections_dino_r50_matches_its_eval_outputs(smal
     with torch.no_grad():
         out = model(small_inputs["pixel_values"], small_inputs["pixel_mask"].long())
     assert torch.equal(out.enc_topk_indices, reference["enc_topk_indices"])
-    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ key lists of real checkpoints
@@ -247,8 +252,8 @@ def test_swin_freezing_follows_mmdetections_frozen_stages(tmp_path):
         f"hidden_states_norms.stage{s}.{p}" for s in (1, 2) for p in ("weight", "bias")}  # fmt: skip
     model.save_pretrained(tmp_path)  # transformers re-creates loaded parameters trainable: frozen again after loading
     assert frozen_names(AlignDetrForObjectDetection.from_pretrained(tmp_path)) == frozen
-    with pytest.raises(ValueError, match="freeze_backbone_stages=5 but the backbone has 4 stages"):
-        AlignDetrForObjectDetection(tiny_swin_config(freeze_backbone_stages=5))
+    with pytest.raises(ValueError, match=r"freeze_backbone_stages must be at most 4 \(the backbone's stages\), got 5"):
+        tiny_swin_config(freeze_backbone_stages=5)  # the config refuses it before a model is built
 
 
 def test_freezing_an_unknown_backbone_type_is_refused():
@@ -276,9 +281,12 @@ def test_model_zoo_entries_and_readme_table():
     for entry in MODEL_ZOO:
         assert f"| `{entry.name}` |" in readme, entry.name
         if entry.url:
-            assert len(expected_sha256_prefix(entry.url)) == 8 and entry.url in readme, entry.name
-            assert zoo_entry(entry.url) == entry
+            assert entry.url in readme and zoo_entry(entry.url) == entry, entry.name
             assert f"align-detr convert --checkpoint {entry.url}" in readme, entry.name
+            if entry.code == "mmdetection":
+                assert len(expected_sha256_prefix(entry.url)) == 8, entry.name
+        if entry.page:  # downloaded by hand (Google Drive)
+            assert f"[Google Drive]({entry.page})" in readme and entry.url is None, entry.name
     assert zoo_entry("/tmp/dino-4scale_r50_8xb2-12e_coco_20221202_182705-55b2bba2.pth").box_ap == 49.0
     assert zoo_entry("my_model.pth") is None
 
@@ -299,11 +307,36 @@ def test_cli_converts_a_swin_dino_checkpoint_with_meta_and_writes_a_model_card(s
     assert (model.config.loss_type, model.config.num_feature_levels, model.config.num_denoising_queries) == ("dino", 5, 20)
     assert model.config.backbone_config.drop_path_rate == 0.0  # from meta, not the zoo's 0.2
     card = (out / "README.md").read_text()
-    assert "license: apache-2.0" in card and "57.2 box AP" in card and "zhang2022dino" in card
-    assert "download.openmmlab.com/mmdetection/v3.0/dino/dino-5scale_swin-l_8xb2-12e_coco/" in card
+    assert "license: apache-2.0" in card and "zhang2022dino" in card
+    # named like the zoo's file, but not it (its sha256 is not the published one): the zoo's AP is not claimed
+    assert "its sha256 does not match the published file's, so that figure is not claimed" in card
+    assert "model-index" not in card and "download.openmmlab.com" not in card
     with pytest.raises(SystemExit):  # the checkpoint's meta says DINO
         cli(["convert", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "x"), "--loss-type", "align_detr"])
     assert not (tmp_path / "x").exists()
+
+
+def test_zoo_ap_in_the_model_card_only_for_the_released_file(small_state_dict, tmp_path, monkeypatch):
+    """A file named like a zoo entry gets the zoo's AP only when its sha256 matches the published prefix."""
+    import align_detr_hf.mmdet_checkpoints as zoo
+
+    name = "align_detr-4scale_r50_8xb2-12e_coco.pth"  # a zoo name without the sha256 suffix: nothing checked on load
+    path = tmp_path / name
+    torch.save({"meta": {"epoch": 12}, "state_dict": small_state_dict}, path)
+    cli(["convert", "--checkpoint", str(path), "--output_dir", str(tmp_path / "renamed")])
+    card = (tmp_path / "renamed" / "README.md").read_text()
+    assert "50.5 box AP" in card and "so that figure is not claimed for these weights" in card
+    assert "model-index" not in card and "mmdetection reports 50.5 box AP on COCO val2017 for it" not in card
+
+    # the same bytes, as if they were the release: its published file name carries this file's sha256 prefix
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry = zoo_entry(name)
+    released = entry._replace(url=entry.url.rsplit("-", 1)[0] + f"-{digest[:8]}.pth")
+    monkeypatch.setattr(zoo, "MODEL_ZOO", [released if e is entry else e for e in zoo.MODEL_ZOO])
+    cli(["convert", "--checkpoint", str(path), "--output_dir", str(tmp_path / "release")])
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "mmdetection reports 50.5 box AP on COCO val2017 for it (12 epochs)" in card
+    assert "model-index" in card and "0.505" in card
 
 
 def test_cli_loss_type_flag_for_a_bare_state_dict(small_state_dict, tmp_path):

@@ -16,7 +16,7 @@ from conftest import FIXTURES, fixture_targets, fixture_weights, tiny_config
 
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrLoss, DinoLoss
 from align_detr_hf.convert_align_detr import config_from_state_dict, load_converted
-from align_detr_hf.loss_dino import build_loss, sigmoid_focal_loss
+from align_detr_hf.loss_align_detr import build_loss, sigmoid_focal_loss
 from align_detr_hf.modeling_align_detr import AlignDetrDenoisingQueries
 from test_loss import expected_keys, fixture_inputs, make_case
 
@@ -64,7 +64,7 @@ def relative_differences(loss_dict, reference):
 
 def test_dino_losses_match_mmdetection_from_head_outputs(dino_recorded):
     outputs, targets = fixture_inputs(dino_recorded)
-    loss, loss_dict = DinoLoss(dino_fixture_config())(outputs, targets)
+    loss, loss_dict = build_loss(dino_fixture_config())(outputs, targets)
     reference = dino_recorded["losses"]
     assert list(loss_dict) == list(reference)  # mmdet's names, mmdet's order
     rel = relative_differences(loss_dict, reference)
@@ -75,14 +75,14 @@ def test_dino_losses_match_mmdetection_from_head_outputs(dino_recorded):
 
 def test_dino_assignments_are_mmdetections_one_to_one(dino_recorded):
     outputs, targets = fixture_inputs(dino_recorded)
-    matches = DinoLoss(dino_fixture_config()).match(outputs, targets)
-    batch, num_queries = outputs["enc_topk_logits"].shape[:2]
+    matches = build_loss(dino_fixture_config()).match(outputs, targets)
+    batch, num_queries = outputs.encoder_logits.shape[:2]
     gt_offsets = torch.tensor([0] + [len(t["class_labels"]) for t in targets]).cumsum(0)
     for name, match in zip(["d0", "d1", "enc"], matches):
         gt_inds = torch.zeros(batch, num_queries, dtype=torch.long)
-        gt_inds[match["batch"], match["query"]] = match["gt"] - gt_offsets[match["batch"]] + 1
+        gt_inds[match.batch, match.query] = match.gt - gt_offsets[match.batch] + 1
         assert torch.equal(gt_inds, dino_recorded["assign"][name]), name
-        assert len(match["query"]) == sum(len(t["class_labels"]) for t in targets)  # one query per GT
+        assert len(match.query) == sum(len(t["class_labels"]) for t in targets)  # one query per GT
 
 
 def test_align_detr_loss_differs_on_the_same_outputs(dino_recorded):
@@ -106,8 +106,11 @@ def test_converted_dino_eval_outputs_match_mmdetection(dino_model, small_inputs)
     assert torch.equal(out.enc_topk_indices, reference["enc_topk_indices"])
     torch.testing.assert_close(out.enc_topk_logits, reference["enc_topk_logits"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(out.enc_topk_boxes, reference["enc_topk_boxes"], atol=BOXES_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    # the reference is layer-first (L, B, ...), our outputs batch-first (B, L, ...)
+    torch.testing.assert_close(out.intermediate_logits, reference["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, reference["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
 
 
 def test_converted_dino_train_forward_matches_mmdetection_term_for_term(dino_model, small_inputs, dino_recorded):
@@ -124,8 +127,8 @@ def test_converted_dino_train_forward_matches_mmdetection_term_for_term(dino_mod
         dino_model.eval()
     num_dn = dn["num_denoising_queries"]
     assert torch.equal(out.enc_topk_indices, head["enc_topk_indices"])
-    logits = torch.cat([out.dn_logits, out.intermediate_logits], 2)
-    boxes = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2)
+    logits = torch.cat([out.dn_logits, out.intermediate_logits], 2).transpose(0, 1)  # mmdet's (L, B, ...)
+    boxes = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2).transpose(0, 1)
     assert logits.shape[2] == num_dn + 100
     torch.testing.assert_close(logits, head["all_layers_cls_scores"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(boxes, head["all_layers_bbox_preds"], atol=BOXES_ATOL, rtol=0)
@@ -168,9 +171,9 @@ def test_more_gts_than_queries_normalise_by_the_matched_queries():
     loss_fn = build_loss(config)
     _, loss_dict = loss_fn(outputs, targets)
     match = loss_fn.match(outputs, targets)[1]  # layers: decoder 0, decoder 1 (last), encoder
-    assert len(match["query"]) == 3 and len(set(match["query"].tolist())) == 3
-    pred = outputs["intermediate_pred_boxes"][-1][match["batch"], match["query"]]
-    l1 = (pred - targets[0]["boxes"][match["gt"]]).abs().sum()
+    assert len(match.query) == 3 and len(set(match.query.tolist())) == 3
+    pred = outputs.boxes[-1][match.batch, match.query]
+    l1 = (pred - targets[0]["boxes"][match.gt]).abs().sum()
     assert loss_dict["loss_bbox"].item() == pytest.approx(5 * l1.item() / 3, rel=1e-5)
 
 
@@ -190,9 +193,9 @@ def test_dino_matches_k1_align_detr_matching_on_every_layer():
     config, outputs, targets = make_case([3, 2], num_queries=12, seed=5)
     config.loss_type = "dino"
     for match in build_loss(config).match(outputs, targets):
-        assert len(match["query"]) == 5
+        assert len(match.query) == 5
     config.loss_type = "align_detr"
-    assert [len(m["query"]) for m in build_loss(config).match(outputs, targets)] == [10, 5, 10]
+    assert [len(m.query) for m in build_loss(config).match(outputs, targets)] == [10, 5, 10]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from conftest import tiny_config
 from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor
 from align_detr_hf import ms_deform_attn
 from align_detr_hf.export_align_detr import (
+    WRITER,
     AlignDetrExportWrapper,
-    _write_atomically,
     example_inputs,
     export_config,
     export_onnx,
@@ -368,14 +368,19 @@ def test_cli_reports_bad_input_in_one_line(tiny_folder, tmp_path, capsys):
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from align_detr_hf.file_io import MANIFEST_NAME, is_own_output, owned_file, record_output
+
     path = tmp_path / "model.onnx"
     path.write_bytes(b"previous export")
-    with pytest.raises(TypeError):
-        _write_atomically(path, object())  # not bytes: fails half-way, after the temporary file was created
+    record_output(path, WRITER)  # an earlier export's file: replaceable without --overwrite
+    with pytest.raises(TypeError), owned_file(path, WRITER) as temp:  # how every export file is written
+        temp.write_bytes(object())  # not bytes: fails half-way, after the temporary file was created
     assert path.read_bytes() == b"previous export"
-    assert os.listdir(tmp_path) == ["model.onnx"]
-    _write_atomically(path, b"new export")
-    assert path.read_bytes() == b"new export" and os.listdir(tmp_path) == ["model.onnx"]
+    assert sorted(os.listdir(tmp_path)) == [MANIFEST_NAME, "model.onnx"]
+    with owned_file(path, WRITER) as temp:
+        temp.write_bytes(b"new export")
+    assert path.read_bytes() == b"new export" and sorted(os.listdir(tmp_path)) == [MANIFEST_NAME, "model.onnx"]
+    assert is_own_output(path, WRITER)
 
 
 @pytest.mark.slow

@@ -25,36 +25,52 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--synthetic_shapes", "12", "--synthetic_image_size", "64", "--demo_model", "--d_model", "32",
         "--num_queries", "10", "--image_scale", "0.08", "--warmup_steps", "2", "--seed", "3"]
 CODE_FILES = {"configuration_align_detr.py", "modeling_align_detr.py", "image_processing_align_detr.py",
-              "loss_align_detr.py", "box_ops.py", "ms_deform_attn.py", "ms_deform_attn_gather.py",
-              "backbone_align_detr.py", "denoising_align_detr.py"}
+              "image_processing_pil_align_detr.py", "loss_align_detr.py", "box_ops.py",
+              "ms_deform_attn.py", "ms_deform_attn_gather.py", "backbone_align_detr.py", "denoising_align_detr.py",
+              "matching_align_detr.py", "targets_align_detr.py", "pipeline_align_detr.py", "image_io.py", "slicing.py"}
 SIZE = {"shortest_edge": 64, "longest_edge": 96}
 
-# Started with `python -c`: hides align_detr_hf from the import system, loads FOLDER with trust_remote_code, runs the
-# pipeline on the images of IO and prints its results as JSON.
+# What a Hub user has: transformers, torch, Pillow, but neither this package nor scipy (inference must not need it).
+# A sitecustomize.py on PYTHONPATH makes both "not installed" for `import` and for transformers' availability checks.
+BLOCKER = """
+import sys
+for name in ("align_detr_hf", "scipy"):
+    sys.modules[name] = None
+"""
+# Loads FOLDER with trust_remote_code, runs the pipeline on the images of IO, all in one call with `batch_size`
+# (images of different sizes batched together), and prints its results as JSON.
 REMOTE_SCRIPT = """
-import json, sys, torch
+import json, logging, sys, torch
 from PIL import Image
-sys.meta_path.insert(0, type("Block", (), {"find_spec": staticmethod(
-    lambda name, *a: (_ for _ in ()).throw(ImportError("blocked")) if name.startswith("align_detr_hf") else None)})())
 from transformers import pipeline
-folder, io = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+folder, io, batch_size = sys.argv[1], torch.load(sys.argv[2], weights_only=True), int(sys.argv[3])
+messages = []
+logging.getLogger("transformers").addHandler(type("H", (logging.Handler,), {"emit": lambda s, r: messages.append(
+    r.getMessage())})())
 detector = pipeline("object-detection", model=folder, trust_remote_code=True)
+assert type(detector).__module__.startswith("transformers_modules"), type(detector).__module__  # our pipeline
 assert type(detector.model).__module__.startswith("transformers_modules"), type(detector.model).__module__
-assert type(detector.image_processor).__name__ == "AlignDetrImageProcessor"
+assert type(detector.image_processor).__name__.startswith("AlignDetrImageProcessor")
+assert not [m for m in messages if "is not supported" in m], messages
 images = [Image.fromarray(a.numpy()) for a in io["images"]]
-results = [detector(image, threshold=0.0) for image in images]
-assert "align_detr_hf" not in sys.modules
+results = detector(images, threshold=0.0, batch_size=batch_size)
+assert sys.modules["align_detr_hf"] is None and sys.modules["scipy"] is None
 print("RESULTS" + json.dumps(results))
 """
 
 
-def run_without_package(folder: Path, images: list[Image.Image], tmp_path: Path):
-    """Pipeline results (one list per image) from `folder` in a fresh process where align_detr_hf cannot load."""
+def run_without_package(folder: Path, images: list[Image.Image], tmp_path: Path, batch_size: int = 1):
+    """Pipeline results (one list per image) from `folder` in a fresh process where neither align_detr_hf nor scipy
+    can be imported."""
     io = tmp_path / "io.pt"
     torch.save({"images": [torch.from_numpy(np.array(image)) for image in images]}, io)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(io)], capture_output=True,
-                            text=True, timeout=300, env=env)
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(blocker)}
+    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(io), str(batch_size)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULTS")[-1])
 
@@ -144,12 +160,39 @@ def test_every_save_writes_auto_map_and_code(tmp_path):
     base = json.loads((tmp_path / "base" / "config.json").read_text())["auto_map"]
     assert base["AutoModel"] == "modeling_align_detr.AlignDetrModel"
     processor = json.loads((tmp_path / "head" / "preprocessor_config.json").read_text())["auto_map"]
-    assert processor == {"AutoImageProcessor": "image_processing_align_detr.AlignDetrImageProcessor"}
+    assert processor == {"AutoImageProcessor": {"torchvision": "image_processing_align_detr.AlignDetrImageProcessor",
+                                                "pil": "image_processing_pil_align_detr.AlignDetrImageProcessorPil"}}
+    pipelines = json.loads((tmp_path / "head" / "config.json").read_text())["custom_pipelines"]
+    assert pipelines == {"object-detection": {"impl": "pipeline_align_detr.AlignDetrObjectDetectionPipeline",
+                                              "pt": ["AutoModelForObjectDetection"], "type": "image"}}
     assert CODE_FILES <= {p.name for p in (tmp_path / "head").glob("*.py")}
     # the copies are our modules, byte for byte
     package = Path(align_detr_hf.__file__).parent
     for name in CODE_FILES:
         assert (tmp_path / "head" / name).read_bytes() == (package / name).read_bytes(), name
+
+
+def test_remote_code_pipeline_batches_mixed_sizes_without_scipy(tmp_path):
+    """A Hub user (no align_detr_hf, no scipy): `pipeline(..., trust_remote_code=True)` runs our pipeline from the
+    folder; a batch larger than the number of decoder layers, of images of different sizes, gives the installed
+    package's one-image results."""
+    from transformers import pipeline
+
+    torch.manual_seed(0)
+    AlignDetrForObjectDetection(tiny_config()).eval().save_pretrained(tmp_path / "model")
+    AlignDetrImageProcessor(size=SIZE).save_pretrained(tmp_path / "model")
+    rng = torch.Generator().manual_seed(2)
+    images = [Image.fromarray(torch.randint(0, 256, size, dtype=torch.uint8, generator=rng).numpy())
+              for size in [(60, 80, 3), (90, 50, 3), (60, 80, 3), (40, 40, 3)]]
+    remote = run_without_package(tmp_path / "model", images, tmp_path, batch_size=3)  # 3 > 2 decoder layers
+    local = pipeline("object-detection", model=str(tmp_path / "model"), image_processor=AlignDetrImageProcessor(
+        size=SIZE))
+    assert len(remote) == len(images)
+    for image, got in zip(images, remote):
+        expected = local(image, threshold=0.0)
+        assert len(got) == len(expected) == 36
+        assert [d["label"] for d in got] == [d["label"] for d in expected]
+        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in expected], abs=1e-5)
 
 
 def test_trainer_checkpoint_and_final_folder_carry_the_code(trained):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import align_detr_hf
-from align_detr_hf import AlignDetrImageProcessor
+from align_detr_hf import AlignDetrImageProcessor, AlignDetrImageProcessorPil
 from align_detr_hf.image_processing_align_detr import get_resize_output_size, pad_and_create_pixel_mask
 
 PIL_Image = pytest.importorskip("PIL.Image")
@@ -72,12 +72,18 @@ def test_auto_image_processor(tmp_path):
     # (not `from transformers import AutoImageProcessor`: a torchvision-requiring placeholder in 5.17 without it)
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
+    from transformers.utils import is_torchvision_available
+
     assert align_detr_hf.AlignDetrImageProcessor is AlignDetrImageProcessor
     AlignDetrImageProcessor().save_pretrained(tmp_path)
-    for backend in (None, "pil", "torchvision"):
+    # transformers' rule: the torchvision backend where torchvision is installed, else the PIL one
+    default = AlignDetrImageProcessor if is_torchvision_available() else AlignDetrImageProcessorPil
+    for backend, expected in ((None, default), ("pil", AlignDetrImageProcessorPil),
+                              ("torchvision", AlignDetrImageProcessor)):
         kwargs = {} if backend is None else {"backend": backend}
         loaded = AutoImageProcessor.from_pretrained(tmp_path, **kwargs)
-        assert type(loaded) is AlignDetrImageProcessor
+        assert type(loaded) is expected
+        assert loaded.backend == (backend or loaded.backend)
 
 
 # ---------------------------------------------------------------------------------------------- mmdet parity
@@ -322,7 +328,8 @@ def test_fixture_gt_boxes(processor, small_inputs):
         (np.full((10, 10, 3), 255.0, np.float32), r"\[0, 1\]"),
         (np.full((10, 10, 3), np.nan, np.float32), "NaN"),
         (np.zeros((10, 10, 7), np.uint8), "channel"),
-        ("image.jpg", "Unsupported image type"),
+        (b"not an image", "cannot read image"),
+        (3.5, "Unsupported image type"),
         ([[np.zeros((4, 4, 3), np.uint8)]], "Nested"),
     ],
 )
@@ -338,6 +345,8 @@ def test_bad_arguments_raise(processor):
     with pytest.raises(ValueError, match="COCO detection"):
         processor(image, annotations={"image_id": 0, "boxes": []})
     with pytest.raises(ValueError, match="Unexpected keyword"):
+        processor(image, do_centre_crop=True)
+    with pytest.raises(ValueError, match="not center-cropped"):
         processor(image, do_center_crop=True)
     with pytest.raises(ValueError, match="size"):
         AlignDetrImageProcessor(size={"longest_edge": 3})

@@ -10,11 +10,15 @@ import transformers
 from conftest import tiny_config
 from transformers import ResNetConfig, Trainer, TrainingArguments
 
-from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrLoss
+from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection
 from align_detr_hf.data import load_coco_folder
+from align_detr_hf.loss_align_detr import AlignDetrLossInputs, DenoisingLayout, build_loss, decoder_layer_names
 from align_detr_hf.loss_adapters import (
+    MODEL_FAMILIES,
+    SUPPORTED_MODELS,
     AlignDetrLossAdapter,
     AlignDetrLossOptions,
+    ModelFamily,
     remove_align_detr_loss,
     use_align_detr_loss,
 )
@@ -151,7 +155,8 @@ def _spy_on_loss_inputs(model):
 
 def _direct_loss(num_labels, num_gt_repeat, labels=None, **outputs):
     config = AlignDetrConfig(num_labels=num_labels, decoder_layers=len(num_gt_repeat) - 1, num_gt_repeat=num_gt_repeat)
-    return AlignDetrLoss(config)(outputs, labels or _labels())[1]
+    inputs = AlignDetrLossInputs(layer_names=decoder_layer_names(len(num_gt_repeat) - 1), **outputs)
+    return build_loss(config)(inputs, labels or _labels())[1]
 
 
 @pytest.mark.parametrize("name", ["rt_detr", "deformable_detr_two_stage", "conditional_detr"])
@@ -169,17 +174,17 @@ def test_adapter_equals_align_detr_loss_on_the_same_tensors(name):
         groups = meta["dn_num_group"]
         expected = _direct_loss(
             3, [2, 1, 2],
-            intermediate_logits=outputs_class.transpose(0, 1)[:, :, num_dn:],
-            intermediate_pred_boxes=outputs_coord.transpose(0, 1)[:, :, num_dn:],
-            enc_topk_logits=kwargs["enc_topk_logits"], enc_topk_boxes=kwargs["enc_topk_bboxes"],
+            logits=outputs_class.transpose(0, 1)[:, :, num_dn:],
+            boxes=outputs_coord.transpose(0, 1)[:, :, num_dn:],
+            encoder_logits=kwargs["enc_topk_logits"], encoder_boxes=kwargs["enc_topk_bboxes"],
             dn_logits=outputs_class.transpose(0, 1)[:, :, :num_dn],
-            dn_pred_boxes=outputs_coord.transpose(0, 1)[:, :, :num_dn],
-            denoising_meta={"num_groups": groups, "max_gt": num_dn // (2 * groups)},
+            dn_boxes=outputs_coord.transpose(0, 1)[:, :, :num_dn],
+            denoising=DenoisingLayout(num_groups=groups, max_gt=num_dn // (2 * groups)),
         )
         # their positive denoising slots are ours: 2 * max_gt * group + gt index
         assert [p.tolist() for p in meta["dn_positive_idx"]] == [[0, 1, 4, 5, 8, 9], [0, 4, 8]]
     else:  # layer-first
-        expected = _direct_loss(3, [2, 1, 2], intermediate_logits=outputs_class, intermediate_pred_boxes=outputs_coord)
+        expected = _direct_loss(3, [2, 1, 2], logits=outputs_class, boxes=outputs_coord)
         torch.testing.assert_close(outputs_class[-1], logits)
         torch.testing.assert_close(outputs_coord[-1], pred_boxes)
     if name == "deformable_detr_two_stage":  # class-agnostic encoder term on the model's own top-k (class-0 logit)
@@ -187,9 +192,8 @@ def test_adapter_equals_align_detr_loss_on_the_same_tensors(name):
         class_agnostic = [{"class_labels": torch.zeros_like(t["class_labels"]), "boxes": t["boxes"]} for t in _labels()]
         encoder = _direct_loss(
             1, [2, 2], class_agnostic,
-            intermediate_logits=output.enc_outputs_class.gather(1, topk[..., None])[None],
-            intermediate_pred_boxes=output.enc_outputs_coord_logits.gather(
-                1, topk[..., None].expand(-1, -1, 4)).sigmoid()[None],
+            logits=output.enc_outputs_class.gather(1, topk[..., None])[None],
+            boxes=output.enc_outputs_coord_logits.gather(1, topk[..., None].expand(-1, -1, 4)).sigmoid()[None],
         )
         expected.update({f"enc_{k}": v for k, v in encoder.items()})
     assert set(output.loss_dict) == set(expected)
@@ -207,8 +211,8 @@ def test_rt_detr_layout_reproduces_our_models_loss():
     num_dn = out.dn_logits.shape[2]
     max_gt = max(len(t["class_labels"]) for t in labels)
     groups = num_dn // (2 * max_gt)
-    outputs_class = torch.cat([out.dn_logits, out.intermediate_logits], 2).transpose(0, 1)
-    outputs_coord = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2).transpose(0, 1)
+    outputs_class = torch.cat([out.dn_logits, out.intermediate_logits], 2)  # both batch-first (B, L, ...)
+    outputs_coord = torch.cat([out.dn_pred_boxes, out.intermediate_pred_boxes], 2)
     positive = [torch.cat([torch.arange(len(t["class_labels"])) + 2 * max_gt * g for g in range(groups)])
                 for t in labels]
     adapter = AlignDetrLossAdapter("RTDetrForObjectDetection", AlignDetrLossOptions())
@@ -222,7 +226,7 @@ def test_rt_detr_layout_reproduces_our_models_loss():
     for key in loss_dict:
         torch.testing.assert_close(loss_dict[key], out.loss_dict[key], rtol=0, atol=0, msg=key)
     torch.testing.assert_close(loss, out.loss, rtol=1e-6, atol=0)
-    assert len(auxiliary) == 1 and auxiliary[0]["logits"].shape == out.intermediate_logits[0].shape
+    assert len(auxiliary) == 1 and auxiliary[0]["logits"].shape == out.intermediate_logits[:, 0].shape
 
 
 def _random_rt_detr_inputs(num_layers=2, num_queries=8, num_classes=3):
@@ -247,9 +251,8 @@ def test_hyper_parameters_and_num_gt_repeat_reach_the_loss():
         *call, enc_topk_logits=enc_logits, enc_topk_bboxes=enc_boxes)[1]
     config = AlignDetrConfig(num_labels=3, decoder_layers=2, num_gt_repeat=[3, 1, 4], quality_alpha=0.5,
                              negative_gamma=1.0, rank_tau=3.0)
-    expected = AlignDetrLoss(config)({"intermediate_logits": outputs_class.transpose(0, 1),
-                                      "intermediate_pred_boxes": outputs_coord.transpose(0, 1),
-                                      "enc_topk_logits": enc_logits, "enc_topk_boxes": enc_boxes}, _labels())[1]
+    expected = build_loss(config)(AlignDetrLossInputs(outputs_class.transpose(0, 1), outputs_coord.transpose(0, 1),
+                                                      decoder_layer_names(2), enc_logits, enc_boxes), _labels())[1]
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
     default = AlignDetrLossAdapter("RTDetrV2ForObjectDetection", AlignDetrLossOptions())(
@@ -264,14 +267,35 @@ def test_hyper_parameters_and_num_gt_repeat_reach_the_loss():
     torch.testing.assert_close(last_only["loss_cls"], default["loss_cls"], rtol=0, atol=0)
 
 
+def test_a_new_model_is_one_family_entry(monkeypatch):
+    """Adding a model: its class name in SUPPORTED_MODELS and a ModelFamily (here RT-DETR's layout, seen through a
+    wrapper) in MODEL_FAMILIES; the adapter does the rest."""
+    seen = []
+
+    def inputs(adapter, *args, **kwargs):
+        seen.append(adapter.model_class_name)
+        return MODEL_FAMILIES["rt_detr"].inputs(adapter, *args, **kwargs)
+
+    monkeypatch.setitem(MODEL_FAMILIES, "new_detr", ModelFamily(inputs))
+    monkeypatch.setitem(SUPPORTED_MODELS, "NewDetrForObjectDetection", "new_detr")
+    outputs_class, outputs_coord, (enc_logits, enc_boxes) = _random_rt_detr_inputs()
+    call = (outputs_class[:, -1], _labels(), "cpu", outputs_coord[:, -1], _Config, outputs_class, outputs_coord)
+    extra = {"enc_topk_logits": enc_logits, "enc_topk_bboxes": enc_boxes}
+    got = AlignDetrLossAdapter("NewDetrForObjectDetection", AlignDetrLossOptions())(*call, **extra)[1]
+    expected = AlignDetrLossAdapter("RTDetrForObjectDetection", AlignDetrLossOptions())(*call, **extra)[1]
+    assert seen == ["NewDetrForObjectDetection"] and list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
 def test_d_fine_initial_prediction_is_a_named_layer():
     """D-FINE passes L + 1 prediction sets (its first layer's initial boxes first): 'pre.' gets layer 0's k."""
     outputs_class, outputs_coord, _ = _random_rt_detr_inputs(num_layers=3)
     adapter = AlignDetrLossAdapter("DFineForObjectDetection", AlignDetrLossOptions(decoder_num_gt_repeat=[3, 1]))
     got = adapter.align_detr_losses(adapter.adapt(outputs_class[:, -1], outputs_coord[:, -1], _Config, outputs_class,
                                                   outputs_coord), _labels(), _Config)
-    expected = _direct_loss(3, [3, 3, 1, 1], intermediate_logits=outputs_class.transpose(0, 1),
-                            intermediate_pred_boxes=outputs_coord.transpose(0, 1))
+    expected = _direct_loss(3, [3, 3, 1, 1], logits=outputs_class.transpose(0, 1),
+                            boxes=outputs_coord.transpose(0, 1))
     renamed = {"d0.": "pre.", "d1.": "d0."}
     assert set(got) == {renamed.get(k[:3], "") + k.split(".", 1)[-1] for k in expected}
     for key, value in expected.items():
@@ -325,6 +349,8 @@ def test_clear_errors():
         use_align_detr_loss(build("detr"))
     with pytest.raises(ValueError, match="Unknown Align-DETR loss hyper-parameters \\['rank_temperature'\\]"):
         use_align_detr_loss(build("conditional_detr"), rank_temperature=2.0)
+    with pytest.raises(ValueError, match="Unknown Align-DETR loss hyper-parameters \\['focal_alpha'\\]"):
+        use_align_detr_loss(build("conditional_detr"), focal_alpha=0.5)  # DINO's focal loss: not what we compute
 
     # Conditional DETR without auxiliary outputs: an error by default, the last layer alone when asked
     no_aux = build("conditional_detr", auxiliary_loss=False)

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_train_outputs_match, fixture_targets, tiny_config
+from conftest import NOISE_FACTOR, assert_train_outputs_match, fixture_targets, float32_noise, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
 
 from align_detr_hf import AlignDetrConfig, AlignDetrForObjectDetection, AlignDetrImageProcessor, AlignDetrModel
@@ -39,9 +39,12 @@ def test_encoder_topk_matches_mmdet(small_eval_outputs, small_outputs):
 
 def test_every_decoder_layer_matches_mmdet(small_eval_outputs, small_outputs):
     out = small_eval_outputs
-    assert out.intermediate_logits.shape == small_outputs["all_dec_logits"].shape == (2, 2, 100, 80)
-    torch.testing.assert_close(out.intermediate_logits, small_outputs["all_dec_logits"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.intermediate_pred_boxes, small_outputs["all_dec_boxes"], atol=BOXES_ATOL, rtol=0)
+    # the fixture is mmdetection's layer-first (L, B, ...) layout; our outputs are batch-first (B, L, ...)
+    assert out.intermediate_logits.shape == (2, 2, 100, 80)
+    torch.testing.assert_close(out.intermediate_logits, small_outputs["all_dec_logits"].transpose(0, 1),
+                               atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.intermediate_pred_boxes, small_outputs["all_dec_boxes"].transpose(0, 1),
+                               atol=BOXES_ATOL, rtol=0)
     torch.testing.assert_close(out.logits, small_outputs["dec_logits"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(out.pred_boxes, small_outputs["dec_boxes"], atol=BOXES_ATOL, rtol=0)
 
@@ -180,7 +183,8 @@ def test_trust_remote_code_loads_in_a_process_without_the_package(tmp_path):
         found = detector(Image.new("RGB", (80, 60), "white"), threshold=0.0)
         assert "align_detr_hf" not in sys.modules
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert type(processor).__name__ == "AlignDetrImageProcessor", type(processor)
+        # AutoImageProcessor's rule there too: the torchvision backend with torchvision installed, else the PIL one
+        assert type(processor).__name__ in ("AlignDetrImageProcessor", "AlignDetrImageProcessorPil"), type(processor)
         assert found and found[0]["label"] in ("circle", "square", "triangle"), found[:1]
         print("max_diff", (logits - io["logits"]).abs().max().item())
         """
@@ -215,7 +219,9 @@ def test_padded_batch_is_exact_for_the_unpadded_member():
         mask = torch.ones(2, 96, 128, dtype=torch.long)
         mask[1, 64:, :] = 0
         together = model(batch, mask)
-    torch.testing.assert_close(alone.logits[0], together.logits[0], atol=1e-5, rtol=0)
+    # up to the float32 rounding of another batch size (see conftest)
+    noise = float32_noise(model, [{"pixel_values": big}], lambda out: {"logits": out.logits[0]})
+    torch.testing.assert_close(alone.logits[0], together.logits[0], atol=NOISE_FACTOR * noise["logits"], rtol=0)
 
 
 @pytest.mark.parametrize("build", ["constructor", "from_pretrained_without_weights"])

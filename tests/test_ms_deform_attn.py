@@ -460,6 +460,7 @@ def test_cuda_training_loss_synchronises_at_most_once():
     import warnings
 
     from align_detr_hf import AlignDetrForObjectDetection
+    from align_detr_hf.loss_align_detr import AlignDetrLossInputs, decoder_layer_names
 
     torch.manual_seed(0)
     model = AlignDetrForObjectDetection(tiny_config()).cuda().train()
@@ -468,9 +469,10 @@ def test_cuda_training_loss_synchronises_at_most_once():
               {"class_labels": torch.tensor([1], device="cuda"),
                "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]], device="cuda")}]
     outputs = model(torch.randn(2, 3, 64, 64, device="cuda"))  # warm-up, no loss
-    hidden = {k: getattr(outputs, k) for k in ("intermediate_logits", "intermediate_pred_boxes",
-                                               "enc_topk_logits", "enc_topk_boxes")}
-    loss_inputs = {**hidden, "dn_logits": None, "dn_pred_boxes": None, "denoising_meta": None}
+    # the loss takes the per-layer predictions layer-first (L, B, ...); the outputs are batch-first
+    loss_inputs = AlignDetrLossInputs(outputs.intermediate_logits.transpose(0, 1),
+                                      outputs.intermediate_pred_boxes.transpose(0, 1),
+                                      decoder_layer_names(2), outputs.enc_topk_logits, outputs.enc_topk_boxes)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -7,12 +7,13 @@ can check the label names and the scaling of boxes to the original image size wi
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
 
-from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor
+from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor, AlignDetrImageProcessorPil
 from align_detr_hf.visualize import example_image_path
 
 pipeline = pytest.importorskip("transformers").pipeline
@@ -83,9 +84,13 @@ def test_example_image_is_packaged():
 
 
 def test_pipeline_loads_our_classes(random_pipe):
+    from transformers.utils import is_torchvision_available
+
     detector = random_pipe
     assert isinstance(detector.model, AlignDetrForObjectDetection)
-    assert isinstance(detector.image_processor, AlignDetrImageProcessor)
+    # AutoImageProcessor's rule: the torchvision backend where torchvision is installed, else the PIL one
+    expected = AlignDetrImageProcessor if is_torchvision_available() else AlignDetrImageProcessorPil
+    assert type(detector.image_processor) is expected
 
 
 def test_pipeline_matches_processor_model_post_process(random_pipe, random_dir, image):
@@ -258,3 +263,64 @@ def test_pipeline_other_models_keep_transformers_behaviour(random_pipe):
     detector = AlignDetrObjectDetectionPipeline(model=detr, image_processor=random_pipe.image_processor)
     inputs = detector.preprocess(_random_images([(64, 64)])[0])
     assert set(inputs) == {"pixel_values", "pixel_mask", "target_size"}  # the parent's inputs, not ours
+
+
+def test_transformers_own_pipeline_batches_more_images_than_decoder_layers(random_dir):
+    """transformers' ObjectDetectionPipeline (what a model object gets where the package is absent) splits every
+    tensor output on its first axis: the batch-first `intermediate_*` outputs make batches of any size work."""
+    from transformers import ObjectDetectionPipeline
+
+    model = AlignDetrForObjectDetection.from_pretrained(random_dir).eval()
+    assert model.config.decoder_layers == 2
+    detector = ObjectDetectionPipeline(model=model, image_processor=AlignDetrImageProcessor(size=SIZE))
+    images = _random_images([(100, 150)] * 5, seed=3)  # one size: its collate function cannot pad
+    batched = detector(images, threshold=0.0, batch_size=5)
+    for got, image in zip(batched, images):
+        assert_same_detections(got, detector(image, threshold=0.0))
+
+
+def _known_box(width, height):
+    return {"xmin": width // 2, "ymin": 0, "xmax": width, "ymax": height // 2}
+
+
+def test_pipeline_reads_files_as_align_detr_predict_does(known_pipe, random_pipe, tmp_path):
+    """Same file, same answers: the pipeline reads paths with image_io (EXIF orientation applied, 16-bit depth
+    kept), as `align-detr predict`, examples/predict.py and the image processor do."""
+    from align_detr_hf.image_io import read_image
+
+    # EXIF orientation 6 (rotate 90): stored 80 wide x 40 high, displayed 40 x 80
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.jpg", exif=exif)
+    result = known_pipe(str(tmp_path / "rotated.jpg"))
+    assert result and all(d["box"] == _known_box(40, 80) for d in result)  # in displayed coordinates
+
+    # a 16-bit PNG whose values all exceed 255: clipped to 8 bits it would be a white image
+    values = (np.linspace(300, 65535, 48 * 64).reshape(48, 64)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    got = random_pipe(str(tmp_path / "deep.png"), threshold=0.0)
+    image = read_image(tmp_path / "deep.png")
+    assert image.mode.startswith("I") and np.array(image).max() > 255
+    assert got == random_pipe(image, threshold=0.0)
+    white = random_pipe(Image.new("RGB", (64, 48), (255, 255, 255)), threshold=0.0)
+    assert [d["score"] for d in got] != pytest.approx([d["score"] for d in white], abs=1e-4)
+
+
+def test_pipeline_output_format_as_transformers_pipeline_tests(random_pipe, tmp_path):
+    """transformers' ObjectDetectionPipelineTests.run_pipeline_test: one list per input, each detection a dict with a
+    float score, a label of config.id2label and an int box; the `images=` keyword; paths and PIL images alike."""
+    image = _random_images([(70, 90)], seed=5)[0]
+    image.save(tmp_path / "image.png")
+    outputs = random_pipe(images=[image, str(tmp_path / "image.png")], threshold=0.0)
+    assert len(outputs) == 2 and outputs[0] == outputs[1]
+    for detection in outputs[0]:
+        assert set(detection) == {"score", "label", "box"}
+        assert isinstance(detection["score"], float) and 0.0 <= detection["score"] <= 1.0
+        assert detection["label"] in random_pipe.model.config.id2label.values()
+        assert set(detection["box"]) == {"xmin", "ymin", "xmax", "ymax"}
+        assert all(isinstance(v, int) for v in detection["box"].values())
+    scores = [d["score"] for d in outputs[0]]
+    assert scores == sorted(scores, reverse=True)
+    high = random_pipe(image, threshold=0.9)
+    assert all(d["score"] > 0.9 for d in high) and len(high) < len(outputs[0])

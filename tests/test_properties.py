@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align_detr_hf.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
-from align_detr_hf.loss_align_detr import AlignDetrLoss, effective_num_gt_repeat, solve_one_to_k_assignments
+from align_detr_hf.loss_align_detr import AlignDetrLossInputs, build_loss, decoder_layer_names
+from align_detr_hf.matching_align_detr import effective_num_gt_repeat, solve_one_to_k_assignments
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -99,15 +100,13 @@ CONFIG = tiny_config(num_gt_repeat=[2, 1, 2])
 
 def _outputs(generator, batch, num_queries=CONFIG.num_queries):
     layers, classes = CONFIG.decoder_layers, CONFIG.num_labels
-    return {
-        "intermediate_logits": torch.randn(layers, batch, num_queries, classes, generator=generator),
-        "intermediate_pred_boxes": torch.rand(layers, batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
-        "enc_topk_logits": torch.randn(batch, num_queries, classes, generator=generator),
-        "enc_topk_boxes": torch.rand(batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
-        "dn_logits": None,
-        "dn_pred_boxes": None,
-        "denoising_meta": None,
-    }
+    return AlignDetrLossInputs(
+        logits=torch.randn(layers, batch, num_queries, classes, generator=generator),
+        boxes=torch.rand(layers, batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
+        layer_names=decoder_layer_names(layers),
+        encoder_logits=torch.randn(batch, num_queries, classes, generator=generator),
+        encoder_boxes=torch.rand(batch, num_queries, 4, generator=generator) * 0.5 + 0.25,
+    )
 
 
 @SETTINGS
@@ -123,7 +122,7 @@ def test_permuting_the_ground_truth_does_not_change_the_loss(num_gts, seed):
         order = torch.randperm(n, generator=generator)
         targets.append({"class_labels": labels, "boxes": boxes})
         permuted.append({"class_labels": labels[order], "boxes": boxes[order]})
-    criterion = AlignDetrLoss(CONFIG)
+    criterion = build_loss(CONFIG)
     loss, parts = criterion(outputs, targets)
     loss_p, parts_p = criterion(outputs, permuted)
     assert torch.isfinite(loss)
@@ -132,8 +131,8 @@ def test_permuting_the_ground_truth_does_not_change_the_loss(num_gts, seed):
         assert torch.allclose(parts[key], parts_p[key], rtol=1e-5, atol=1e-6), key
     # the matched (image, query) pairs are the same sets, only the GT indices move
     for layer, layer_p in zip(criterion.match(outputs, targets), criterion.match(outputs, permuted)):
-        pairs = sorted(zip(layer["batch"].tolist(), layer["query"].tolist()))
-        assert pairs == sorted(zip(layer_p["batch"].tolist(), layer_p["query"].tolist()))
+        pairs = sorted(zip(layer.batch.tolist(), layer.query.tolist()))
+        assert pairs == sorted(zip(layer_p.batch.tolist(), layer_p.query.tolist()))
 
 
 @pytest.mark.parametrize("num_gt, k, expected", [(0, 2, 0), (1, 2, 2), (6, 2, 2), (7, 2, 1), (13, 2, 1), (4, 5, 3)])

@@ -123,7 +123,7 @@ def test_demo_defaults_are_the_from_scratch_recipe():
     from align_detr_hf.demo import build_parser
 
     args = build_parser().parse_args([])
-    assert (args.steps, args.batch_size, args.lr, args.warmup_steps, args.augment) == (
+    assert (args.max_steps, args.per_device_train_batch_size, args.learning_rate, args.warmup_steps, args.augment) == (
         FROM_SCRATCH.max_train_steps, FROM_SCRATCH.batch_size, FROM_SCRATCH.learning_rate,
         FROM_SCRATCH.warmup_steps, FROM_SCRATCH.augment)
 
@@ -131,7 +131,7 @@ def test_demo_defaults_are_the_from_scratch_recipe():
 @pytest.mark.parametrize("script", ["train_accelerate", "train_trainer"])
 def test_scripts_pick_the_recipe_by_the_job_and_apply_flags(script):
     module = _load_example(script)
-    steps_flag = "--max_train_steps" if script == "train_accelerate" else "--max_steps"
+    steps_flag = "--max_steps"  # one name in both scripts
     scratch = module.recipe_from_args(module.parse_args(["--output_dir", "x", "--demo_model"]))
     assert scratch == FROM_SCRATCH
     tuned = module.recipe_from_args(module.parse_args(["--output_dir", "x", "--model_name_or_path", "ckpt"]))

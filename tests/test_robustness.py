@@ -217,11 +217,14 @@ def _is_conversion(folder: Path) -> None:
 
 
 def _previous_conversion(ctx, rel="out"):
-    folder = ctx.path(rel)
-    folder.mkdir(parents=True)
-    AlignDetrForObjectDetection(tiny_config(num_queries=7)).save_pretrained(folder)
-    AlignDetrImageProcessor().save_pretrained(folder)
-    return folder
+    """A folder as `align-detr convert` leaves it (recorded in its manifest as the converter's)."""
+    from align_detr_hf.convert_align_detr import WRITER
+    from align_detr_hf.file_io import atomic_directory
+
+    with atomic_directory(ctx.path(rel), WRITER) as staging:
+        AlignDetrForObjectDetection(tiny_config(num_queries=7)).save_pretrained(staging)
+        AlignDetrImageProcessor().save_pretrained(staging)
+    return ctx.path(rel)
 
 
 @case("converter_output", Exit(r"holds the input .*model\.pth"))
@@ -229,14 +232,14 @@ def convert_into_the_checkpoint_folder(ctx):
     _fake_conversion(ctx)
     checkpoint = ctx.file("ckpts/model.pth", b"PK weights")
     ctx.file("ckpts/notes.txt", "mine")
-    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("ckpts"), "--overwrite")
+    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("ckpts"), "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"holds the input"))
 def convert_into_a_parent_of_the_checkpoint(ctx):
     _fake_conversion(ctx)
     checkpoint = ctx.file("data/ckpts/model.pth", b"PK weights")
-    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("data"), "--overwrite")
+    return ctx.cli("convert", "--checkpoint", checkpoint, "--output-dir", ctx.path("data"), "--overwrite_output_dir")
 
 
 @case("converter_output", Exit(r"current directory"))
@@ -244,17 +247,19 @@ def convert_into_the_current_directory(ctx):
     _fake_conversion(ctx)
     ctx.file("project/src.py", "print('mine')")
     ctx.monkeypatch.chdir(ctx.path("project"))
-    return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ".", "--overwrite")
+    return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ".",
+                   "--overwrite_output_dir")
 
 
-@case("converter_output", Exit(r"not empty and does not hold a previous output .*--overwrite"))
+@case("converter_output", Exit(r"refused to replace the folder .*photos: it holds cat\.jpg \(align-detr did not write "
+                                r"it\); .*--overwrite"))
 def convert_into_an_unrelated_folder(ctx):
     _fake_conversion(ctx)
     ctx.file("photos/cat.jpg", b"jpeg bytes")
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ctx.path("photos"))
 
 
-@case("converter_output", Exit(r"not empty and does not hold a previous output"))
+@case("converter_output", Exit(r"refused to replace the folder .*out: it holds my_notes\.txt"))
 def convert_over_a_conversion_holding_a_user_file(ctx):
     _fake_conversion(ctx)
     _previous_conversion(ctx)
@@ -315,18 +320,18 @@ def convert_over_a_previous_conversion(ctx):
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ctx.path("out"))
 
 
-def _replaced_with_overwrite(result, ctx):
+def _written_with_overwrite(result, ctx):
     _is_conversion(ctx.path("out"))
-    assert not ctx.path("out/old.txt").exists() and ctx.path("beside.txt").read_text() == "untouched"
+    assert ctx.path("out/old.txt").read_text() == "old" and ctx.path("beside.txt").read_text() == "untouched"
 
 
-@case("converter_output", Ok(_replaced_with_overwrite, replaced=("out",)))
-def convert_with_overwrite_replaces_an_unrelated_folder(ctx):
+@case("converter_output", Ok(_written_with_overwrite))  # --overwrite replaces what it writes, deletes nothing else
+def convert_with_overwrite_writes_into_an_unrelated_folder_and_keeps_its_files(ctx):
     _fake_conversion(ctx)
     ctx.file("out/old.txt", "old")
     ctx.file("beside.txt", "untouched")
     return ctx.cli("convert", "--checkpoint", ctx.file("model.pth", b"PK"), "--output-dir", ctx.path("out"),
-                   "--overwrite")  # fmt: skip
+                   "--overwrite_output_dir")  # fmt: skip
 
 
 @case("converter_output", Ok(lambda result, ctx: _is_conversion(ctx.path("new/deep/out"))))
@@ -404,12 +409,12 @@ def unreachable_checkpoint_url(ctx):  # port 9 (discard) on localhost: refused a
 
 @case("checkpoint_file", Exit(r"cannot download https://example\.invalid/x_robustness\.pth: .*Name or service"))
 def checkpoint_url_dns_failure(ctx):
-    import urllib.request
+    import socket
 
     def no_dns(*args, **kwargs):
-        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+        raise socket.gaierror(-2, "Name or service not known")
 
-    ctx.monkeypatch.setattr(urllib.request, "urlopen", no_dns)
+    ctx.monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     return ctx.cli("convert", "--checkpoint", "https://example.invalid/x_robustness.pth", "--output-dir",
                    ctx.path("out"))  # fmt: skip
 
@@ -418,7 +423,7 @@ def checkpoint_url_dns_failure(ctx):
 
 
 def _predict(ctx, *images, extra=()):
-    return ctx.cli("predict", *images, "--model", ctx.model_dir, "--output", ctx.path("pred"), "--top-k", "5",
+    return ctx.cli("predict", *images, "--model", ctx.model_dir, "--output_dir", ctx.path("pred"), "--top-k", "5",
                    "--threshold", "0", *extra)  # fmt: skip
 
 
@@ -476,9 +481,9 @@ def predict_jpeg_with_exif_orientation(ctx):
     return _predict(ctx, _exif_jpeg(ctx, "rotated.jpg"))
 
 
-@case("predict", Exit(r"--output .*out_file: .*is a file, not a folder"))
+@case("predict", Exit(r"--output_dir .*out_file: .*is a file, not a folder"))
 def predict_output_is_a_file(ctx):
-    return _predict(ctx, ctx.image("a.png", Image.fromarray(_rgb())), extra=("--output", ctx.file("out_file")))
+    return _predict(ctx, ctx.image("a.png", Image.fromarray(_rgb())), extra=("--output_dir", ctx.file("out_file")))
 
 
 @case("predict", Exit(r"(Permission denied|not writable)"))
@@ -531,11 +536,21 @@ def _outputs_written_beside_user_files(result, ctx):
     assert (ctx.path("pred") / "a_detections.png").is_file() and ctx.path("pred/detections.json").is_file()
 
 
-@case("predict", Ok(_outputs_written_beside_user_files, replaced=("pred/detections.json",)))
+@case("predict", Ok(_outputs_written_beside_user_files, replaced=("pred/detections.json", "pred/.align_detr_manifest.json")))
 def predict_into_a_folder_with_other_files(ctx):
+    from align_detr_hf.cli import PREDICT_WRITER
+    from align_detr_hf.file_io import record_output
+
     image = ctx.image("a.png", Image.fromarray(_rgb()))
     ctx.file("pred/mine.txt", "user file")
-    ctx.file("pred/detections.json", "{}")  # our own output name: replaced atomically
+    record_output(ctx.file("pred/detections.json", "{}"), PREDICT_WRITER)  # an earlier predict's: replaced atomically
+    return _predict(ctx, image)
+
+
+@case("predict", Exit(r"refused to replace .*pred/detections\.json: align-detr did not write it; .*--overwrite"))
+def predict_over_a_users_file_of_the_same_name(ctx):
+    image = ctx.image("a.png", Image.fromarray(_rgb()))
+    ctx.file("pred/detections.json", '{"mine": true}')
     return _predict(ctx, image)
 
 
@@ -549,15 +564,16 @@ def _demo(ctx, *extra):
 _IMPOSSIBLE_DEMO_ARGS = {
     "no_train_images": (("--num_train_images", "0"), r"--num_train_images must be at least 1, got 0"),
     "no_val_images": (("--num_val_images", "0"), r"--num_val_images must be at least 1, got 0"),
-    "batch_size_0": (("--batch_size", "0"), r"--batch_size must be at least 1, got 0"),
+    "batch_size_0": (("--per_device_train_batch_size", "0"),
+                     r"--per_device_train_batch_size must be at least 1, got 0"),
     "d_model_not_multiple_of_32": (("--d_model", "48"), r"--d_model must be a positive multiple of 32 .*GroupNorm"),
     "d_model_negative": (("--d_model", "-32"), r"--d_model must be a positive multiple of 32"),
     "d_model_32_small_images": (("--d_model", "32", "--image_size", "64"),
                                 r"--d_model 32 needs --image_size of at least 128 \(got 64\)"),
-    "negative_steps": (("--steps", "-1"), r"--steps must be at least 0"),
+    "negative_steps": (("--max_steps", "-1"), r"--max_steps must be at least 1"),
     "tiny_images": (("--image_size", "32"), r"--image_size must be at least 64, got 32"),
-    "zero_lr": (("--lr", "0"), r"--lr must be a positive number"),
-    "nan_lr": (("--lr", "nan"), r"--lr must be a positive number"),
+    "zero_lr": (("--learning_rate", "0"), r"--learning_rate must be a positive number"),
+    "nan_lr": (("--learning_rate", "nan"), r"--learning_rate must be a positive number"),
     "no_time_budget": (("--time_budget_s", "0"), r"--time_budget_s must be positive"),
     "threshold_above_1": (("--score_threshold", "2"), r"--score_threshold must be between 0 and 1"),
 }
@@ -572,7 +588,7 @@ def demo_output_is_a_file(ctx):
     return ctx.cli("demo", "--output_dir", ctx.file("taken"), "--quiet")
 
 
-@case("demo", Exit(r"model exists and is not a previous demo model"))
+@case("demo", Exit(r"refused to replace the folder .*demo/model: it holds thesis\.tex"))
 def demo_model_folder_holds_user_files(ctx):
     ctx.file("demo/model/thesis.tex", "keep me")
     return _demo(ctx)
@@ -587,7 +603,8 @@ def _demo_trained(result, ctx):
 @case("demo", Ok(_demo_trained))
 def demo_fewer_images_than_one_batch_ends(ctx):
     """4 training images, batch size 8: the loader used to drop its only (short) batch and the loop never ended."""
-    return _demo(ctx, "--num_train_images", "4", "--batch_size", "8", "--steps", "3", "--num_val_images", "2",
+    return _demo(ctx, "--num_train_images", "4", "--per_device_train_batch_size", "8", "--max_steps", "3",
+                 "--num_val_images", "2",
                  "--image_size", "64", "--d_model", "64", "--num_queries", "5", "--threads", "1")  # fmt: skip
 
 
@@ -683,8 +700,8 @@ def processor_nan_image(ctx):
     return lambda: _processor()(image)
 
 
-@case("processor", Err(ValueError, r"Unsupported image type str"))
-def processor_path_instead_of_image(ctx):
+@case("processor", Err(FileNotFoundError, r"image not found: cat.jpg"))
+def processor_missing_image_path(ctx):  # paths are read (as `align-detr predict` reads them)
     return lambda: _processor()("cat.jpg")
 
 
@@ -837,7 +854,7 @@ def eval_unknown_image_id(ctx):
     return _evaluate(PERFECT, image_ids=(1, 5))
 
 
-@case("evaluation", Err(ValueError, r"Duplicate image id\(s\) 1 in the ground truth"))
+@case("evaluation", Err(ValueError, r"the ground truth: images\[1\] \(id 1\): id 1 is already used by images\[0\]"))
 def eval_duplicate_image_ids_in_ground_truth(ctx):
     gt = json.loads(json.dumps(GT))
     gt["images"][1]["id"] = 1
@@ -876,7 +893,7 @@ def data_json_size_disagrees_with_file(ctx):
     return _load_folder(_coco_folder(ctx, [("a.png", 30, 24)]))
 
 
-@case("data_loading", Err(ValueError, r"Duplicate image id\(s\) 1 in 'images'"))
+@case("data_loading", Err(ValueError, r"annotations\.json: images\[1\] \(id 1\): id 1 is already used by images\[0\]"))
 def data_duplicate_image_ids(ctx):
     for name in ("a.png", "b.png"):
         ctx.image(f"train/images/{name}", Image.fromarray(_rgb()))
@@ -1003,7 +1020,7 @@ def test_read_only_folder_for_real(tmp_path, capsys):
             cli_main(["convert", "--checkpoint", str(image), "--output-dir", str(folder / "out")])
         assert exit_info.value.code == 2 and "permission denied" in capsys.readouterr().err.lower()
         with pytest.raises(SystemExit):
-            cli_main(["predict", str(image), "--model", str(tmp_path), "--output", str(folder)])
+            cli_main(["predict", str(image), "--model", str(tmp_path), "--output_dir", str(folder)])
         assert "not writable" in capsys.readouterr().err
     finally:
         folder.chmod(0o700)
@@ -1011,20 +1028,22 @@ def test_read_only_folder_for_real(tmp_path, capsys):
 
 
 def test_atomic_directory_property(tmp_path):
-    """Random existing folders x overwrite x outcome: a refused or failed write leaves every byte as it was, a
-    successful one leaves exactly the new content, nothing beside the folder changes, no staging is left."""
+    """Random existing folders (ours, ours but edited, or a user's) x overwrite x outcome: a refused or failed write
+    leaves every byte as it was; a successful one leaves the new content and never deletes or changes a file the
+    writer does not own (unless overwrite asked for the same name); nothing beside the folder changes, no staging is
+    left."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from align_detr_hf.file_io import OutputPathError, atomic_directory
+    from align_detr_hf.file_io import OutputPathError, atomic_directory, record_output
 
     names = st.sampled_from(["config.json", "model.safetensors", "notes.txt", "sub/x.bin", "a.py"])
 
     @settings(max_examples=40, deadline=None, database=None)
     @given(existing=st.one_of(st.none(), st.dictionaries(names, st.binary(max_size=8), max_size=4)),
            new=st.dictionaries(names, st.binary(max_size=8), min_size=1, max_size=3),
-           overwrite=st.booleans(), fail=st.booleans(), replaceable=st.booleans())  # fmt: skip
-    def check(existing, new, overwrite, fail, replaceable):
+           own=st.booleans(), edited=st.booleans(), overwrite=st.booleans(), fail=st.booleans())  # fmt: skip
+    def check(existing, new, own, edited, overwrite, fail):
         root = Path(tempfile.mkdtemp(dir=tmp_path))
         (root / "beside.txt").write_bytes(b"neighbour")
         out = root / "out"
@@ -1033,10 +1052,15 @@ def test_atomic_directory_property(tmp_path):
             for name, data in existing.items():
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(data)
+            if own:
+                record_output(out, "writer")
+            if edited and existing:
+                (out / sorted(existing)[0]).write_bytes(b"edited by the user")
+        replaceable = not existing or (own and not edited)
         before = snapshot(root)
         outcome = "written"
         try:
-            with atomic_directory(out, overwrite=overwrite, is_replaceable=lambda folder: replaceable) as staging:
+            with atomic_directory(out, "writer", overwrite=overwrite) as staging:
                 for name, data in new.items():
                     (staging / name).parent.mkdir(parents=True, exist_ok=True)
                     (staging / name).write_bytes(data)
@@ -1046,52 +1070,64 @@ def test_atomic_directory_property(tmp_path):
             outcome = "refused"
         except RuntimeError:
             outcome = "failed"
-        after = snapshot(root)
+        after = {p: d for p, d in snapshot(root).items() if not p.endswith(".align_detr_manifest.json")}
+        before = {p: d for p, d in before.items() if not p.endswith(".align_detr_manifest.json")}
         assert after["beside.txt"] == before["beside.txt"]
         assert not [p for p in after if LEFTOVER.search(p)]
         if outcome != "written":
             assert after == before
-            non_empty = bool(existing)
-            assert outcome == ("failed" if (not non_empty or overwrite or replaceable) else "refused")
-        else:
-            assert not fail
-            assert {p: d for p, d in after.items() if p.startswith("out/") and d != "<dir>"} == {
-                f"out/{name}": hashlib.sha256(data).hexdigest() for name, data in new.items()}
+            assert outcome == ("failed" if (replaceable or overwrite) else "refused")
+            return
+        assert not fail and (replaceable or overwrite)
+        expected = {f"out/{name}": hashlib.sha256(data).hexdigest() for name, data in new.items()}
+        files = {p: d for p, d in after.items() if p.startswith("out/") and d != "<dir>"}
+        if replaceable:
+            assert files == expected  # swapped: exactly the new content
+        else:  # overwrite into a folder holding the user's files: theirs kept unless replaced by the same name;
+            # the writer's own unchanged files that this write did not renew are gone (stale)
+            own_unchanged = {f"out/{name}" for name in existing if own} - (
+                {f"out/{sorted(existing)[0]}"} if edited else set())
+            kept = {p: d for p, d in before.items()
+                    if p.startswith("out/") and d != "<dir>" and p not in expected and p not in own_unchanged}
+            assert files == {**kept, **expected}
 
     check()
 
 
 def test_atomic_directory_swap_failure_puts_the_old_folder_back(tmp_path, monkeypatch):
-    from align_detr_hf.file_io import atomic_directory
+    from align_detr_hf.file_io import atomic_directory, record_output
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
+    record_output(out, "writer")
+    before = snapshot(tmp_path)
     real_replace = os.replace
 
     def fail_on_staging(src, dst):
-        if ".staging-" in str(src):
+        if ".staging-" in str(src) and "manifest" not in str(dst):
             raise OSError(5, "I/O error")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", fail_on_staging)
     with pytest.raises(OSError, match="I/O error"):
-        with atomic_directory(out, is_replaceable=lambda folder: True) as staging:
+        with atomic_directory(out, "writer") as staging:
             (staging / "config.json").write_text("new")
-    assert snapshot(tmp_path) == {"out": "<dir>", "out/config.json": hashlib.sha256(b"old").hexdigest()}
+    assert snapshot(tmp_path) == before
 
 
 def test_atomic_directory_old_copy_that_cannot_be_removed_is_a_warning(tmp_path, monkeypatch):
     import shutil
 
-    from align_detr_hf.file_io import atomic_directory
+    from align_detr_hf.file_io import atomic_directory, record_output
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
+    record_output(out, "writer")
     monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (_ for _ in ()).throw(OSError(16, "busy")))
     with pytest.warns(UserWarning, match=r"out was replaced, but its previous content, moved to .*\.out\.old-"):
-        with atomic_directory(out, is_replaceable=lambda folder: True) as staging:
+        with atomic_directory(out, "writer") as staging:
             (staging / "config.json").write_text("new")
     assert (out / "config.json").read_text() == "new"
 
@@ -1099,13 +1135,19 @@ def test_atomic_directory_old_copy_that_cannot_be_removed_is_a_warning(tmp_path,
 def test_demo_disk_full_while_writing_outputs_is_one_line(tmp_path, monkeypatch, capsys):
     import align_detr_hf.demo as demo
 
-    def disk_full(path, text, encoding="utf-8"):
-        raise OSError(28, "No space left on device", str(path))
+    real_owned_file = demo.owned_file
 
-    monkeypatch.setattr(demo, "atomic_write_text", disk_full)
+    @contextmanager
+    def disk_full(path, *args, **kwargs):
+        if Path(path).name == "metrics.json":
+            raise OSError(28, "No space left on device", str(path))
+        with real_owned_file(path, *args, **kwargs) as temp:
+            yield temp
+
+    monkeypatch.setattr(demo, "owned_file", disk_full)
     with time_limit(CASE_TIME_LIMIT_S), pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--output_dir", str(tmp_path / "demo"), "--quiet", "--num_train_images", "2",
-                  "--num_val_images", "1", "--steps", "1", "--image_size", "64", "--d_model", "64",
+                  "--num_val_images", "1", "--max_steps", "1", "--image_size", "64", "--d_model", "64",
                   "--num_queries", "3", "--threads", "1"])  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
@@ -1120,7 +1162,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     previous = os.umask(0o022)
     try:
         atomic_write_bytes(tmp_path / "model.onnx", b"graph")
-        with atomic_directory(tmp_path / "converted", overwrite=False) as staging:
+        with atomic_directory(tmp_path / "converted", "writer") as staging:
             (staging / "config.json").write_text("{}")
     finally:
         os.umask(previous)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from align_detr_hf.training_run import ACCELERATE_CHECKPOINTS, RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -63,6 +65,10 @@ def test_accelerate_ddp_two_processes_agree_on_normaliser(tmp_path):
     # ranks' RNG states
     assert "map" in json.loads((tmp_path / "train_results.json").read_text())["metrics"]
     assert (tmp_path / "checkpoints" / "step_0000003" / "random_states_1.pkl").exists()
+    # every validation image once in the final evaluation's report (gathered per batch from both ranks)
+    report = json.loads((tmp_path / "final" / "evaluation" / "evaluation.json").read_text())
+    assert report["metrics"] == json.loads((tmp_path / "train_results.json").read_text())["metrics"]
+    assert report["num_images_with_detections"] == report["num_images"] == 3
 
 
 def _final_weights(output_dir):
@@ -92,33 +98,6 @@ def test_resume_continues_exactly(tmp_path):
     assert results["completed_steps"] == 7 and "map" in results["metrics"]
 
 
-def test_checkpoint_write_is_atomic(tmp_path):
-    script = _load_example("train_accelerate")
-
-    class Acc:
-        is_main_process = True
-
-        def wait_for_everyone(self):
-            pass
-
-        def save_state(self, path):
-            Path(path).mkdir(parents=True, exist_ok=True)
-            (Path(path) / "model.safetensors").write_bytes(b"x" * 10)
-            if self.fail:
-                raise KeyboardInterrupt("killed during the write")
-
-    acc = Acc()
-    acc.fail = False
-    first = script.save_checkpoint(acc, tmp_path, {"completed_steps": 1, "epoch": 0}, total_limit=2)
-    acc.fail = True
-    with pytest.raises(KeyboardInterrupt):
-        script.save_checkpoint(acc, tmp_path, {"completed_steps": 2, "epoch": 0}, total_limit=2)
-    # the half-written one stays in a temp folder and is never picked for resuming
-    assert [p for _, p in script.list_checkpoints(tmp_path)] == [first]
-    assert (tmp_path / ".tmp-step_0000002").is_dir() and not (tmp_path / "step_0000002").exists()
-    assert json.loads((first / "training_state.json").read_text())["completed_steps"] == 1
-
-
 def test_trainer_steps_with_coco_eval(tmp_path):
     script = _load_example("train_trainer")
     metrics = script.main([*TINY, "--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
@@ -129,6 +108,13 @@ def test_trainer_steps_with_coco_eval(tmp_path):
     assert 0.0 <= metrics["eval_map"] <= 1.0
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert (tmp_path / "final" / "preprocessor_config.json").exists()
+    # the final evaluation's pictures, linked from the final model's card
+    card = (tmp_path / "final" / "README.md").read_text()
+    for name in ("per_class_ap.png", "pr_curves.png", "confusion.png"):
+        assert (tmp_path / "final" / "evaluation" / name).is_file()
+        assert f"](evaluation/{name})" in card
+    report = json.loads((tmp_path / "final" / "evaluation" / "evaluation.json").read_text())
+    assert report["metrics"]["map"] == metrics["eval_map"]
 
 
 def test_reference_optimizer_groups():
@@ -160,7 +146,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     # a smoke test of the demo pipeline (data generation, training, COCO eval, PNG, save); ~20 s
     result = main(["--output_dir", str(tmp_path), "--num_train_images", "40", "--num_val_images", "8",
-                   "--steps", "10", "--quiet"])
+                   "--max_steps", "10", "--quiet"])
     assert (tmp_path / "detections.png").exists() and "map" in result["metrics"]
 
 
@@ -180,7 +166,7 @@ script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(script)
 real_save = script.save_checkpoint
 
-def save_then_die(accelerator, root, state, total_limit):
+def save_then_die(accelerator, folder, run, state, total_limit):
     if state["completed_steps"] == 4:
         write = accelerator.save_state
 
@@ -189,7 +175,7 @@ def save_then_die(accelerator, root, state, total_limit):
             os.kill(os.getpid(), signal.SIGKILL)  # after the files, before the rename
 
         accelerator.save_state = partial_write
-    return real_save(accelerator, root, state, total_limit)
+    return real_save(accelerator, folder, run, state, total_limit)
 
 script.save_checkpoint = save_then_die
 script.main({[*common, "--output_dir", str(killed_dir)]!r})
@@ -199,10 +185,22 @@ script.main({[*common, "--output_dir", str(killed_dir)]!r})
     assert result.returncode == -9, result.stderr[-2000:]
     checkpoints = killed_dir / "checkpoints"
     assert (checkpoints / ".tmp-step_0000004").is_dir() and not (checkpoints / "step_0000004").exists()
-    assert [p.name for _, p in script.list_checkpoints(checkpoints)] == ["step_0000002"]
+    assert [p.name for p in RunFolder(killed_dir, ACCELERATE_CHECKPOINTS).checkpoints()] == ["step_0000002"]
 
     script.main([*common, "--output_dir", str(killed_dir), "--resume_from_checkpoint", "latest"])
     full, resumed = _final_weights(tmp_path / "full"), _final_weights(killed_dir)
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+def test_accelerate_run_shorter_than_one_epoch_is_evaluated_at_its_end(tmp_path, capsys):
+    """12 images in batches of 2 = 6 steps per epoch; a 3-step run ends inside epoch 0 and still reports COCO mAP."""
+    script = _load_example("train_accelerate")
+    steps = script.main([*TINY, "--per_device_train_batch_size", "2", "--max_steps", "3", "--dataloader_num_workers",
+                         "0", "--checkpointing_steps", "100", "--output_dir", str(tmp_path)])
+    assert steps == 3
+    results = json.loads((tmp_path / "train_results.json").read_text())
+    assert results["completed_steps"] == 3 and set(results["metrics"]) >= {"map", "map_50"}
+    assert 0.0 <= results["metrics"]["map"] <= 1.0
+    assert "step 3: map " in capsys.readouterr().out

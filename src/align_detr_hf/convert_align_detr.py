@@ -1,4 +1,6 @@
-"""Conversion of mmdetection Align-DETR checkpoints into `AlignDetrForObjectDetection` weights.
+"""Conversion of mmdetection Align-DETR/DINO checkpoints into `AlignDetrForObjectDetection` weights; checkpoints of
+the official Align-DETR code and detrex's DINO (detectron2 format, `convert_detrex.py`) are first renamed to
+mmdetection's names, recognised by their keys.
 
 `convert_state_dict` renames every key (and splits the decoder's fused q/k/v projection); unknown or missing keys
 raise a `ConversionError` that lists them. `config_from_state_dict` reads the architecture off the tensor shapes.
@@ -13,15 +15,13 @@ only used when `allow_pickle=True`.
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 import urllib.parse
 import zipfile
-from pathlib import Path
 
 import torch
 
 from .configuration_align_detr import COCO_CLASSES, AlignDetrConfig
+from .download import download, is_url, sha256_prefix_from_name
 from .hub import saving_remote_code  # noqa: F401  (moved to hub.py; every save carries our code now)
 from .hub import write_model_card
 from .convert_mmdet_backbones import (
@@ -33,8 +33,11 @@ from .convert_mmdet_backbones import (
     convert_backbone_state_dict,
     split_in_three,
 )
+from .convert_detrex import describe_detrex, detrex_to_mmdet, is_detrex_state_dict
 from .image_processing_align_detr import AlignDetrImageProcessor
 from .mmdet_checkpoints import (
+    CODES,
+    DETREX_HEAD_SETTINGS,
     FROZEN_STAGES,
     HEAD_SETTINGS,
     SWIN_DROP_PATH_RATE,
@@ -102,12 +105,21 @@ def _detector_rules(num_decoder_layers: int, num_backbone_levels: int) -> list[R
 _BACKBONE_PREFIX, _OUR_BACKBONE_PREFIX = "backbone.", "model.backbone.model."
 
 
+def mmdet_names(state_dict: dict) -> tuple[dict, str]:
+    """The state dict under mmdetection's names, and its layout: `"mmdetection"`, or `"detrex"` (the official
+    Align-DETR code and detrex's DINO, renamed by `convert_detrex.detrex_to_mmdet`)."""
+    if is_detrex_state_dict(state_dict):
+        return detrex_to_mmdet(state_dict), "detrex"
+    return state_dict, "mmdetection"
+
+
 def convert_state_dict(mmdet_state_dict: dict, config: AlignDetrConfig) -> dict[str, torch.Tensor]:
-    """mmdetection Align-DETR/DINO state dict -> `AlignDetrForObjectDetection` state dict.
+    """mmdetection (or detrex-layout) Align-DETR/DINO state dict -> `AlignDetrForObjectDetection` state dict.
 
     The backbone's keys go through its rule table (`convert_mmdet_backbones`), the rest through `_detector_rules`.
     Raises `ConversionError` listing every key that matches no rule.
     """
+    mmdet_state_dict, _ = mmdet_names(mmdet_state_dict)
     backbone = {k[len(_BACKBONE_PREFIX) :]: v for k, v in mmdet_state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
     rest = {k: v for k, v in mmdet_state_dict.items() if not k.startswith(_BACKBONE_PREFIX)}
     rules = _detector_rules(config.decoder_layers, len(config.backbone_config.out_features))
@@ -130,10 +142,12 @@ def config_from_state_dict(
     """Read the architecture (backbone type, depths and widths, levels, layer counts, FFN sizes, queries, classes)
     off the shapes, and the settings the weights do not show (loss, position encoding, frozen stages) from, in this
     order: mmdetection's `meta['cfg']`, the model-zoo entry named by `source` (file name or URL), `loss_type` (the
-    loss the checkpoint was trained with), or the neck (a conv bias: Align-DETR's config; none: DINO's).
+    loss the checkpoint was trained with), or the neck (a conv bias: Align-DETR's config; none: DINO's). A
+    detrex-layout state dict (official Align-DETR, detrex DINO) without a zoo entry gets the official Align-DETR
+    code's settings, or detrex DINO's with `loss_type="dino"`.
     `overrides` win over everything (`drop_path_rate` goes to a Swin backbone's config).
     """
-    sd = mmdet_state_dict
+    sd, layout = mmdet_names(mmdet_state_dict)
     required = ["query_embedding.weight", "level_embed", "bbox_head.cls_branches.0.weight"]
     missing = [key for key in required if key not in sd]
     if missing:
@@ -145,7 +159,8 @@ def config_from_state_dict(
     backbone = {k[len(_BACKBONE_PREFIX) :]: v for k, v in sd.items() if k.startswith(_BACKBONE_PREFIX)}
     neck_in = [sd[f"neck.convs.{i}.conv.weight"].shape[1] for i in range(count(r"neck\.convs\.(\d+)\."))]
     backbone_config = backbone_config_from_state_dict(backbone, neck_in)
-    settings = _head_settings(sd, meta, loss_type, source, backbone_config["model_type"])
+    settings, _ = _head_settings(sd, meta, loss_type, source, layout)
+    settings.setdefault("freeze_backbone_stages", FROZEN_STAGES[settings["loss_type"], backbone_config["model_type"]])
     drop_path_rate = overrides.pop("drop_path_rate", settings.pop("drop_path_rate", SWIN_DROP_PATH_RATE))
     if backbone_config["model_type"] == "swin":  # stochastic depth of the Swin blocks (training only)
         backbone_config["drop_path_rate"] = drop_path_rate
@@ -170,25 +185,49 @@ def config_from_state_dict(
     return AlignDetrConfig(**kwargs)
 
 
-def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, backbone_type: str) -> dict:
-    model_cfg = model_cfg_from_meta(meta)
+def _zoo_entry(source: str | None, layout: str):
+    """The zoo entry of `source`, if it is a release of this key layout."""
     entry = zoo_entry(source) if source else None
+    return entry if entry is not None and (entry.code == "mmdetection") == (layout == "mmdetection") else None
+
+
+def _head_settings(sd: dict, meta, loss_type: str | None, source: str | None, layout: str) -> tuple[dict, str]:
+    """The config fields the weights do not show, and where they come from (for messages)."""
+    if loss_type is not None and loss_type not in HEAD_SETTINGS:
+        raise ConversionError(f"loss_type must be one of {sorted(HEAD_SETTINGS)}, got {loss_type!r}.")
+    model_cfg = model_cfg_from_meta(meta)
+    entry = _zoo_entry(source, layout)
     if model_cfg is not None:
         settings, origin = settings_from_model_cfg(model_cfg), "its meta['cfg']"
     elif entry is not None:
-        settings, origin = dict(entry.settings), f"mmdetection's model zoo ({entry.name})"
+        settings, origin = dict(entry.settings), f"{CODES[entry.code][0]}'s model zoo ({entry.name})"
+    elif layout == "detrex":  # the weights cannot tell the official Align-DETR from detrex's DINO
+        settings = dict(DETREX_HEAD_SETTINGS[loss_type or "align_detr"])
+        origin = "loss_type" if loss_type else "the official Align-DETR config (for detrex's DINO: loss_type dino)"
     else:
         inferred = loss_type or ("align_detr" if "neck.convs.0.conv.bias" in sd else "dino")
-        if inferred not in HEAD_SETTINGS:
-            raise ConversionError(f"loss_type must be one of {sorted(HEAD_SETTINGS)}, got {inferred!r}.")
         settings, origin = dict(HEAD_SETTINGS[inferred]), "loss_type" if loss_type else "its neck"
     if loss_type is not None and loss_type != settings["loss_type"]:
         raise ConversionError(
             f"loss_type={loss_type!r}, but the checkpoint was trained with {settings['loss_type']!r} (from {origin}). "
             "To fine-tune with another loss, set `loss_type` on the converted model's config."
         )
-    settings.setdefault("freeze_backbone_stages", FROZEN_STAGES[settings["loss_type"], backbone_type])
-    return settings
+    return settings, origin
+
+
+def describe_checkpoint(
+    state_dict: dict, meta=None, loss_type: str | None = None, source: str | None = None,
+    config: AlignDetrConfig | None = None,
+) -> str:  # fmt: skip
+    """One line for the user: what kind of checkpoint this is and where the settings the weights do not show come
+    from (the arguments of `config_from_state_dict`, or the given `config`)."""
+    sd, layout = mmdet_names(state_dict)
+    found = describe_detrex(state_dict) if layout == "detrex" else f"an mmdetection checkpoint ({len(sd)} keys)"
+    if config is not None:
+        return f"{found}; settings from the given config"
+    settings, origin = _head_settings(sd, meta, loss_type, source, layout)
+    loss = {"align_detr": "Align-DETR", "dino": "DINO"}[settings["loss_type"]]
+    return f"{found}; {loss} settings from {origin}"
 
 
 def describe_keys(state_dict: dict) -> str:
@@ -198,14 +237,25 @@ def describe_keys(state_dict: dict) -> str:
         if backbone.signature in state_dict:
             return f"It looks like a bare {name} backbone (no detector keys)."
     if any(key.startswith("transformer.") for key in state_dict) or "backbone.0.body.conv1.weight" in state_dict:
-        return "It looks like a checkpoint of the original DINO/Deformable-DETR code, not mmdetection's."
+        return (
+            "It looks like a checkpoint of the original DINO/Deformable-DETR code (the official Align-DETR and "
+            "detrex's DINO checkpoints, which convert, have transformer.level_embeds and transformer.tgt_embed)."
+        )
     return f"Its top-level names are {tops[:12]}."
 
 
 def expected_sha256_prefix(path_or_url: str) -> str | None:
     """mmdetection's published files end in `-<first 8 hex digits of the sha256>.pth`."""
-    match = re.search(r"-([0-9a-f]{8})\.pth$", os.path.basename(urllib.parse.urlparse(str(path_or_url)).path))
-    return match.group(1) if match else None
+    return sha256_prefix_from_name(path_or_url)
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_zip_integrity(path: str) -> None:
@@ -224,34 +274,13 @@ def _check_zip_integrity(path: str) -> None:
         )
 
 
-def _download(url: str, timeout: float = 60.0) -> str:
-    """Download `url` once into the temp folder (atomically: a failed download leaves nothing behind)."""
-    import urllib.error
-    import urllib.request
-
-    from .file_io import atomic_file
-
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint.pth"
-    local = Path(tempfile.gettempdir()) / name
-    if local.is_file() and local.stat().st_size > 0:
-        return str(local)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_file(local) as temp:  # noqa: S310
-            with open(temp, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-    except urllib.error.HTTPError as error:
-        raise ConversionError(f"cannot download {url}: HTTP {error.code} {error.reason}.") from error
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise ConversionError(f"cannot download {url}: {getattr(error, 'reason', error)}.") from error
-    return str(local)
-
-
-def _check_checkpoint_bytes(path: str) -> None:
+def _check_checkpoint_bytes(path: str, name: str | None = None) -> None:
     """Name the obvious non-checkpoints (empty file, text or HTML such as an error page saved as .pth) before
-    torch.load gives an unpickling error whose allow_pickle hint cannot help."""
+    torch.load gives an unpickling error whose allow_pickle hint cannot help. `name`: how messages call the file."""
     size = os.path.getsize(path)
+    shown = name or path
     if size == 0:
-        raise ConversionError(f"{path} is empty (0 bytes): not a checkpoint (interrupted download?).")
+        raise ConversionError(f"{shown} is empty (0 bytes): not a checkpoint (interrupted download?).")
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(b"PK") or head.startswith(b"\x80"):  # zip (torch >= 1.6) or a pickle (legacy torch.save)
@@ -264,7 +293,7 @@ def _check_checkpoint_bytes(path: str) -> None:
         html = "<html" in text.lower() or "<!doctype" in text.lower()
         kind = "HTML (an error page saved instead of the file?)" if html else "text"
         preview = text.strip().splitlines()[0][:60] if text.strip() else ""
-        raise ConversionError(f"{path} is {kind}, not a torch checkpoint ({size} bytes, starts with {preview!r}).")
+        raise ConversionError(f"{shown} is {kind}, not a torch checkpoint ({size} bytes, starts with {preview!r}).")
 
 
 def _check_not_wrapped(path: str, state_dict: dict) -> None:
@@ -277,8 +306,8 @@ def _check_not_wrapped(path: str, state_dict: dict) -> None:
 
 
 def load_checkpoint(path_or_url: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read an mmdetection checkpoint (`{'meta', 'state_dict'}` or a bare state dict) from a path or URL, after
-    checking the sha256 prefix of its file name when it has one."""
+    """Read a checkpoint (mmdetection's `{'meta', 'state_dict'}`, detectron2's `{'model', 'trainer', 'iteration'}` or
+    a bare state dict) from a path or URL, after checking the sha256 prefix of its file name when it has one."""
     return load_checkpoint_and_meta(path_or_url, allow_pickle)[0]
 
 
@@ -286,21 +315,19 @@ def load_checkpoint_and_meta(
     path_or_url: str, allow_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """`load_checkpoint`, and mmdetection's `meta` (training config text, dataset info) when the file has one."""
-    path = str(path_or_url)
-    if re.match(r"https?://", path):
-        path = _download(path)
+    path, prefix = str(path_or_url), expected_sha256_prefix(path_or_url)
+    if is_url(path):  # the one download path: cached per user by URL, complete or not at all, sha256 checked
+        # an error page served as the file is refused before it is cached, so a retry asks the server again
+        check = lambda file: _check_checkpoint_bytes(str(file), name="the file")  # noqa: E731
+        path, prefix = str(download(path, sha256=prefix, check=check)), None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint at {path}.")
     _check_checkpoint_bytes(path)
-    prefix = expected_sha256_prefix(path)
     if prefix is not None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        if not digest.hexdigest().startswith(prefix):
+        digest = file_sha256(path)
+        if not digest.startswith(prefix):
             raise ConversionError(
-                f"{path}: sha256 {digest.hexdigest()[:8]}... does not match the prefix {prefix} in its name "
+                f"{path}: sha256 {digest[:8]}... does not match the prefix {prefix} in its name "
                 "(truncated or corrupted download?)."
             )
     _check_zip_integrity(path)
@@ -317,16 +344,30 @@ def load_checkpoint_and_meta(
                    if needs_pickle and not allow_pickle else "")
             ) from error
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    state_dict, meta = _unwrap(checkpoint)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConversionError(f"{path} holds no state dict of tensors.")
     _check_not_wrapped(path, state_dict)
-    meta = checkpoint.get("meta") if state_dict is not checkpoint else None
     return state_dict, meta if isinstance(meta, dict) else None
 
 
+def _unwrap(checkpoint) -> tuple:
+    """(state dict, meta) of what torch.load returned: mmdetection's `{"meta", "state_dict"}`, detectron2's
+    `{"model", "trainer", "iteration"}` (as `DetectionCheckpointer` saves `model_final.pth`; the optimizer and
+    scheduler state are ignored, the iteration kept as meta), or a bare state dict."""
+    if not isinstance(checkpoint, dict):
+        return None, None
+    if "state_dict" in checkpoint:
+        return checkpoint["state_dict"], checkpoint.get("meta")
+    if isinstance(checkpoint.get("model"), dict):
+        iteration = checkpoint.get("iteration")
+        return checkpoint["model"], {"iteration": iteration} if isinstance(iteration, int) else None
+    return checkpoint, None
+
+
 def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None):
-    """Build `AlignDetrForObjectDetection` from an mmdetection state dict; every weight must be used and set."""
+    """Build `AlignDetrForObjectDetection` from an mmdetection (or detrex-layout) state dict; every weight must be
+    used and set."""
     config = config or config_from_state_dict(mmdet_state_dict)
     converted = convert_state_dict(mmdet_state_dict, config)
     model = AlignDetrForObjectDetection(config)
@@ -343,27 +384,7 @@ def load_converted(mmdet_state_dict: dict, config: AlignDetrConfig | None = None
     return model.eval()
 
 
-# What a conversion (or `save_pretrained` of our model + processor, remote code, model card) leaves in a folder.
-_CONVERSION_FILES = re.compile(
-    r"(config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-    r"|README\.md|\w+\.py)$"
-)
-
-
-def is_previous_conversion(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds only what a conversion writes (an align_detr `config.json`, safetensors weights, the
-    preprocessor config, code files, a model card): then a new conversion may replace it without `overwrite`."""
-    import json
-
-    folder = Path(folder)
-    entries = list(folder.iterdir())
-    if any(not entry.is_file() or not _CONVERSION_FILES.match(entry.name) for entry in entries):
-        return False
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return model_type == "align_detr" and any(entry.name.endswith(".safetensors") for entry in entries)
+WRITER = "align-detr convert"  # the name under which conversions are recorded in a folder's manifest (file_io)
 
 
 def convert_checkpoint(
@@ -383,15 +404,15 @@ def convert_checkpoint(
     `loss_type` and `config_overrides`).
 
     `output_dir` is built in a staging folder beside it and swapped in by renames ([`file_io.atomic_directory`]).
-    Refused before anything is read: an `output_dir` that is a file, holds the checkpoint or the current directory,
-    or is a non-empty folder that is not a previous conversion (unless `overwrite`)."""
+    Refused before anything is read ([`file_io.claim_output`]): an `output_dir` that is a file, is or holds the
+    checkpoint or the current directory, or holds anything but an unchanged earlier conversion (a fine-tuned model
+    saved in that folder, a user's file), unless `overwrite`, which replaces only the files a conversion writes."""
     from .file_io import atomic_directory
 
-    protected = () if re.match(r"https?://", str(checkpoint)) else (checkpoint,)
-    with atomic_directory(
-        output_dir, overwrite=overwrite, is_replaceable=is_previous_conversion, protected=protected
-    ) as staging:
+    inputs = () if is_url(checkpoint) else (checkpoint,)
+    with atomic_directory(output_dir, WRITER, overwrite=overwrite, inputs=inputs) as staging:
         state_dict, meta = load_checkpoint_and_meta(checkpoint, allow_pickle=allow_pickle)
+        print(f"{_file_name(checkpoint)}: {describe_checkpoint(state_dict, meta, loss_type, str(checkpoint), config)}")
         if config is None:
             config = config_from_state_dict(
                 state_dict, meta=meta, loss_type=loss_type, source=str(checkpoint), **(config_overrides or {})
@@ -400,7 +421,14 @@ def convert_checkpoint(
         processor = AlignDetrImageProcessor()
         model.save_pretrained(staging)  # with our code and auto_map (align_detr_hf.hub)
         processor.save_pretrained(staging)
-        card = model_card_fields(zoo_entry(str(checkpoint)), model.config, str(checkpoint), model_name=push_to_hub)
+        layout = mmdet_names(state_dict)[1]
+        entry = _zoo_entry(str(checkpoint), layout)
+        local = _download(str(checkpoint)) if re.match(r"https?://", str(checkpoint)) else str(checkpoint)
+        card = model_card_fields(
+            entry, model.config, str(checkpoint), model_name=push_to_hub, layout=layout,
+            iteration=(meta or {}).get("iteration") if layout == "detrex" else None,
+            sha256=file_sha256(local) if entry is not None else None,  # is it the release its name suggests?
+        )  # fmt: skip
         write_model_card(staging, **card)
         if verify:
             verify_conversion(state_dict, staging)
@@ -408,6 +436,10 @@ def convert_checkpoint(
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)
     return model
+
+
+def _file_name(path_or_url) -> str:
+    return os.path.basename(urllib.parse.urlparse(str(path_or_url)).path) or str(path_or_url)
 
 
 def verify_conversion(mmdet_state_dict: dict, saved_dir, atol: float = 1e-4) -> float:

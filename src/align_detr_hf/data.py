@@ -42,6 +42,7 @@ from .image_processing_align_detr import (
     pad_and_create_pixel_mask,
 )
 from .image_io import displayed_size, open_image, to_rgb8, to_rgb_tensor
+from .validation import Integer, check_coco, check_objects_row
 
 __all__ = [
     "AspectRatioBatchSampler",
@@ -62,6 +63,7 @@ __all__ = [
     "load_coco_folder",
     "load_hf_dataset",
     "padding_fraction",
+    "read_coco_json",
 ]
 
 
@@ -406,9 +408,10 @@ def load_coco_folder(
 ) -> DetectionDataset:
     """A COCO-format dataset from disk. `image_dir` defaults to `images/` next to the annotation file if that
     exists, else the annotation file's folder. Category ids are mapped to contiguous ids in sorted id order;
-    names come from `categories`."""
+    names come from `categories`. The file is checked first ([`read_coco_json`]): a malformed record is a ValueError
+    naming the file, the record and the field, never a phantom class or a silently dropped box."""
     annotation_file = Path(annotation_file)
-    coco = json.loads(annotation_file.read_text())
+    coco = read_coco_json(annotation_file)
     if image_dir is None:
         image_dir = annotation_file.parent / "images"
         if not image_dir.is_dir():
@@ -416,29 +419,11 @@ def load_coco_folder(
     image_dir = Path(image_dir)
     categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
     if not categories:  # no category table: use the ids seen
-        categories = [{"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in coco["annotations"]})]
+        categories = [{"id": c} for c in sorted({a["category_id"] for a in coco.get("annotations", [])})]
     cat_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
-    id2label = {i: c.get("name", str(c["id"])) for i, c in enumerate(categories)}
+    id2label = {i: c.get("name", str(int(c["id"]))) for i, c in enumerate(categories)}
     by_image: dict[int, list] = {img["id"]: [] for img in coco["images"]}
-    if len(by_image) != len(coco["images"]):  # two files would share one image's boxes
-        counts: dict = {}
-        for img in coco["images"]:
-            counts[img["id"]] = counts.get(img["id"], 0) + 1
-        duplicates = sorted(str(k) for k, n in counts.items() if n > 1)
-        raise ValueError(f"Duplicate image id(s) {', '.join(duplicates[:5])} in 'images' of {annotation_file}.")
-    seen_ids: set = set()
     for a in coco.get("annotations", []):
-        if a["category_id"] not in cat_to_contiguous:
-            raise ValueError(f"Annotation {a.get('id')} has category_id {a['category_id']} not in 'categories'.")
-        if a["image_id"] not in by_image:
-            raise ValueError(
-                f"Annotation {a.get('id')} refers to image_id {a['image_id']}, which is not in 'images' of "
-                f"{annotation_file}."
-            )
-        if "id" in a:
-            if a["id"] in seen_ids:
-                raise ValueError(f"Duplicate annotation id {a['id']} in {annotation_file}.")
-            seen_ids.add(a["id"])
         by_image[a["image_id"]].append(
             {
                 "bbox": [float(v) for v in a["bbox"]],
@@ -466,7 +451,20 @@ def load_coco_folder(
             + (" ..." if len(missing) > 5 else "")
         )
     _check_image_sizes(records, annotation_file)
-    return DetectionDataset(records, id2label, transforms, seed=seed, original_category_ids=[c["id"] for c in categories])
+    return DetectionDataset(records, id2label, transforms, seed=seed,
+                            original_category_ids=[int(c["id"]) for c in categories])
+
+
+def read_coco_json(path: str | Path) -> dict:
+    """A COCO detection json file, checked against the schema of [`align_detr_hf.validation.check_coco`] (a
+    ValueError names the file, the record and the field)."""
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_bytes())
+    except ValueError as error:  # not JSON, or not UTF-8/16/32 text
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    check_coco(coco, str(path), image_files=True)
+    return coco
 
 
 def _check_image_sizes(records: list[dict], annotation_file: Path) -> None:
@@ -500,44 +498,39 @@ def load_hf_dataset(
     dataset: Any,
     transforms: Callable | None = None,
     seed: int = 0,
-    id2label: dict[int, str] | None = None,
+    id2label: dict | None = None,
     image_column: str = "image",
 ) -> DetectionDataset:
     """A `datasets.Dataset` with `image` and `objects = {"bbox": [[x, y, w, h]], "category": [...], ("area",
     "iscrowd", "ignore")}` columns (optional `image_id`, `width`, `height`).
 
     Categories: if `objects.category` is a `ClassLabel`, its names give `id2label` and the ids are used as they are;
-    otherwise the distinct values are sorted and mapped to 0..K-1 (names from `id2label` if given, else the values).
+    otherwise the classes are the keys of `id2label` if given (category value -> name; a category that is not a key
+    is an error), else the distinct values; either way sorted and mapped to 0..K-1. Every row is checked when loaded
+    ([`align_detr_hf.validation.check_objects_row`]): a ValueError names the dataset, the row and the field.
     """
     columns = set(dataset.column_names)
     if "objects" not in columns:
         raise ValueError(f"Expected an 'objects' column (bbox/category), got columns {sorted(columns)}.")
+    source = _dataset_label(dataset)
     objects_column = dataset["objects"]
     objects_list = [objects_column[i] for i in range(len(dataset))]
-    names = _category_names(dataset.features)
-    if names is not None:
-        mapping = {i: i for i in range(len(names))}
-        id2label = {i: n for i, n in enumerate(names)}
-    else:
-        values = sorted({c for o in objects_list for c in o["category"]})
-        mapping = {v: i for i, v in enumerate(values)}
-        if id2label is None:
-            id2label = {i: str(v) for i, v in enumerate(values)}
-        else:
-            id2label = {mapping[k]: v for k, v in id2label.items() if k in mapping}
-    image_ids = dataset["image_id"] if "image_id" in columns else None
-    widths = dataset["width"] if "width" in columns else None
-    heights = dataset["height"] if "height" in columns else None
+    for i, objects in enumerate(objects_list):
+        check_objects_row(objects, f"{source} row {i}")
+    mapping, id2label = _category_mapping(dataset.features, objects_list, id2label, source)
+    image_ids = _integer_column(dataset, "image_id", Integer(whole_floats=True), source)
+    widths = _integer_column(dataset, "width", Integer(min=1, whole_floats=True), source)
+    heights = _integer_column(dataset, "height", Integer(min=1, whole_floats=True), source)
     records = []
     for i, objects in enumerate(objects_list):
         if widths is not None and heights is not None:
-            width, height = int(widths[i]), int(heights[i])
+            width, height = widths[i], heights[i]
         else:
             width, height = dataset[i][image_column].size
         n = len(objects["bbox"])
         records.append(
             {
-                "image_id": int(image_ids[i]) if image_ids is not None else i + 1,
+                "image_id": image_ids[i] if image_ids is not None else i + 1,
                 "hf_index": i,
                 "width": width,
                 "height": height,
@@ -545,10 +538,10 @@ def load_hf_dataset(
                     {
                         "bbox": [float(v) for v in objects["bbox"][j]],
                         "category_id": mapping[objects["category"][j]],
-                        "area": float(objects["area"][j]) if "area" in objects else
+                        "area": float(objects["area"][j]) if objects.get("area") is not None else
                         float(objects["bbox"][j][2] * objects["bbox"][j][3]),
-                        "iscrowd": int(objects["iscrowd"][j]) if "iscrowd" in objects else 0,
-                        "ignore": bool(objects["ignore"][j]) if "ignore" in objects else False,
+                        "iscrowd": int(objects["iscrowd"][j]) if objects.get("iscrowd") is not None else 0,
+                        "ignore": bool(objects["ignore"][j]) if objects.get("ignore") is not None else False,
                     }
                     for j in range(n)
                 ],
@@ -559,6 +552,58 @@ def load_hf_dataset(
             r["image_id"] = i + 1
     return DetectionDataset(records, id2label, transforms, hf_dataset=dataset, seed=seed,
                             original_category_ids=list(mapping), image_column=image_column)
+
+
+def _dataset_label(dataset: Any) -> str:
+    """How errors name a `datasets.Dataset`: `dataset 'cppe-5' (train split)`, or just `dataset`."""
+    info = getattr(dataset, "info", None)
+    name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    split = getattr(dataset, "split", None)
+    return "dataset" + (f" {name!r}" if name else "") + (f" ({split} split)" if split else "")
+
+
+def _integer_column(dataset: Any, column: str, rule: Integer, source: str) -> list[int] | None:
+    if column not in dataset.column_names:
+        return None
+    values = dataset[column]
+    for i, value in enumerate(values):
+        if not rule.ok(value):
+            raise ValueError(f"{source} row {i}: {column} must be {rule.what}, got {value!r}")
+    return [int(v) for v in values]
+
+
+def _category_mapping(features: Any, objects_list: list, id2label: dict | None, source: str) -> tuple[dict, dict]:
+    """(category value -> contiguous id, contiguous id -> name); every category of every row must be mapped."""
+    names = _category_names(features)
+    if names is not None:
+        classes = {i: name for i, name in enumerate(names)}
+        if id2label is not None and {str(k): v for k, v in id2label.items()} != {str(k): v for k, v in classes.items()}:
+            raise ValueError(f"id2label {id2label} differs from the ClassLabel names of {source}'s objects.category "
+                             f"{classes}; pass id2label=None to use the ClassLabel.")  # fmt: skip
+        mapping, id2label, known = {i: i for i in classes}, classes, f"the ClassLabel (0..{len(classes) - 1})"
+        wrong = "is not a class of"
+    else:
+        if id2label is None:
+            keys = sorted({c for o in objects_list for c in o["category"]})
+            id2label = {k: str(k) for k in keys}
+        else:
+            keys = _sorted_keys(id2label)
+        mapping = {k: i for i, k in enumerate(keys)}
+        id2label = {i: id2label[k] for k, i in mapping.items()}
+        known = f"id2label ({', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''})"
+        wrong = "is not a key of"
+    for i, objects in enumerate(objects_list):
+        for j, category in enumerate(objects["category"]):
+            if category not in mapping:
+                raise ValueError(f"{source} row {i}: objects.category[{j}] = {category!r} {wrong} {known}")
+    return mapping, id2label
+
+
+def _sorted_keys(id2label: dict) -> list:
+    keys = list(id2label)
+    if len({isinstance(k, str) for k in keys}) > 1:
+        raise ValueError(f"id2label mixes integer and string keys: {keys[:6]}")
+    return sorted(keys)
 
 
 # ---------------------------------------------------------------------------------------------------- batching
@@ -774,8 +819,9 @@ def load_train_val_datasets(
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict({train_split: loaded})
         train = load_hf_dataset(loaded[train_split], seed=seed)
-        if val_split and val_split in loaded:
-            val = load_hf_dataset(loaded[val_split], seed=seed)
+        if val_split and val_split in loaded:  # the train split's classes, in its order, even if val lacks some
+            classes = {source: train.id2label[i] for i, source in enumerate(train.original_category_ids)}
+            val = load_hf_dataset(loaded[val_split], seed=seed, id2label=classes)
         else:
             train, val = train.split(train_val_split, seed)
         return train, val

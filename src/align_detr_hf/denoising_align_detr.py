@@ -1,11 +1,20 @@
 """DINO's contrastive denoising queries (training only), drawn as mmdetection's `CdnQueryGenerator` draws them."""
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+
+
+class DenoisingLayout(NamedTuple):
+    """Where the D = 2 * max_gt * num_groups denoising queries of a batch sit: group g holds queries
+    [2Mg, 2M(g+1)), the positive copy of GT j at 2Mg + j, then M negatives (M = max_gt, the most GTs of an image)."""
+
+    num_groups: int
+    max_gt: int
 
 
 @dataclass

@@ -8,18 +8,26 @@
 Metrics (pycocotools' standard summary, maxDets 100 for every AP, as pycocotools' `summarize` does): `map` (AP at
 IoU .50:.95), `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`, `mar_100` (AR@100). Note mmdet sets
 maxDets to (100, 300, 1000) and so reports AP50/75/s/m/l at 1000 detections; with `top_k <= 100` detections per image
-the two agree. pycocotools reports -1 for an area range without ground truth.
+the two agree. pycocotools reports -1 for an area range without ground truth. For dense images (more than 100
+objects), pass `max_dets=(100, 300, 1000)` (mmdet's setting): the AP metrics are then computed at 1000 detections per
+image and the recalls are named after their limits (`mar_100`, `mar_300`, `mar_1000`).
 
 Detections are expected in the *original* image's absolute xyxy pixels, with contiguous category ids (the ids of
 [`align_detr_hf.data.DetectionDataset.coco_ground_truth`]).
 
 Checked, because each would otherwise give a quietly wrong score (`ValueError` naming the problem):
-- NaN/inf scores or boxes (pycocotools would accept them and score a perfect prediction 0.667);
+- the ground truth, against the COCO schema of [`align_detr_hf.validation.check_coco`] (the one COCO json files pass
+  when loaded): a NaN box (pycocotools would score AP 1.0), a negative width, an annotation whose image is not in
+  `images` (it would be dropped), a category id not in `categories`, duplicate ids;
+- NaN/inf scores or boxes (pycocotools would accept them and score a perfect prediction 0.667), and boxes with
+  x1 < x0 or y1 < y0 (scored as negative-width boxes);
 - a label that is not a category id of the ground truth: predictions in the source dataset's ids (COCO's 1..90)
   against contiguous ground-truth ids (0..79), or the reverse, would score 0 for those classes. Pass
   `unknown_labels="ignore"` for a model that predicts more classes than the ground truth has on purpose (pycocotools
   then ignores them);
-- an image id that is not in the ground truth, and duplicate image ids in a ground-truth dict.
+- an image id that is not in the ground truth;
+- in `compute_metrics`, prediction batches without their label batch (or the reverse) and batches whose predictions
+  and labels hold different numbers of images (zip would drop the extra silently).
 """
 
 from __future__ import annotations
@@ -33,24 +41,31 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["METRIC_NAMES", "CocoEvaluator", "build_compute_metrics", "coco_summary", "evaluate_model"]
+from .validation import Integer, check_coco
+
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "build_compute_metrics", "coco_summary", "evaluate_model", "metric_names"]
 
 # the first 9 entries of COCOeval.stats: AP, AP50, AP75, APs, APm, APl, AR@1, AR@10, AR@100
 METRIC_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
+GROUND_TRUTH = "the ground truth"
+
+
 def _coco_from_dict(gt: dict):
     from pycocotools.coco import COCO
 
-    ids = [image["id"] for image in gt.get("images", [])]
-    if len(set(ids)) != len(ids):
-        duplicates = sorted({str(i) for i in ids if ids.count(i) > 1})
-        raise ValueError(f"Duplicate image id(s) {', '.join(duplicates[:5])} in the ground truth's 'images'.")
+    check_coco(gt, GROUND_TRUTH)
     coco = COCO()
     gt = copy.deepcopy(gt)
     gt.setdefault("info", {})
     gt.setdefault("licenses", [])
+    gt.setdefault("annotations", [])
+    gt.setdefault("categories", [])
+    next_id = max((ann["id"] for ann in gt["annotations"] if "id" in ann), default=0) + 1
     for ann in gt["annotations"]:
+        if "id" not in ann:  # pycocotools indexes annotations by id
+            ann["id"], next_id = next_id, next_id + 1
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
     coco.dataset = gt
@@ -59,26 +74,45 @@ def _coco_from_dict(gt: dict):
     return coco
 
 
-def coco_summary(coco_gt: Any, results: list[dict], verbose: bool = False) -> dict[str, float]:
-    """Run COCOeval (bbox) on `results` = [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] against
-    `coco_gt` (a pycocotools `COCO` or a COCO dict). Only the ground truth's images are evaluated."""
-    from pycocotools.cocoeval import COCOeval
+def metric_names(max_dets: Sequence[int] = (1, 10, 100)) -> tuple[str, ...]:
+    """The summary's keys: the six AP metrics (at `max_dets[-1]` detections per image), then `mar_<m>` per limit."""
+    max_dets = tuple(max_dets)
+    if (len(max_dets) != 3 or any(not isinstance(m, int) or m < 1 for m in max_dets)
+            or list(max_dets) != sorted(set(max_dets))):
+        raise ValueError(f"max_dets must be 3 increasing positive integers (pycocotools' summary), got {max_dets!r}.")
+    return METRIC_NAMES[:6] + tuple(f"mar_{m}" for m in max_dets)
 
-    if isinstance(coco_gt, dict):
-        coco_gt = _coco_from_dict(coco_gt)
+
+def coco_summary(
+    coco_gt: Any, results: list[dict], verbose: bool = False, max_dets: Sequence[int] = (1, 10, 100),
+    backend: str = "auto",
+) -> dict[str, float]:
+    """Run COCOeval (bbox) on `results` = [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] against
+    `coco_gt` (a pycocotools `COCO` or a COCO dict). Only the ground truth's images are evaluated. `max_dets`: the
+    detections per image for the three recalls, the last also for the APs (see the module docstring). `backend`: see
+    [`align_detr_hf.coco_backend`] (auto: faster-coco-eval when installed; pycocotools' numbers to 15 digits)."""
+    from .coco_backend import run_cocoeval
+
+    names = metric_names(max_dets)
+    coco_gt = _checked_coco(coco_gt)
     if not results:
-        return {name: 0.0 for name in METRIC_NAMES}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        coco_dt = coco_gt.loadRes(results)
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    if verbose:
-        print(out.getvalue())
-    return {name: float(value) for name, value in zip(METRIC_NAMES, coco_eval.stats[: len(METRIC_NAMES)])}
+        return {name: 0.0 for name in names}
+    coco_eval = run_cocoeval(coco_gt, results, backend=backend, verbose=verbose, max_dets=max_dets)
+    stats = [float(v) for v in coco_eval.stats[: len(names)]]
+    # pycocotools' summary takes the first AP at 100 detections whatever maxDets says; take it at max_dets[-1]
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (iou, recall, class) for area "all", last limit
+    stats[0] = float(precision[precision > -1].mean()) if (precision > -1).any() else -1.0
+    return dict(zip(names, stats))
+
+
+def _checked_coco(coco_gt: Any):
+    """A pycocotools `COCO` for a ground-truth dict or `COCO`, either checked against the COCO schema."""
+    if isinstance(coco_gt, dict):
+        return _coco_from_dict(coco_gt)
+    if not isinstance(getattr(coco_gt, "dataset", None), dict) or not hasattr(coco_gt, "getImgIds"):
+        raise ValueError(f"The ground truth must be a COCO dict or a pycocotools COCO, got {type(coco_gt).__name__}.")
+    check_coco(coco_gt.dataset, GROUND_TRUTH)
+    return coco_gt
 
 
 def _to_list(x) -> list:
@@ -96,13 +130,16 @@ class CocoEvaluator:
         coco_gt: a COCO ground-truth dict (e.g. `DetectionDataset.coco_ground_truth()`) or a pycocotools `COCO`.
         unknown_labels: `"error"` (default) raises on a label that is not a ground-truth category id (see the module
             docstring); `"ignore"` keeps such detections (pycocotools ignores them).
+        max_dets: detections per image for the recalls and APs, e.g. `(100, 300, 1000)` for AR@1000 (module doc).
     """
 
-    def __init__(self, coco_gt: Any, unknown_labels: str = "error"):
+    def __init__(self, coco_gt: Any, unknown_labels: str = "error", max_dets: Sequence[int] = (1, 10, 100)):
         if unknown_labels not in ("error", "ignore"):
             raise ValueError(f"unknown_labels must be 'error' or 'ignore', got {unknown_labels!r}.")
-        self.coco_gt = _coco_from_dict(coco_gt) if isinstance(coco_gt, dict) else coco_gt
+        self.coco_gt = _checked_coco(coco_gt)
         self.unknown_labels = unknown_labels
+        metric_names(max_dets)  # checked here, not after the whole evaluation loop
+        self.max_dets = tuple(max_dets)
         self.category_ids = set(self.coco_gt.getCatIds())
         self.image_ids = set(self.coco_gt.getImgIds())
         self.results: list[dict] = []
@@ -116,11 +153,9 @@ class CocoEvaluator:
         if len(image_ids) != len(detections):
             raise ValueError(f"{len(image_ids)} image ids for {len(detections)} detection dicts; give one per image.")
         for image_id, det in zip(image_ids, detections):
-            image_id = int(image_id)
-            scores, labels, boxes = (
-                np.asarray(_to_list(det[key]), dtype=np.float64) for key in ("scores", "labels", "boxes")
-            )
-            self._check(image_id, scores, labels, boxes.reshape(-1, 4))
+            image_id = _image_id(image_id)
+            scores, labels, boxes = _arrays(image_id, det)
+            self._check(image_id, scores, labels, boxes)
             for score, label, (x0, y0, x1, y1) in zip(
                 _to_list(det["scores"]), _to_list(det["labels"]), _to_list(det["boxes"])
             ):
@@ -141,6 +176,11 @@ class CocoEvaluator:
             raise ValueError(f"{where}: {len(scores)} scores, {len(labels)} labels and {len(boxes)} boxes.")
         if not np.isfinite(scores).all() or not np.isfinite(boxes).all():
             raise ValueError(f"{where}: NaN/inf in the scores or boxes (the model output is not finite).")
+        inverted = np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
+        if len(inverted):
+            j = int(inverted[0])
+            raise ValueError(f"{where}: box {j} {boxes[j].tolist()} has x1 < x0 or y1 < y0; boxes must be [x0, y0, x1, "
+                             f"y1] in pixels ({len(inverted)} such box(es)).")  # fmt: skip
         if (labels != np.round(labels)).any():
             raise ValueError(f"{where}: labels must be integer class ids, got {labels[labels != np.round(labels)][:3]}")
         unknown = sorted({int(v) for v in labels} - self.category_ids)
@@ -153,7 +193,38 @@ class CocoEvaluator:
             )
 
     def compute(self, verbose: bool = False) -> dict[str, float]:
-        return coco_summary(self.coco_gt, self.results, verbose=verbose)
+        return coco_summary(self.coco_gt, self.results, verbose=verbose, max_dets=self.max_dets)
+
+
+_IMAGE_ID = Integer(whole_floats=True)
+
+
+def _image_id(value) -> int:
+    value = value.item() if isinstance(value, (torch.Tensor, np.generic, np.ndarray)) and np.size(value) == 1 else value
+    if not _IMAGE_ID.ok(value):
+        raise ValueError(f"image ids must be integers, got {value!r}.")
+    return int(value)
+
+
+def _arrays(image_id: int, det: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, labels, boxes (k, 4)) of one detection dict as float64 arrays, or a ValueError naming the image."""
+    where = f"detections of image_id {image_id}"
+    if not isinstance(det, dict):
+        raise ValueError(f"{where}: expected a dict with 'scores', 'labels' and 'boxes', got {type(det).__name__}.")
+    for key in ("scores", "labels", "boxes"):
+        if key not in det:
+            raise ValueError(f"{where}: no '{key}' (a detection dict holds 'scores', 'labels' and 'boxes').")
+    try:
+        scores, labels, boxes = (
+            np.asarray(_to_list(det[key]), dtype=np.float64) for key in ("scores", "labels", "boxes")
+        )
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}: scores, labels and boxes must hold numbers ({error}).") from None
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{where}: boxes must have shape (k, 4), got {tuple(boxes.shape)}.")
+    return scores.reshape(-1), labels.reshape(-1), boxes
 
 
 def _image_ids_and_sizes(labels: Iterable[dict]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -232,9 +303,17 @@ def build_compute_metrics(coco_gt: Any, threshold: float = 0.0, top_k: int = 100
         if predictions and not isinstance(predictions[0], (list, tuple)):
             # concatenated predictions (eval_do_concat_batches=True): a single batch
             predictions, label_ids = [predictions], [label_ids]
-        for prediction, labels in zip(predictions, label_ids):
+        if len(predictions) != len(label_ids):
+            raise ValueError(
+                f"compute_metrics: {len(predictions)} prediction batches but {len(label_ids)} label batches; each "
+                "evaluation batch needs both (eval_do_concat_batches=False, labels with image_id and orig_size)."
+            )
+        for batch, (prediction, labels) in enumerate(zip(predictions, label_ids)):
             logits, pred_boxes = _split_prediction(prediction)
             image_ids, sizes = _image_ids_and_sizes(labels)
+            if len(logits) != len(image_ids):
+                raise ValueError(f"compute_metrics: batch {batch} holds predictions for {len(logits)} images but "
+                                 f"labels for {len(image_ids)}.")  # fmt: skip
             evaluator.update(image_ids, _post_process(logits, pred_boxes, sizes, threshold, top_k))
         return evaluator.compute()
 

@@ -63,7 +63,7 @@ from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy
 from .export_backbones import MAX_SIDE, check_backbone_exportable, min_side
-from .file_io import atomic_write_bytes
+from .file_io import claim_output, model_input_folders, owned_file
 from .ms_deform_attn import custom_kernels_disabled
 
 INPUT_NAMES = ("pixel_values", "pixel_mask")
@@ -280,13 +280,23 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def _check_output_path(output) -> Path:
+WRITER = "align-detr export"  # how exports are recorded in the output folder's manifest (file_io)
+
+
+def model_inputs(model) -> tuple[Path, ...]:
+    """The folder (and files) `model` was loaded from: inputs that no export output may replace (file_io)."""
+    return model_input_folders(getattr(getattr(model, "config", None), "_name_or_path", None))
+
+
+def _check_output_path(output, inputs, overwrite: bool) -> Path:
+    """The ownership rule (file_io) for one output file: replace only an unchanged earlier export, never an input
+    (the model's config, weights, code), never write into the model's folder unless `overwrite`."""
     path = Path(output).expanduser()
     if path.is_dir():
         raise ValueError(f"output {path} is a folder; give a file name such as {path / 'model.onnx'}.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent.resolve()} does not exist; create it first.")
-    return path
+    return claim_output(path, WRITER, overwrite=overwrite, inputs=inputs)
 
 
 def export_onnx(
@@ -296,17 +306,22 @@ def export_onnx(
     fp16: bool = False,
     with_postprocess: bool = False,
     top_k: int = DEFAULT_TOP_K,
+    overwrite: bool = False,
 ) -> Path:
     """Write the detector as an ONNX file at `output` (atomically: a failed export leaves no file) and return its path.
 
-    transformers' `OnnxExporter` traces it. fp16 exports a float16 copy of the model (float16 pixel_values, logits
-    and pred_boxes; meant for GPU runtimes; ONNX Runtime's CPU provider runs it too, see tests/test_export.py).
+    transformers' `OnnxExporter` traces it. `output` may replace only a file an earlier export wrote and nobody
+    changed since, and may not lie in the folder the model was loaded from, unless `overwrite`; the model's own
+    files (config, weights, code) are never replaced (checked before the export, and again before the file lands).
+
+    fp16 exports a float16 copy of the model (float16 pixel_values, logits and pred_boxes; meant for GPU runtimes;
+    ONNX Runtime's CPU provider runs it too, see tests/test_export.py).
     """
     from transformers.exporters import OnnxExporter
 
     check_exportable(model)
     _check_opset(opset)
-    path = _check_output_path(output)
+    path = _check_output_path(output, model_inputs(model), overwrite)
     if fp16:
         model = copy.deepcopy(model).half()
     program, _ = _export(OnnxExporter, model, "onnx", with_postprocess, top_k, None, opset_version=opset)
@@ -314,7 +329,8 @@ def export_onnx(
     _name_dynamic_axes(onnx_model)
     _check_graph(onnx_model, with_postprocess)
     set_metadata(onnx_model, export_metadata(model, with_postprocess, top_k, "fp16" if fp16 else "fp32"))
-    _write_atomically(path, onnx_model.SerializeToString())
+    with owned_file(path, WRITER, overwrite=overwrite, inputs=model_inputs(model)) as temp:
+        temp.write_bytes(onnx_model.SerializeToString())
     return path
 
 
@@ -385,8 +401,3 @@ def _check_graph(onnx_model, with_postprocess: bool) -> None:
             f"the exported graph has inputs {inputs} and outputs {outputs}, expected {expected_inputs} and "
             f"{expected_outputs}; please report this."
         )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temporary sibling, fsync, rename: a failed export leaves no file and keeps an older one."""
-    atomic_write_bytes(path, data)

@@ -154,7 +154,7 @@ class ExportedDetector:
         elif target_sizes is not None:
             raise ValueError(
                 f"{self.path.name} was exported without post-processing and takes no target_sizes; post-process "
-                "its logits and pred_boxes with the image processor, or export with --with-postprocess."
+                "its logits and pred_boxes with the image processor, or export with --with_postprocess."
             )
         return feeds
 

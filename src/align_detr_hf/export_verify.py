@@ -30,13 +30,14 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .file_io import atomic_write_text
+from .file_io import owned_file
 
 DEFAULT_THRESHOLDS = {"fp32": 0.1, "fp16": 0.5, "int8": 0.5}  # ΔmAP in points
 MAX_QUERIES_COMPARED = 100
@@ -313,26 +314,38 @@ def certificate_paths(model_file) -> tuple[Path, Path, Path]:
     return path.with_suffix(".certificate.json"), path.with_suffix(".certificate.md"), path.parent / "README.md"
 
 
-def write_certificate(report: dict, model_file) -> list[Path]:
+def write_certificate(report: dict, model_file, overwrite: bool = False, inputs: Iterable = ()) -> list[Path]:
     """Write the report beside `model_file` (.certificate.json, .certificate.md) and as a section of the folder's
     model card (README.md: created if absent; otherwise only the section between the certificate markers is
-    replaced, or appended, and the rest of the card is kept as it is)."""
-    json_path, md_path, card = certificate_paths(model_file)
+    replaced, or appended, and the rest of the card is kept as it is).
+
+    The ownership rule (`file_io`) holds for all three, the card included: each may replace only a file an earlier
+    export wrote and nobody changed since, unless `overwrite`; never one of `inputs` (the model's files). All three
+    are checked before any is written."""
+    from .export_align_detr import WRITER, _check_output_path
+
+    paths = certificate_paths(model_file)
+    for path in paths:
+        _check_output_path(path, inputs, overwrite)
+    json_path, md_path, card = paths
     section = render_certificate(report)
-    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    atomic_write_text(md_path, section + "\n")
+    texts = {json_path: json.dumps(report, indent=2) + "\n", md_path: section + "\n", card: _card(card, section, model_file)}
+    for path, text in texts.items():
+        with owned_file(path, WRITER, overwrite=overwrite, inputs=inputs) as temp:
+            temp.write_text(text, encoding="utf-8")
+    return list(paths)
+
+
+def _card(card: Path, section: str, model_file) -> str:
+    """The model card with `section` between the certificate markers (replaced, or appended; a new card if none)."""
     block = f"{CARD_START}\n{section}\n{CARD_END}"
-    if card.is_file():
-        text = card.read_text(encoding="utf-8")
-        if CARD_START in text and CARD_END in text and text.index(CARD_START) < text.index(CARD_END):
-            head, rest = text.split(CARD_START, 1)
-            text = head + block + rest.split(CARD_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-    else:
-        text = f"# {Path(model_file).stem}: exported Align-DETR\n\n{block}\n"
-    atomic_write_text(card, text)
-    return [json_path, md_path, card]
+    if not card.is_file():
+        return f"# {Path(model_file).stem}: exported Align-DETR\n\n{block}\n"
+    text = card.read_text(encoding="utf-8")
+    if CARD_START in text and CARD_END in text and text.index(CARD_START) < text.index(CARD_END):
+        head, rest = text.split(CARD_START, 1)
+        return head + block + rest.split(CARD_END, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def failures(report: dict) -> list[str]:

@@ -1,9 +1,16 @@
 """The Hub side of Align-DETR: our code in every saved folder, and a model card on every push.
 
+Ownership: `register_owned_saves()` (run once when `align_detr_hf` is imported) makes `save_pretrained` of our config,
+models and image processor follow the package's one write rule ([`file_io`]): a save is written in a staging folder,
+then each file is moved into place where it may replace only a file that an earlier save wrote and nobody changed
+since (`save_pretrained(..., overwrite=True)`: any); other files in the folder are kept, and every file gets the
+modes of any new file (safetensors writes 0600). The model card and the copied code follow the same rule.
+
 Remote code: `register_remote_code()` (run once when `align_detr_hf` is imported) registers the config, both
-model classes and the image processor for their Auto classes, permanently. From then on every `save_pretrained` /
-`push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts, the converter)
-writes `auto_map` and copies the defining modules with their relative imports, so the folder loads with
+model classes and both image-processor backends for their Auto classes, permanently. From then on every
+`save_pretrained` / `push_to_hub` (a plain call, `Trainer` checkpoints, `trainer.push_to_hub`, our training scripts,
+the converter) writes `auto_map` and copies the defining modules with their relative imports (the pipeline and image
+reading too; the model's save also names the pipeline in `custom_pipelines`), so the folder loads with
 `trust_remote_code=True` on a machine without this package. The Triton kernel module is imported with `from . import`
 inside a `try` and is therefore not copied (transformers only follows `from .module import`): remote code runs the
 pure-PyTorch deformable attention, with identical results.
@@ -17,9 +24,12 @@ a `Trainer` run (last evaluation, hyper-parameters) and writes the card into eve
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +43,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_align_detr import AlignDetrConfig
 from .evaluation import METRIC_NAMES
-from .image_processing_align_detr import AlignDetrImageProcessor
-from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel
+from .file_io import MANIFEST_NAME, owned_file, owned_files_in
+from .image_processing_align_detr import AlignDetrImageProcessor, AlignDetrImageProcessorBase
+from .image_processing_pil_align_detr import AlignDetrImageProcessorPil
+from .modeling_align_detr import AlignDetrForObjectDetection, AlignDetrModel, AlignDetrPreTrainedModel
 
 __all__ = [
     "AUTO_CLASSES",
@@ -44,6 +56,7 @@ __all__ = [
     "copy_remote_code",
     "push_folder_to_hub",
     "push_to_hub_with_model_card",
+    "register_owned_saves",
     "register_remote_code",
     "training_card_kwargs",
     "write_model_card",
@@ -55,9 +68,13 @@ AUTO_CLASSES = {
     AlignDetrModel: "AutoModel",
     AlignDetrForObjectDetection: "AutoModelForObjectDetection",
     AlignDetrImageProcessor: "AutoImageProcessor",
+    AlignDetrImageProcessorPil: "AutoImageProcessor",
 }
 
 README = "README.md"
+# the local record of what this package wrote (file_io) is not part of a model repository
+NOT_UPLOADED = [MANIFEST_NAME, f"**/{MANIFEST_NAME}"]
+EVALUATION_FOLDER = "evaluation"  # a saved model's report pictures, linked from its card
 # transformers' placeholder card (`create_and_tag_model_card`), e.g. from pushing the image processor first
 _GENERIC_CARD_TEXT = "This model card has been automatically generated."
 
@@ -131,6 +148,15 @@ COCO-style metrics (pycocotools, 0-1 scale){% if dataset_name %} on {{ dataset_n
 | metric | value |
 |---|---|
 {% for name, label, value in metrics %}| {{ label }} (`{{ name }}`) | {{ "%.4f" | format(value) }} |
+{% endfor %}{% endif %}{% if evaluation_pictures %}
+## What the model gets wrong
+
+From the last evaluation ([report]({{ evaluation_folder }}/report.md), written by `align-detr evaluate` or at the end
+of training):
+{% for title, path in evaluation_pictures %}
+**{{ title }}**
+
+![{{ title }}]({{ path }})
 {% endfor %}{% endif %}{% if hyperparameters %}
 ## Training hyper-parameters
 
@@ -144,6 +170,56 @@ COCO-style metrics (pycocotools, 0-1 scale){% if dataset_name %} on {{ dataset_n
 {{ citation }}
 ```
 """
+
+
+# ------------------------------------------------------------------------------------------------ ownership
+
+SAVE_WRITER = "save_pretrained"  # how our saves (and the model card, the copied code) are recorded (file_io)
+# the weight files of a save: those of an earlier save that this one does not renew (e.g. shards) are removed
+_staging: contextvars.ContextVar[bool] = contextvars.ContextVar("align_detr_saving", default=False)
+_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def owned_save(save):
+    """Wrap a `save_pretrained` so that it follows the ownership rule (see the module docstring)."""
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, overwrite: bool = False, **kwargs):
+        if _staging.get():  # a save inside ours (the model saves its config): into our staging folder as it is
+            return save(self, save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder it is given
+            kwargs.setdefault("repo_id", Path(save_directory).name)
+        with owned_files_in(save_directory, SAVE_WRITER, overwrite=overwrite, stale=_WEIGHT_FILES.fullmatch) as staging:
+            token = _staging.set(True)
+            try:
+                saved = save(self, staging, *args, **kwargs)
+            finally:
+                _staging.reset(token)
+        return _moved_paths(saved, staging, Path(save_directory))
+
+    save_pretrained.owned = True
+    return save_pretrained
+
+
+def _moved_paths(saved, staging: Path, folder: Path):
+    """What a save returned, with its paths in the staging folder given where they now lie (transformers returns
+    the written files, e.g. for `check_json_file_has_correct_format`)."""
+    if isinstance(saved, (list, tuple)):
+        return type(saved)(_moved_paths(item, staging, folder) for item in saved)
+    if isinstance(saved, (str, os.PathLike)):
+        try:
+            relative = Path(saved).relative_to(staging)
+        except ValueError:
+            return saved
+        return type(saved)(folder / relative) if isinstance(saved, str) else folder / relative
+    return saved
+
+
+def register_owned_saves() -> None:
+    """Make `save_pretrained` of our config, models and image processor follow the ownership rule (idempotent)."""
+    for cls in (AlignDetrConfig, AlignDetrPreTrainedModel, AlignDetrImageProcessorBase):
+        if not getattr(cls.save_pretrained, "owned", False):
+            cls.save_pretrained = owned_save(cls.save_pretrained)
 
 
 # ------------------------------------------------------------------------------------------------ remote code
@@ -167,10 +243,11 @@ def copy_remote_code(save_directory: str | os.PathLike) -> list[Path]:
 
     For folders assembled without `save_pretrained`, e.g. the Trainer's output folder before a push from a checkpoint
     (transformers copies only weights and config there)."""
-    copied = set()
-    for cls in AUTO_CLASSES:
-        copied.update(Path(p) for p in custom_object_save(cls, save_directory))
-    return sorted(copied)
+    names = set()
+    with owned_files_in(save_directory, SAVE_WRITER) as staging:
+        for cls in AUTO_CLASSES:
+            names.update(Path(p).name for p in custom_object_save(cls, staging))
+    return sorted(Path(save_directory) / name for name in names)
 
 
 # ------------------------------------------------------------------------------------------------ model card
@@ -212,6 +289,7 @@ def build_model_card(
     description: str | None = None,
     id2label: dict[int, str] | None = None,
     architecture: str | None = None,
+    evaluation_pictures: list[tuple[str, str]] | None = None,
 ) -> ModelCard:
     """An Align-DETR model card: metadata (license, base model, datasets, tags, model-index with the COCO metrics)
     from `ModelCardData` / `EvalResult`, and a body with a usage snippet, the metrics and the hyper-parameters.
@@ -267,6 +345,8 @@ def build_model_card(
         hyperparameters=[(str(k), v) for k, v in (hyperparameters or {}).items()],
         citation=citation or ALIGN_DETR_CITATION,
         architecture=architecture or describe_architecture({}),
+        evaluation_pictures=evaluation_pictures or [],
+        evaluation_folder=EVALUATION_FOLDER,
     )
 
 
@@ -283,28 +363,30 @@ def write_model_card(
     license: str = "apache-2.0",
     citation: str | None = None,
     description: str | None = None,
+    overwrite: bool = False,
 ) -> ModelCard:
     """Build the card (see `build_model_card`) and write it to `save_directory/README.md` atomically (a temporary
-    file renamed over the old one). The class names come from the folder's `config.json` when there is one."""
+    file renamed over the old one), which may replace only a card written by us and unchanged since, unless
+    `overwrite`. The class names come from the folder's `config.json` when there is one."""
     save_directory = Path(save_directory)
     if save_directory.exists() and not save_directory.is_dir():
         raise NotADirectoryError(f"write_model_card needs a folder, got the file {save_directory}.")
     save_directory.mkdir(parents=True, exist_ok=True)
     config_file = save_directory / "config.json"
     folder_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    from .evaluation_report import report_pictures
+
+    # the pictures of `write_evaluation_report` in <folder>/evaluation (the training scripts write them there)
+    pictures = [(title, f"{EVALUATION_FOLDER}/{name}") for title, name in
+                report_pictures(save_directory / EVALUATION_FOLDER)]
     card = build_model_card(
         model_name=model_name, base_model=base_model, datasets=datasets, metrics=metrics, dataset_name=dataset_name,
         hyperparameters=hyperparameters, source=source, license=license, citation=citation, description=description,
         id2label=_folder_id2label(folder_config), architecture=describe_architecture(folder_config),
+        evaluation_pictures=pictures,
     )
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=save_directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(str(card))
-        os.replace(tmp, save_directory / README)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with owned_file(save_directory / README, SAVE_WRITER, overwrite=overwrite) as temp:
+        temp.write_bytes(str(card).encode("utf-8"))
     return card
 
 
@@ -363,6 +445,7 @@ def push_to_hub_with_model_card(
         return api.upload_folder(
             repo_id=repo_id, folder_path=work_dir, commit_message=commit_message or "Upload Align-DETR model",
             commit_description=commit_description, revision=revision, create_pr=create_pr,
+            ignore_patterns=NOT_UPLOADED,
         )
 
 
@@ -371,7 +454,8 @@ def push_folder_to_hub(folder, repo_id: str, *, commit_message: str = "Upload Al
     """Upload a saved folder (weights, config, processor, code, README.md) to `repo_id` as one commit."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             ignore_patterns=NOT_UPLOADED)
 
 
 def training_card_kwargs(
@@ -432,6 +516,7 @@ class ModelCardCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and checkpoint.is_dir():
             self.write(checkpoint, default_model_name=args.hub_model_id)
+            adopt_checkpoint_copies(checkpoint, args.output_dir)
 
     def on_push_begin(self, args, state, control, **kwargs):
         if args.should_save:
@@ -445,6 +530,25 @@ class ModelCardCallback(TrainerCallback):
         if kwargs.get("model_name") is None:
             kwargs["model_name"] = default_model_name or self.hub_model_id
         return write_model_card(save_directory, **kwargs)
+
+
+def adopt_checkpoint_copies(checkpoint, output_dir) -> list[Path]:
+    """Record as ours the files of `output_dir` that are byte copies of files our save wrote in `checkpoint`.
+
+    A Trainer pushing to the Hub from checkpoints copies the weights and config of each new checkpoint into its output
+    folder with `shutil.copy`; without this, the final `save_model()` there would refuse them as files it did not
+    write. Only exact copies of our own files are adopted, so nothing the user wrote becomes ours."""
+    from .file_io import is_own_output, read_manifest, record_output, sha256_of_file
+
+    adopted = []
+    for name, entry in read_manifest(Path(checkpoint)).items():
+        source, copy = Path(checkpoint) / name, Path(output_dir) / name
+        if (copy.is_file() and not copy.is_symlink() and copy.stat().st_size == entry.get("size")
+                and not is_own_output(copy, SAVE_WRITER) and is_own_output(source, SAVE_WRITER)
+                and sha256_of_file(copy) == entry.get("sha256")):  # fmt: skip
+            adopted.append(copy)
+    record_output(adopted, SAVE_WRITER)
+    return adopted
 
 
 def trainer_hyperparameters(args) -> dict:

@@ -1,4 +1,5 @@
-"""The one way images are read from files and URLs (the `predict` command, the data loaders, the demo).
+"""The one way images are read from files and URLs (the `predict` command, the pipeline, the image processor given a
+path, `examples/predict.py`, the data loaders, the demo).
 
 - EXIF orientation is applied, so pixels and boxes refer to the image *as displayed* (as in image viewers, the
   transformers pipeline and COCO annotation tools).
@@ -11,44 +12,39 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
-import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .download import DownloadError, download, is_url
 from .image_processing_align_detr import AlignDetrImageProcessor
 
-__all__ = ["ImageReadError", "displayed_size", "is_url", "open_image", "read_source", "to_rgb8", "to_rgb_tensor"]
+__all__ = [
+    "ImageReadError", "displayed", "displayed_size", "is_url", "open_image", "read_image", "read_source", "to_rgb8",
+    "to_rgb_tensor",
+]
 
 _EXIF_ORIENTATION = 0x0112
-URL_TIMEOUT_S = 30.0
+URL_DEADLINE_S = 120.0  # a whole image download
 
 
 class ImageReadError(ValueError):
     """An image file or URL that cannot be read; the message names it and says why."""
 
 
-def is_url(source: str | os.PathLike) -> bool:
-    return bool(re.match(r"https?://", str(source)))
-
-
-def read_source(source: str | os.PathLike, timeout: float = URL_TIMEOUT_S) -> bytes | Path:
-    """A URL's bytes (downloaded now) or the path of an existing file; raises `ImageReadError` / `FileNotFoundError`."""
+def read_source(source: str | os.PathLike, timeout: float = URL_DEADLINE_S) -> bytes | Path:
+    """A URL's bytes (downloaded now, within `timeout` seconds in all, through the package's one download path) or
+    the path of an existing file; raises `ImageReadError` / `FileNotFoundError`."""
     if is_url(source):
-        try:
-            with urllib.request.urlopen(str(source), timeout=timeout) as response:  # noqa: S310 - http(s) only
-                return response.read()
-        except urllib.error.HTTPError as error:
-            raise ImageReadError(f"cannot download image {source}: HTTP {error.code} {error.reason}.") from error
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            raise ImageReadError(f"cannot download image {source}: {reason}.") from error
+        try:  # fetched anew each time (the image at a URL may change), complete or not at all
+            return download(str(source), deadline_s=timeout, refresh=True, what="image ").read_bytes()
+        except DownloadError as error:
+            raise ImageReadError(str(error)) from error
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
@@ -91,11 +87,36 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     with _open(data, name) as image:
         try:
             image.load()
-            return ImageOps.exif_transpose(image)
+            return displayed(image)
         except Image.DecompressionBombError as error:
             raise ImageReadError(f"cannot read image {name}: {error}") from error
         except (OSError, SyntaxError, ValueError) as error:  # truncated / corrupt data
             raise ImageReadError(f"cannot read image {name}: {error}") from error
+
+
+def displayed(image: Image.Image) -> Image.Image:
+    """The image as displayed: its EXIF orientation applied, its mode (8-bit, 16-bit, ...) kept."""
+    return ImageOps.exif_transpose(image)
+
+
+def read_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
+    """What `pipeline(...)` and `examples/predict.py` accept -> a PIL image as displayed, in its own mode: a PIL image,
+    a file path, an http(s) URL, encoded bytes or a `data:image/...;base64,` string (as transformers' `load_image`,
+    but 16-bit images keep their depth)."""
+    if isinstance(image, Image.Image):
+        return displayed(image)
+    if isinstance(image, str) and image.startswith("data:image/"):
+        try:
+            data = base64.b64decode(image.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError) as error:
+            raise ImageReadError(f"cannot read image {image[:40]}...: not valid base64 data.") from error
+        return open_image(data, name=image[:40] + "...")
+    if isinstance(image, (str, os.PathLike, bytes)):
+        return open_image(image)
+    raise TypeError(
+        f"Unsupported image {type(image).__name__}: pass a PIL image, a file path, an http(s) URL, encoded bytes or a "
+        "data:image base64 string."
+    )
 
 
 def to_rgb_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""What an mmdetection checkpoint says beyond its tensors: the training config in `meta['cfg']`, the settings of the
-DINO family's heads that the weights do not show, and mmdetection's model zoo (names, URLs with their sha256
-prefixes, COCO box AP), which also gives the model card of a converted folder.
+"""What a checkpoint says beyond its tensors: mmdetection's training config in `meta['cfg']`, the settings of the
+DINO family's heads that the weights do not show, and the model zoo (mmdetection's names and URLs with their sha256
+prefixes, the official Align-DETR and detrex DINO releases, COCO box AP), which also gives the model card of a
+converted folder.
 
 Settings the weights do not show (from mmdetection's configs):
 
@@ -12,6 +13,24 @@ Settings the weights do not show (from mmdetection's configs):
 | Swin `frozen_stages`, `drop_path_rate` | | -1 (nothing), 0.2 |
 
 The neck's conv bias is visible in the weights (Align-DETR has one, DINO none).
+
+The official Align-DETR code (FelixCaae/AlignDETR) and detrex's DINO (`DETREX_HEAD_SETTINGS`): position encoding
+10000 / -0.5 (detrex's DINO R-50 24-epoch config: 20 / 0), detectron2's `freeze_at=1` (the stem: our 0), the head's
+`inverse_sigmoid` eps 1e-3 (`head_inverse_sigmoid_eps`), a neck with conv bias in both; the same loss weights,
+matcher costs and denoising settings as mmdetection's configs. The weights do not tell the two apart.
+
+Where they compute otherwise, without a switch here (the numbers a converted model gives are the official ones):
+- evaluation without a padding mask: the official model builds none in eval and evaluates one image per batch; our
+  model honours `pixel_mask` (equal on single images) and without one computes exactly the official batched eval.
+- resize: detectron2's `ResizeShortestEdge(800, 1333)` resizes uint8 images with PIL's bilinear filter, which
+  antialiases when shrinking; the image processor resizes like mmdetection's cv2 (no antialiasing). Both enlarge
+  alike (to a grey level; COCO's images, at most 640 px, are all enlarged); images shrunk to 800 / 1333 px differ.
+- input: RGB, mean/std as mmdetection's (`AlignDetrImageProcessor` already); boxes scaled and clipped to the image
+  in post-processing as mmdetection's (detectron2 also drops boxes of zero width or height, which a box centred in
+  the image only has when its predicted size underflows to 0).
+- loss only: the matcher caps the queries per GT at `int(0.5 * Q / G)` (mmdetection `max(1, Q // G)`; equal unless an
+  image has more than Q / (2k) objects), and the class loss is `-t log p - (1 - t) log(1 - p)` in plain `log` (ours
+  the stable `binary_cross_entropy_with_logits`, equal to float rounding, finite where `log` gives inf).
 """
 
 import ast
@@ -31,6 +50,13 @@ HEAD_SETTINGS = {
     },
     "dino": {"loss_type": "dino", "position_embedding_temperature": 20, "position_embedding_offset": 0.0},
 }
+
+# the same for checkpoints of the detrex layout: the official Align-DETR code and detrex's DINO (module docstring)
+DETREX_HEAD_SETTINGS = {
+    loss_type: {**HEAD_SETTINGS[loss_type], "position_embedding_temperature": 10000, "position_embedding_offset": -0.5,
+                "freeze_backbone_stages": 0, "head_inverse_sigmoid_eps": 1e-3}
+    for loss_type in HEAD_SETTINGS
+}  # fmt: skip
 
 # mmdetection's `frozen_stages` per (loss type, backbone type) in the released configs
 FROZEN_STAGES = {("align_detr", "resnet"): 0, ("dino", "resnet"): 1, ("align_detr", "swin"): -1, ("dino", "swin"): -1}
@@ -61,8 +87,19 @@ SWIN_CITATION = """@inproceedings{liu2021swin,
 }"""
 
 
+# who published a zoo entry / whose code a checkpoint comes from: (short name, publisher, the code in full)
+CODES = {
+    "mmdetection": ("mmdetection", "mmdetection", "mmdetection (open-mmlab/mmdetection)"),
+    "official": ("official Align-DETR", "the authors",
+                 "the official Align-DETR code (FelixCaae/AlignDETR on detrex and detectron2; the same model is "
+                 "detrex's projects/align_detr)"),
+    "detrex": ("detrex", "detrex", "detrex's DINO (IDEA-Research/detrex, projects/dino, on detectron2)"),
+}  # fmt: skip
+
+
 class ZooEntry(NamedTuple):
-    """One config of mmdetection's model zoo; `url` and `box_ap` are None where mmdetection publishes no weights."""
+    """One released model: `url` is a direct download (None where nothing is published, or only a `page` to download
+    from by hand); `box_ap` is None where no weights are published; `code` is a key of `CODES`."""
 
     name: str
     backbone: str
@@ -70,6 +107,8 @@ class ZooEntry(NamedTuple):
     box_ap: float | None
     url: str | None
     settings: dict  # config fields the weights do not show
+    code: str = "mmdetection"
+    page: str | None = None
 
 
 _MMDET = "https://download.openmmlab.com/mmdetection/v3.0"
@@ -78,7 +117,7 @@ _DINO_R50 = {**_DINO, "freeze_backbone_stages": 1}
 _SWIN = {**_DINO, "freeze_backbone_stages": -1, "drop_path_rate": SWIN_DROP_PATH_RATE}
 
 # mmdetection's configs/dino/metafile.yml and README, projects/AlignDETR/README.md
-MODEL_ZOO = [
+MMDET_ZOO = [
     ZooEntry("dino-4scale_r50_8xb2-12e_coco", "R-50", 12, 49.0,
              f"{_MMDET}/dino/dino-4scale_r50_8xb2-12e_coco/dino-4scale_r50_8xb2-12e_coco_20221202_182705-55b2bba2.pth",
              _DINO_R50),
@@ -108,11 +147,45 @@ MODEL_ZOO = [
 ]  # fmt: skip
 
 
+_DETREX = "https://github.com/IDEA-Research/detrex-storage/releases/download"
+_OFFICIAL_ALIGN, _DETREX_DINO = DETREX_HEAD_SETTINGS["align_detr"], DETREX_HEAD_SETTINGS["dino"]
+_DRIVE = "https://drive.google.com/file/d"
+
+# FelixCaae/AlignDETR README (Google Drive, file names not given: download by hand); the "*" rows are the authors'
+# "modified IA-BCE loss that absorbs the focal loss term" (the Align Loss of the BMVC version), named here by us
+DETREX_ZOO = [
+    ZooEntry("aligndetr_k=2_r50_4scale_12ep", "R-50", 12, 50.3, None, _OFFICIAL_ALIGN, "official",
+             f"{_DRIVE}/12xSxD_Z9KI8bejSlO1td1XcZ-Ns00rTi/view?usp=share_link"),
+    ZooEntry("aligndetr_k=2_r50_4scale_24ep", "R-50", 24, 51.4, None, _OFFICIAL_ALIGN, "official",
+             f"{_DRIVE}/1zQYe78fDdCmK3nwbAWYLvGCdQCFsTqoX/view?usp=share_link"),
+    ZooEntry("aligndetr_align_loss_r50_4scale_12ep", "R-50", 12, 50.5, None, _OFFICIAL_ALIGN, "official",
+             f"{_DRIVE}/1QLhyRuxCtmQjHXDeNtjBRA4YVL5ldHfI/view?usp=sharing"),
+    ZooEntry("aligndetr_align_loss_r50_4scale_24ep", "R-50", 24, 51.7, None, _OFFICIAL_ALIGN, "official",
+             f"{_DRIVE}/1RybGz8jDwxGFsqorl-u9z_sPNQirGlYQ/view?usp=sharing"),
+    # detrex's projects/dino README (ResNet rows of "Main Results")
+    ZooEntry("dino_r50_4scale_12ep", "R-50", 12, 49.2, f"{_DETREX}/v0.2.0/dino_r50_4scale_12ep_49_2AP.pth",
+             _DETREX_DINO, "detrex"),
+    ZooEntry("dino_r50_4scale_12ep_300dn", "R-50", 12, 49.5, f"{_DETREX}/v0.2.0/dino_r50_4scale_12ep_300dn.pth",
+             {**_DETREX_DINO, "num_denoising_queries": 300}, "detrex"),
+    ZooEntry("dino_r50_4scale_24ep", "R-50", 24, 50.6, f"{_DETREX}/v0.1.1/dino_r50_4scale_24ep.pth",
+             {**_DETREX_DINO, "position_embedding_temperature": 20, "position_embedding_offset": 0.0}, "detrex"),
+    ZooEntry("dino_r50_5scale_12ep", "R-50", 12, 49.6, f"{_DETREX}/v0.2.1/dino_r50_5scale_12ep.pth", _DETREX_DINO,
+             "detrex"),
+    ZooEntry("dino_r101_4scale_12ep", "R-101", 12, 50.0, f"{_DETREX}/v0.1.1/dino_r101_4scale_12ep.pth", _DETREX_DINO,
+             "detrex"),
+]  # fmt: skip
+MODEL_ZOO = MMDET_ZOO + DETREX_ZOO
+
+
 def zoo_entry(path_or_url: str) -> ZooEntry | None:
-    """The zoo entry whose config name starts the file name (mmdetection names files `<config>_<date>-<sha>.pth`)."""
+    """The zoo entry of a file: the one whose download has this file name, else the mmdetection config whose name
+    starts the file name (mmdetection names files `<config>_<date>-<sha>.pth`)."""
     name = os.path.basename(urllib.parse.urlparse(str(path_or_url)).path)
+    for entry in MODEL_ZOO:
+        if entry.url and name == os.path.basename(urllib.parse.urlparse(entry.url).path):
+            return entry
     for entry in sorted(MODEL_ZOO, key=lambda e: -len(e.name)):
-        if re.match(re.escape(entry.name) + r"([_.-]|$)", name):
+        if entry.code == "mmdetection" and re.match(re.escape(entry.name) + r"([_.-]|$)", name):
             return entry
     return None
 
@@ -199,28 +272,80 @@ def settings_from_model_cfg(model_cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- model card
 
 
-def model_card_fields(entry: ZooEntry | None, config, source: str | None, model_name: str | None = None) -> dict:
+def checkpoint_code(entry: ZooEntry | None, layout: str, loss_type: str) -> str:
+    """The key of `CODES` a checkpoint comes from: its zoo entry's, else from its key layout (`"mmdetection"` or
+    `"detrex"`; a detrex-layout Align-DETR checkpoint is the official code's)."""
+    if entry is not None:
+        return entry.code
+    if layout == "detrex":
+        return "official" if loss_type == "align_detr" else "detrex"
+    return "mmdetection"
+
+
+def published_sha256_prefix(entry: ZooEntry) -> str | None:
+    """The sha256 prefix mmdetection puts in its released file names (`<config>_<date>-<8 hex digits>.pth`)."""
+    match = re.search(r"-([0-9a-f]{8})\.pth$", os.path.basename(urllib.parse.urlparse(entry.url or "").path))
+    return match.group(1) if match else None
+
+
+def model_card_fields(
+    entry: ZooEntry | None, config, source: str | None, model_name: str | None = None, layout: str = "mmdetection",
+    iteration: int | None = None, sha256: str | None = None,
+) -> dict:  # fmt: skip
     """Keyword arguments of `hub.write_model_card` for a folder converted from `source` (a zoo entry if known);
-    `model_name` is the Hub id when the folder is pushed (the card's usage snippet loads it)."""
+    `model_name` is the Hub id when the folder is pushed (the card's usage snippet loads it). `layout` is the
+    checkpoint's key layout (`"mmdetection"` or `"detrex"`), `iteration` what a detectron2 checkpoint records.
+
+    A file name only suggests a zoo entry: the card names the entry and gives its published AP as this model's
+    only when `source` is the entry's download URL or `sha256` (the file's) starts with the sha256 prefix of the
+    entry's published file."""
+    prefix = published_sha256_prefix(entry) if entry is not None else None
+    downloaded = entry is not None and entry.url is not None and source == entry.url  # fetched from the release
+    is_release = downloaded or (prefix is not None and sha256 is not None and sha256.startswith(prefix))
+    named_like = None if is_release else entry
+    entry = entry if is_release else None
     loss = "Align-DETR" if config.loss_type == "align_detr" else "DINO"
     backbone = entry.backbone if entry else config.backbone_config.model_type
+    code = checkpoint_code(entry, layout, config.loss_type)
+    short, publisher, full = CODES[code]
     citations = [ALIGN_DETR_CITATION, DINO_CITATION] if config.loss_type == "align_detr" else [DINO_CITATION]
     if config.backbone_config.model_type == "swin":
         citations.append(SWIN_CITATION)
+    file_name = os.path.basename(urllib.parse.urlparse(str(source)).path) if source else "unknown"
     description = (
-        (f"mmdetection's `{entry.name}`: " if entry else "")
-        + f"{loss} ({config.num_feature_levels}-scale, {backbone} backbone) converted from the mmdetection checkpoint "
-        f"`{os.path.basename(urllib.parse.urlparse(str(source)).path) if source else 'unknown'}` with "
-        "`align-detr convert`; the weights are unchanged, the outputs equal mmdetection's (see the project's parity "
-        "tests)."
+        (f"{publisher}'{'' if publisher.endswith('s') else 's'} `{entry.name}`: " if entry else "")
+        + f"{loss} ({config.num_feature_levels}-scale, {backbone} backbone) converted from the {short} checkpoint "
+        f"`{file_name}`" + (f" (saved at iteration {iteration})" if iteration is not None else "")
+        + " with `align-detr convert`; the weights are unchanged, "
+        + {
+            "mmdetection": "the outputs equal mmdetection's (see the project's parity tests).",
+            "official": "the outputs equal the official code's (the project's parity tests run against its own "
+            f"outputs). Code: {full}.",
+            "detrex": "the official Align-DETR code builds on this network, and the project's parity tests run "
+            f"against that code's outputs. Code: {full}.",
+        }[code]
     )
     if entry is not None and entry.box_ap is not None:
-        description += f" mmdetection reports {entry.box_ap} box AP on COCO val2017 for it ({entry.epochs} epochs)."
+        reports = {"mmdetection": "mmdetection reports", "official": "The authors report", "detrex": "detrex reports"}
+        description += f" {reports[code]} {entry.box_ap} box AP on COCO val2017 for it ({entry.epochs} epochs)."
+    elif named_like is not None and named_like.box_ap is not None:
+        description += (
+            f" Its file name matches `{named_like.name}`, for which {CODES[named_like.code][1]} reports "
+            f"{named_like.box_ap} box AP on COCO val2017, but its sha256 "
+            + ("does not match the published file's" if published_sha256_prefix(named_like) else
+               "cannot be checked (no published checksum)")
+            + ", so that figure is not claimed for these weights."
+        )
+    elif code == "official":
+        description += (
+            " The authors report 50.3 / 51.4 box AP on COCO val2017 for their released R-50 checkpoints (12 / 24 "
+            "epochs), 50.5 / 51.7 for those trained with the Align Loss; the weights do not tell which one this is."
+        )
     fields = {
         "model_name": model_name,
         "datasets": ["COCO train2017"],
-        "source": entry.url if entry and entry.url else source,
-        "license": "apache-2.0",  # mmdetection's license, which its model zoo is published under
+        "source": (entry.url or entry.page or source) if entry else source,
+        "license": "apache-2.0",  # mmdetection's, detrex's and the official code's license
         "citation": "\n\n".join(citations),
         "description": description,
         "hyperparameters": {
@@ -231,8 +356,9 @@ def model_card_fields(entry: ZooEntry | None, config, source: str | None, model_
             "position_embedding_temperature": config.position_embedding_temperature,
             "position_embedding_offset": config.position_embedding_offset,
             "freeze_backbone_stages": config.freeze_backbone_stages,
+            "head_inverse_sigmoid_eps": config.head_inverse_sigmoid_eps,
         },
     }
     if entry is not None and entry.box_ap is not None:  # the card's metrics are COCO's 0-1 scale
-        fields.update(dataset_name="COCO val2017 (as reported by mmdetection)", metrics={"map": entry.box_ap / 100})
+        fields.update(dataset_name=f"COCO val2017 (as reported by {publisher})", metrics={"map": entry.box_ap / 100})
     return fields

@@ -22,10 +22,10 @@ from transformers.utils import ModelOutput
 from .backbone_align_detr import AlignDetrConvEncoder, AlignDetrFrozenBatchNorm2d  # noqa: F401 (public here too)
 from .box_ops import inverse_sigmoid
 from .configuration_align_detr import AlignDetrConfig
-from .denoising_align_detr import AlignDetrDenoisingQueries, build_denoising_queries
-from .loss_align_detr import validate_labels
-from .loss_dino import build_loss
+from .denoising_align_detr import AlignDetrDenoisingQueries, DenoisingLayout, build_denoising_queries
+from .loss_align_detr import AlignDetrLossInputs, build_loss, decoder_layer_names
 from .ms_deform_attn import multi_scale_deformable_attention
+from .targets_align_detr import validate_labels
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -39,17 +39,18 @@ class AlignDetrModelOutput(ModelOutput):
     only, else 0), L = decoder layers, E = encoder layers, S = encoder positions over all levels, H = attention
     heads, P = sampling points per head and level.
 
-    LAYER-FIRST: the `intermediate_*` tensors put the layer axis first, `(L, B, ...)`, as mmdetection and our loss
-    do. Deformable DETR's `intermediate_hidden_states` in transformers is batch-first `(B, L, ...)`: use
-    `.transpose(0, 1)` for its layout. The `intermediate_*` tensors and the decoder's hidden states and attentions
-    cover all D + Q queries, denoising queries first.
+    BATCH-FIRST, as transformers' Deformable DETR documents its `intermediate_*` fields: every tensor output has
+    the batch on its first axis, `(B, L, ...)` for the per-layer ones, so code that splits outputs per image
+    (transformers' pipelines, `Trainer`'s gathering) works. (The loss works layer by layer and receives the
+    layer-first view `(L, B, ...)`, mmdetection's layout, as transformers' own DETR losses do.) The `intermediate_*`
+    tensors and the decoder's hidden states and attentions cover all D + Q queries, denoising queries first.
 
     Args:
         last_hidden_state (`(B, Q, d_model)`): last decoder layer after the decoder's final LayerNorm.
-        intermediate_hidden_states (`(L, B, D + Q, d_model)`): every decoder layer after the final LayerNorm.
-        intermediate_reference_points (`(L + 1, B, D + Q, 4)`): reference boxes (sigmoid cxcywh); [0] are the
-            initial ones, [l + 1] those refined by layer l (not detached: look forward twice).
-        intermediate_pred_boxes (`(L, B, D + Q, 4)`): box predictions of every layer (sigmoid cxcywh).
+        intermediate_hidden_states (`(B, L, D + Q, d_model)`): every decoder layer after the final LayerNorm.
+        intermediate_reference_points (`(B, L + 1, D + Q, 4)`): reference boxes (sigmoid cxcywh); [:, 0] are the
+            initial ones, [:, l + 1] those refined by layer l (not detached: look forward twice).
+        intermediate_pred_boxes (`(B, L, D + Q, 4)`): box predictions of every layer (sigmoid cxcywh).
         encoder_last_hidden_state (`(B, S, d_model)`): the encoder memory.
         enc_topk_logits (`(B, Q, num_labels)`), enc_topk_boxes (`(B, Q, 4)`): class logits and boxes of the
             proposals picked by two-stage query selection; the boxes are the decoder's first references.
@@ -90,8 +91,8 @@ class AlignDetrModelOutput(ModelOutput):
 @dataclass
 class AlignDetrObjectDetectionOutput(ModelOutput):
     """
-    Outputs of [`AlignDetrForObjectDetection`]; shapes and the LAYER-FIRST `intermediate_*` layout as in
-    [`AlignDetrModelOutput`], C = num_labels.
+    Outputs of [`AlignDetrForObjectDetection`]; shapes and the BATCH-FIRST `(B, L, ...)` layout of the per-layer
+    fields as in [`AlignDetrModelOutput`], C = num_labels.
 
     Args:
         loss (`()`, with `labels`): sum of `loss_dict`.
@@ -99,10 +100,10 @@ class AlignDetrObjectDetectionOutput(ModelOutput):
         logits (`(B, Q, C)`), pred_boxes (`(B, Q, 4)`): last decoder layer, matching queries only. Boxes are
             sigmoid cxcywh relative to the unpadded image; use the image processor's
             `post_process_object_detection`.
-        intermediate_logits (`(L, B, Q, C)`), intermediate_pred_boxes (`(L, B, Q, 4)`): every decoder layer,
-            layer-first, matching queries only.
+        intermediate_logits (`(B, L, Q, C)`), intermediate_pred_boxes (`(B, L, Q, 4)`): every decoder layer,
+            matching queries only.
         enc_topk_logits, enc_topk_boxes, enc_topk_indices: the selected encoder proposals.
-        dn_logits (`(L, B, D, C)`), dn_pred_boxes (`(L, B, D, 4)`): denoising queries (training with labels).
+        dn_logits (`(B, L, D, C)`), dn_pred_boxes (`(B, L, D, 4)`): denoising queries (training with labels).
         num_denoising_queries, num_denoising_groups, denoising_max_gt (`int`): see [`AlignDetrModelOutput`].
         last_hidden_state (`(B, Q, d_model)`), encoder_last_hidden_state (`(B, S, d_model)`).
         encoder_hidden_states, encoder_attentions, decoder_hidden_states, decoder_attentions, cross_attentions:
@@ -383,11 +384,12 @@ class AlignDetrPreTrainedModel(PreTrainedModel):
                 module.freeze()
         return loaded
 
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # transformers skips modules without parameters of their own for code outside its tree, which would skip
-        # the deformable-attention grid and the head inits below. Every init here goes through
-        # `transformers.initialization`, which leaves loaded tensors alone, so the in-tree behaviour is safe.
-        super()._initialize_weights(module, is_custom_code=False)
+    def _initialize_weights(self, module, *args, **kwargs):
+        # transformers >= 5.13 passes `is_custom_code` and then skips modules without parameters of their own for
+        # code outside its tree, which would skip the deformable-attention grid and the head inits below. Every init
+        # here goes through `transformers.initialization`, which leaves loaded tensors alone, so the in-tree
+        # behaviour (the default, and all that older versions know) is safe.
+        super()._initialize_weights(module)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -522,9 +524,9 @@ class AlignDetrEncoder(nn.Module):
 
 
 class AlignDetrDecoderOutput(NamedTuple):
-    hidden_states: torch.Tensor  # (L, B, N, d) every layer after the final LayerNorm
-    references: torch.Tensor  # (L + 1, B, N, 4)
-    pred_boxes: torch.Tensor  # (L, B, N, 4)
+    hidden_states: torch.Tensor  # (B, L, N, d) every layer after the final LayerNorm
+    references: torch.Tensor  # (B, L + 1, N, 4)
+    pred_boxes: torch.Tensor  # (B, L, N, 4)
     all_hidden_states: tuple[torch.Tensor, ...] | None  # input + every layer (not normed), with output_hidden_states
     self_attentions: tuple[torch.Tensor, ...] | None  # with output_attentions
     cross_attentions: tuple[torch.Tensor, ...] | None  # with output_attentions
@@ -544,6 +546,7 @@ class AlignDetrDecoder(nn.Module):
         self.reference_points_head = AlignDetrMLP(2 * d, d, d, 2)
         self.layer_norm = nn.LayerNorm(d)
         self.bbox_embed = nn.ModuleList(AlignDetrMLP(d, d, 4, 3) for _ in range(config.decoder_layers))
+        self.head_eps = config.head_inverse_sigmoid_eps
 
     def forward(
         self,
@@ -581,8 +584,9 @@ class AlignDetrDecoder(nn.Module):
             )
             new_reference = (bbox_head(queries) + inverse_sigmoid(reference_points, eps=1e-3)).sigmoid()
             normed = self.layer_norm(queries)
-            # the prediction uses the normed output and the previous (undetached) reference, eps 1e-5
-            pred_boxes.append((bbox_head(normed) + inverse_sigmoid(references[-1], eps=1e-5)).sigmoid())
+            # the prediction uses the normed output and the previous (undetached) reference; eps: mmdetection 1e-5,
+            # detrex 1e-3 (config.head_inverse_sigmoid_eps)
+            pred_boxes.append((bbox_head(normed) + inverse_sigmoid(references[-1], eps=self.head_eps)).sigmoid())
             hidden_states.append(normed)
             references.append(new_reference)
             reference_points = new_reference.detach()
@@ -592,9 +596,9 @@ class AlignDetrDecoder(nn.Module):
                 self_attentions.append(self_attention)
                 cross_attentions.append(cross_attention)
         return AlignDetrDecoderOutput(
-            hidden_states=torch.stack(hidden_states),
-            references=torch.stack(references),
-            pred_boxes=torch.stack(pred_boxes),
+            hidden_states=torch.stack(hidden_states, 1),
+            references=torch.stack(references, 1),
+            pred_boxes=torch.stack(pred_boxes, 1),
             all_hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             self_attentions=tuple(self_attentions) if output_attentions else None,
             cross_attentions=tuple(cross_attentions) if output_attentions else None,
@@ -811,7 +815,7 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
         )
 
         output = AlignDetrModelOutput(
-            last_hidden_state=decoder_output.hidden_states[-1, :, -num_queries:],
+            last_hidden_state=decoder_output.hidden_states[:, -1, -num_queries:],
             intermediate_hidden_states=decoder_output.hidden_states,
             intermediate_reference_points=decoder_output.references,
             intermediate_pred_boxes=decoder_output.pred_boxes,
@@ -829,6 +833,14 @@ class AlignDetrModel(AlignDetrPreTrainedModel):
             cross_attentions=decoder_output.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+def _remote_pipelines() -> dict:
+    """`config.custom_pipelines` of a saved folder. The relative import (not run at import time: it loads
+    transformers' pipelines) is also what makes transformers copy the pipeline's code into every saved folder."""
+    from .pipeline_align_detr import TASK, custom_pipeline_entry
+
+    return {TASK: custom_pipeline_entry()}
 
 
 def _check_inputs(pixel_values, pixel_mask, model_dtype):
@@ -933,7 +945,8 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
 
     @property
     def loss_function(self):
-        """The training criterion: `loss, loss_dict = loss_function(outputs_dict, labels)`.
+        """The training criterion: `loss, loss_dict = loss_function(inputs, labels)`, `inputs` an
+        [`AlignDetrLossInputs`].
 
         Defaults to `_build_loss()` (transformers would otherwise dispatch "ForObjectDetection" to DETR's softmax
         cross-entropy loss). Settable like transformers' own: `model.loss_function = my_loss`.
@@ -956,6 +969,9 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
             # folder, as it does from transformers' own detection checkpoints
             base = f"{AlignDetrModel.__module__.rsplit('.', 1)[-1]}.{AlignDetrModel.__name__}"
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": base}
+            # and `pipeline("object-detection", ..., trust_remote_code=True)` runs our pipeline from the folder
+            self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}),
+                                            **_remote_pipelines()}
         return super().save_pretrained(*args, **kwargs)
 
     def _build_loss(self) -> nn.Module:
@@ -996,7 +1012,8 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        all_logits = torch.stack([head(h) for head, h in zip(self.class_embed, outputs.intermediate_hidden_states)])
+        hidden_states = outputs.intermediate_hidden_states
+        all_logits = torch.stack([head(hidden_states[:, i]) for i, head in enumerate(self.class_embed)], 1)
         all_boxes = outputs.intermediate_pred_boxes
         # denoising queries come first; they exist only in training with labels (D may be 0 without any GT)
         num_dn = outputs.num_denoising_queries or 0
@@ -1007,26 +1024,27 @@ class AlignDetrForObjectDetection(AlignDetrPreTrainedModel):
 
         loss = loss_dict = None
         if labels is not None:
-            denoising_meta = None
+            denoising = None
             if outputs.num_denoising_queries is not None:
-                denoising_meta = {"num_groups": outputs.num_denoising_groups, "max_gt": outputs.denoising_max_gt}
-            loss, loss_dict = self.loss_function(
-                {
-                    "intermediate_logits": logits,
-                    "intermediate_pred_boxes": boxes,
-                    "enc_topk_logits": outputs.enc_topk_logits,
-                    "enc_topk_boxes": outputs.enc_topk_boxes,
-                    "dn_logits": dn_logits,
-                    "dn_pred_boxes": dn_boxes,
-                    "denoising_meta": denoising_meta,
-                },
-                labels,
+                denoising = DenoisingLayout(outputs.num_denoising_groups, outputs.denoising_max_gt)
+            # the loss works layer by layer: it receives layer-first views (L, B, ...), as transformers' DETR
+            # losses receive theirs
+            loss_inputs = AlignDetrLossInputs(
+                logits=logits.transpose(0, 1),
+                boxes=boxes.transpose(0, 1),
+                layer_names=decoder_layer_names(len(self.class_embed)),
+                encoder_logits=outputs.enc_topk_logits,
+                encoder_boxes=outputs.enc_topk_boxes,
+                dn_logits=None if dn_logits is None else dn_logits.transpose(0, 1),
+                dn_boxes=None if dn_boxes is None else dn_boxes.transpose(0, 1),
+                denoising=denoising,
             )
+            loss, loss_dict = self.loss_function(loss_inputs, labels)
         output = AlignDetrObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
-            logits=logits[-1],
-            pred_boxes=boxes[-1],
+            logits=logits[:, -1],
+            pred_boxes=boxes[:, -1],
             intermediate_logits=logits,
             intermediate_pred_boxes=boxes,
             enc_topk_logits=outputs.enc_topk_logits,

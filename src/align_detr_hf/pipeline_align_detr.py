@@ -1,22 +1,30 @@
-"""`pipeline("object-detection")` for Align-DETR: batches of images of any sizes, and no false "not supported" error.
+"""`pipeline("object-detection")` for Align-DETR: batches of images of any sizes, our image reading, no false error.
 
-transformers' `ObjectDetectionPipeline` has two problems with a third-party detector:
-- it checks the model's class name against the static table of transformers' own detectors (registrations with
+transformers' `ObjectDetectionPipeline`, given a third-party detector:
+- checks the model's class name against the static table of transformers' own detectors (registrations with
   `AutoModelForObjectDetection.register` are not consulted), so it logs "The model 'AlignDetrForObjectDetection' is
   not supported for object-detection. Supported models are [...]" every time, though the model works;
 - with `batch_size > 1` its collate function concatenates each image's `pixel_values`, which fails for images of
-  different sizes, and it splits the model output per image by indexing every field on its first axis, which is
-  wrong for our layer-first `intermediate_*` fields.
+  different sizes;
+- reads images with `load_image`, which converts them to 8-bit RGB (16-bit images are clipped).
 
-`AlignDetrObjectDetectionPipeline` keeps the parent's pre- and post-processing and, for Align-DETR models only,
-keeps each image's inputs apart through the collate step, runs the images that share a processed size as one batch,
-and returns per-image `logits`, `pred_boxes` and `target_size`. Every result is therefore the one-image result:
+`AlignDetrObjectDetectionPipeline` keeps the parent's post-processing and, for Align-DETR models only, reads images
+with `image_io.read_image` (EXIF orientation, 16-bit depth kept: what `align-detr predict` and the image processor
+read), keeps each image's inputs apart through the collate step, runs the images that share a processed size as one
+batch, and returns per-image `logits`, `pred_boxes` and `target_size`. Every result is therefore the one-image result:
 images of different sizes are never padded to each other. (Give the image processor a fixed `pad_size` to put every
 image in one batch.) Any other model gets the parent's behaviour unchanged.
 
-`register_pipeline()` (run when `align_detr_hf` is imported) makes it the implementation of the "object-detection"
-task. Folders loaded with `trust_remote_code=True` where this package is absent get transformers' own pipeline:
-single images work there, and its log line and batching limits apply.
+Where it is used:
+- with this package imported, `register_pipeline()` makes it the implementation of the "object-detection" task;
+- where the package is not installed, a saved folder names it in `config.custom_pipelines` (written by every save,
+  see `AlignDetrForObjectDetection.save_pretrained`) and carries this file, so
+  `pipeline("object-detection", model=FOLDER_OR_HUB_ID, trust_remote_code=True)` runs it as remote code. (A model
+  *object* passed to `pipeline(...)` there gets transformers' own class, whose batching and log line apply; the
+  model's outputs are batch-first, so its same-size batches work.)
+
+`pipe(image, slice=True | dict | SliceConfig)` runs sliced inference on Align-DETR models (overlapping tiles plus the
+full image, merged; see `align_detr_hf.slicing`); the pipeline's `threshold` applies to the merged detections.
 """
 
 from __future__ import annotations
@@ -25,8 +33,19 @@ import torch
 from transformers.pipelines import PIPELINE_REGISTRY, ObjectDetectionPipeline
 from transformers.utils import ModelOutput
 
+from .image_io import read_image
+from .slicing import SliceConfig, sliced_detect
+
 TASK = "object-detection"
 _IMAGE_INPUTS = "align_detr_image_inputs"  # not a tensor: the collate function keeps these as a list
+_SLICED = "align_detr_sliced"  # sliced inference (`slice=`): the image and its SliceConfig, then the detections
+
+
+def custom_pipeline_entry() -> dict:
+    """The `config.custom_pipelines[TASK]` entry naming this pipeline for remote code (transformers' format)."""
+    module = __name__.rsplit(".", 1)[-1]
+    return {"impl": f"{module}.{AlignDetrObjectDetectionPipeline.__name__}", "pt": ["AutoModelForObjectDetection"],
+            "type": "image"}
 
 
 class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
@@ -44,13 +63,31 @@ class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
         if not self._is_align_detr():  # ours is registered with AutoModelForObjectDetection
             super().check_model_type(supported_models)
 
-    def preprocess(self, image, timeout=None):
-        inputs = super().preprocess(image, timeout=timeout)
+    def _sanitize_parameters(self, slice=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if slice is not None:  # `pipe(image, slice=True | dict | SliceConfig)`: see align_detr_hf.slicing
+            preprocess_params["slice"] = slice
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(self, image, timeout=None, slice=None):
+        config = SliceConfig.coerce(slice)
+        if config is not None and self._is_align_detr():
+            image = read_image(image)  # (URLs: image_io's own timeout)
+            return {"target_size": torch.IntTensor([[image.height, image.width]]),
+                    _SLICED: {"image": image, "config": config}}
         if not self._is_align_detr():
-            return inputs
-        return {_IMAGE_INPUTS: dict(inputs)}
+            return super().preprocess(image, timeout=timeout)
+        image = read_image(image)  # (URLs: image_io's own timeout)
+        inputs = dict(self.image_processor(images=[image], return_tensors="pt").to(self.dtype))
+        inputs["target_size"] = torch.IntTensor([[image.height, image.width]])
+        return {_IMAGE_INPUTS: inputs}
 
     def _forward(self, model_inputs):
+        if _SLICED in model_inputs:
+            jobs = model_inputs[_SLICED]
+            jobs = jobs if isinstance(jobs, list) else [jobs]
+            found = [sliced_detect(self.model, self.image_processor, job["image"], job["config"]) for job in jobs]
+            return {"target_size": model_inputs["target_size"], _SLICED: found}
         if _IMAGE_INPUTS not in model_inputs:
             return super()._forward(model_inputs)
         images = model_inputs[_IMAGE_INPUTS]
@@ -76,6 +113,21 @@ class AlignDetrObjectDetectionPipeline(ObjectDetectionPipeline):
                 "pred_boxes": torch.cat(pred_boxes),
             }
         )
+
+
+    def postprocess(self, model_outputs, threshold=0.5):
+        if _SLICED not in model_outputs:
+            return super().postprocess(model_outputs, threshold=threshold)
+        found = model_outputs[_SLICED]
+        found = found[0] if isinstance(found, list) else found
+        keep = found["scores"] > threshold
+        id2label = self.model.config.id2label
+        return [
+            {"score": score, "label": id2label[label], "box": self._get_bounding_box(box)}
+            for score, label, box in zip(
+                found["scores"][keep].tolist(), found["labels"][keep].tolist(), found["boxes"][keep]
+            )
+        ]
 
 
 def register_pipeline() -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .file_io import atomic_write_bytes
+from .export_align_detr import WRITER, _check_output_path, set_metadata
+from .file_io import owned_file
 
 # parameter-name parts of the layers kept in float (see the module docstring)
 FLOAT_MODULES = (
@@ -158,12 +159,18 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def quantize_onnx(model_path, output, calibration: Iterable[dict]) -> Path:
+def quantize_onnx(model_path, output, calibration: Iterable[dict], overwrite: bool = False,
+                  inputs: Iterable = ()) -> Path:
     """Write an int8 copy of the float32 ONNX file `model_path` at `output` (atomically), calibrated on the graph
-    inputs in `calibration` (one dict per batch, as the image processor makes them)."""
+    inputs in `calibration` (one dict per batch, as the image processor makes them).
+
+    `output` follows the ownership rule (`file_io`): it may replace only an int8 file an earlier export wrote and
+    nobody changed since, unless `overwrite`; never `model_path` nor any of `inputs` (the model's files)."""
     import onnx
     import onnx_ir
 
+    inputs = (Path(model_path), *inputs)
+    path = _check_output_path(output, inputs, overwrite)  # before the (slow) calibration
     calibration = list(calibration)
     if not calibration:
         raise ValueError("int8 quantization needs at least one calibration batch (images from --calibrate).")
@@ -174,10 +181,8 @@ def quantize_onnx(model_path, output, calibration: Iterable[dict]) -> Path:
     quantized = int8_quantizer(calibration).quantize(onnx_ir.from_proto(source), calibration[0], "onnx")
     proto = onnx_ir.to_proto(quantized)
     if "align_detr" in metadata:
-        from .export_align_detr import set_metadata
-
         set_metadata(proto, {**json.loads(metadata["align_detr"]), "precision": "int8"})
     onnx.checker.check_model(proto)
-    path = Path(output)
-    atomic_write_bytes(path, proto.SerializeToString())
+    with owned_file(path, WRITER, overwrite=overwrite, inputs=inputs) as temp:
+        temp.write_bytes(proto.SerializeToString())
     return path

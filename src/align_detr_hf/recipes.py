@@ -40,18 +40,21 @@ from .optim import (
     REFERENCE_WARMUP_START_FACTOR,
     REFERENCE_WARMUP_STEPS,
     REFERENCE_WEIGHT_DECAY,
+    lr_factor,
 )
 
 __all__ = [
     "FINETUNE",
     "FROM_SCRATCH",
     "RECIPES",
+    "FittedSchedule",
     "TrainingRecipe",
     "apply_recipe_to_model",
     "build_model",
     "build_recipe_transforms",
     "describe_recipe",
     "eval_image_processor",
+    "fit_schedule",
     "lr_milestones",
     "native_image_scale",
     "recipe_for_job",
@@ -189,6 +192,63 @@ def lr_milestones(recipe: TrainingRecipe, steps_per_epoch: int, max_steps: int) 
     if recipe.lr_drop_fraction is not None:
         return [int(max_steps * recipe.lr_drop_fraction)]
     return [int(e) * steps_per_epoch for e in recipe.lr_drop_epochs or ()]
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedSchedule:
+    """A step schedule fitted to a time budget: `max_steps` optimisation steps, linear warm-up over `warmup_steps`,
+    lr x0.1 at each of `milestones`. `full_steps` is the recipe's length it was scaled down from."""
+
+    max_steps: int
+    warmup_steps: int
+    milestones: tuple[int, ...]
+    full_steps: int
+    warmup_start_factor: float
+
+    def lr_factor(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.warmup_start_factor, self.milestones)
+
+    def describe(self) -> str:
+        scaled = "the full schedule" if self.max_steps == self.full_steps else f"scaled from {self.full_steps}"
+        drops = ", ".join(str(m) for m in self.milestones) or "never"
+        return f"{self.max_steps} steps ({scaled}), warm-up {self.warmup_steps} steps, lr x0.1 at step {drops}"
+
+
+def fit_schedule(
+    recipe: TrainingRecipe,
+    step_seconds: float,
+    budget_seconds: float,
+    steps_done: int = 0,
+    previous: FittedSchedule | None = None,
+    min_steps: int = 1,
+) -> FittedSchedule:
+    """The recipe's step schedule scaled to what fits in `budget_seconds` (from step `steps_done` on) at
+    `step_seconds` per step: never longer than the recipe, warm-up and lr drop at the recipe's fractions of the new
+    length, so a slow machine runs a shorter but complete schedule (the lr drops before the end).
+
+    With `previous` (a re-fit during training, as the measured step time changes), the parts already run are kept:
+    its warm-up, and its lr drop once passed."""
+    if recipe.max_train_steps is None or recipe.lr_drop_fraction is None:
+        raise ValueError("fit_schedule needs a recipe measured in steps (max_train_steps and lr_drop_fraction).")
+    if not (step_seconds > 0 and budget_seconds >= 0):
+        raise ValueError(f"step_seconds must be > 0 and budget_seconds >= 0, got {step_seconds}, {budget_seconds}.")
+    full = recipe.max_train_steps
+    affordable = steps_done + int(budget_seconds / step_seconds)
+    steps = max(min(full, affordable), min_steps, steps_done + 1 if steps_done < full else full)
+    warmup = round(recipe.warmup_steps * steps / full) if recipe.warmup_steps > 0 else 0
+    drop = int(steps * recipe.lr_drop_fraction)
+    if recipe.lr_drop_fraction < 1.0:  # the drop lands before the last step, so the schedule completes it
+        drop = max(1, min(drop, steps - 1)) if steps > 1 else drop
+    if previous is not None:
+        warmup = previous.warmup_steps if steps_done > 0 else warmup
+        passed = [m for m in previous.milestones if m <= steps_done]
+        if passed:  # the lr has dropped: the end may come earlier, not later (the drop stays near 80%)
+            drop = passed[0]
+            steps = min(steps, max(previous.max_steps, steps_done + 1))
+        else:
+            drop = max(drop, steps_done)  # a drop cannot be placed in the past
+    milestones = (drop,) if drop < steps or recipe.lr_drop_fraction >= 1.0 else ()
+    return FittedSchedule(steps, min(warmup, steps), milestones, full, recipe.warmup_start_factor)
 
 
 def native_image_scale(dataset) -> float:

@@ -8,6 +8,9 @@ labels, is not drawn either).
     from align_detr_hf.synthetic import generate_shapes_dataset
     ann_file = generate_shapes_dataset("shapes/train", num_images=200, image_size=128, seed=0)
     # shapes/train/annotations.json + shapes/train/images/000000.png ...
+
+`generate_dense_dataset` makes the small-and-dense variant (large images, hundreds of 6-32 px shapes that do not
+overlap, as cars in an aerial image), for sliced inference (see [`align_detr_hf.slicing`]).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from PIL import Image, ImageDraw
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
 
-__all__ = ["SHAPE_CLASSES", "draw_shapes_image", "generate_shapes_dataset"]
+__all__ = ["SHAPE_CLASSES", "draw_dense_image", "draw_shapes_image", "generate_dense_dataset", "generate_shapes_dataset"]
 
 
 def _background(rng: random.Random, size: int) -> Image.Image:
@@ -170,6 +173,89 @@ def generate_shapes_dataset(
                     "iscrowd": 0,
                 }
             )
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)]
+    ann_file = output_dir / "annotations.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return ann_file
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, rot: float, fill) -> None:
+    polygon = _shape_polygon(kind, cx, cy, r, rot)
+    if polygon is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(polygon, fill=fill)
+
+
+def draw_dense_image(
+    rng: random.Random,
+    width: int = 1024,
+    height: int = 1024,
+    num_objects: int = 400,
+    min_px: float = 6.0,
+    max_px: float = 32.0,
+    classes: tuple[str, ...] = SHAPE_CLASSES,
+    max_tries: int = 20,
+) -> tuple[Image.Image, list[dict]]:
+    """A large image with up to `num_objects` shapes of `min_px`-`max_px` px (circumscribed diameter, log-uniform),
+    none overlapping another (a 2 px gap; a shape that finds no free place in `max_tries` draws is skipped).
+    Returns the image and `[{"bbox": [x, y, w, h], "category": index into classes, "area": box area}]`."""
+    image = _background(rng, max(width, height)).crop((0, 0, width, height))
+    bg_mean = np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(0)
+    occupied = np.zeros((height, width), dtype=bool)
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for _ in range(num_objects):
+        r = math.exp(rng.uniform(math.log(min_px), math.log(max_px))) / 2
+        for _ in range(max_tries):
+            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+            x0, y0 = max(int(cx - r) - 2, 0), max(int(cy - r) - 2, 0)
+            x1, y1 = min(int(math.ceil(cx + r)) + 2, width), min(int(math.ceil(cy + r)) + 2, height)
+            if not occupied[y0:y1, x0:x1].any():
+                break
+        else:
+            continue
+        occupied[y0:y1, x0:x1] = True
+        kind_index = rng.randrange(len(classes))
+        rot = rng.uniform(0, 2 * math.pi)
+        _draw_shape(draw, classes[kind_index], cx, cy, r, rot, _contrasting_colour(rng, bg_mean))
+        # the box from the shape rasterised alone in its neighbourhood (the drawn pixels, as the image shows them)
+        patch = Image.new("L", (x1 - x0, y1 - y0), 0)
+        _draw_shape(ImageDraw.Draw(patch), classes[kind_index], cx - x0, cy - y0, r, rot, 255)
+        ys, xs = np.nonzero(np.asarray(patch))
+        if len(xs) == 0:
+            continue
+        bx0, by0, bx1, by1 = x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1
+        box = [float(bx0), float(by0), float(bx1 - bx0), float(by1 - by0)]
+        objects.append({"bbox": box, "category": kind_index, "area": box[2] * box[3]})
+    return image, objects
+
+
+def generate_dense_dataset(
+    output_dir: str | Path,
+    num_images: int = 8,
+    image_size: int | tuple[int, int] = 1024,
+    num_objects: int = 400,
+    seed: int = 0,
+    classes: tuple[str, ...] = SHAPE_CLASSES,
+    **draw_kwargs,
+) -> Path:
+    """Write a dense set of large images (see `draw_dense_image`; `image_size` is a side or `(width, height)`) as a
+    COCO folder, like `generate_shapes_dataset`. Deterministic for a given seed. Returns the annotation file path."""
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
+    output_dir = Path(output_dir)
+    (output_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    images, annotations = [], []
+    for image_index in range(num_images):
+        image, objects = draw_dense_image(rng, width, height, num_objects, classes=classes, **draw_kwargs)
+        file_name = f"{image_index:06d}.png"
+        image.save(output_dir / "images" / file_name)
+        images.append({"id": image_index + 1, "file_name": file_name, "width": width, "height": height})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_index + 1,
+                                "category_id": obj["category"] + 1, "bbox": obj["bbox"], "area": obj["area"],
+                                "iscrowd": 0})
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)]
     ann_file = output_dir / "annotations.json"
     ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
