@@ -117,17 +117,27 @@ def test_certificate_is_written_beside_the_file_and_into_the_model_card(tiny, tm
                            "precision": "fp32", "metrics": {"map": 0.5, "map_50": 0.7, "map_75": 0.6},
                            "delta_map_points": 0.0, "threshold_points": 0.1, "max_box_diff_px": 1e-5,
                            "max_score_diff": 1e-7, "passed": True}]}  # fmt: skip
-    written = write_certificate(report, exported)
+    from align_detr_hf.file_io import OutputPathError
+
+    with pytest.raises(OutputPathError, match=r"refused to replace .*README\.md: align-detr did not write it"):
+        write_certificate(report, exported)  # the user's own card: only with overwrite, and nothing written before
+    assert card.read_text() == "# My detector\n\nMy own notes.\n" and not (tmp_path / "model.certificate.json").exists()
+    written = write_certificate(report, exported, overwrite=True)
     assert written == [tmp_path / "model.certificate.json", tmp_path / "model.certificate.md", card]
     assert json.loads(written[0].read_text()) == report
     row = "| onnxruntime | model.onnx | onnxruntime | fp32 | 50.0 | 70.0 | 60.0 | 0.00 | 0.1 |"
     assert row in written[1].read_text()
     report["targets"][0]["metrics"]["map"] = 0.4
-    write_certificate(report, exported)  # again: the section is replaced, the user's text kept
-    text = card.read_text()
+    write_certificate(report, exported)  # again, no overwrite needed (the card is now the export's): the section is
+    text = card.read_text()               # replaced, the user's text kept
     assert text.startswith("# My detector\n\nMy own notes.\n") and text.count(CARD_START) == text.count(CARD_END) == 1
     assert "| onnxruntime | model.onnx | onnxruntime | fp32 | 40.0 |" in text
     assert "| onnxruntime | model.onnx | onnxruntime | fp32 | 50.0 |" not in text
+    card.write_text(text + "\nMore notes.\n")  # edited since: refused again, and the model's own files never
+    with pytest.raises(OutputPathError, match=r"README\.md: it was changed since align-detr export wrote it"):
+        write_certificate(report, exported)
+    with pytest.raises(OutputPathError, match=r"it is the input"):
+        write_certificate(report, exported, overwrite=True, inputs=[card])
 
 
 def test_cli_verify_writes_the_certificate_and_fails_with_status_1(tiny, pseudo_labelled, tmp_path, monkeypatch,
@@ -138,7 +148,11 @@ def test_cli_verify_writes_the_certificate_and_fails_with_status_1(tiny, pseudo_
     _, _, folder, path = tiny
     exported = {"file": path}
     def copy_instead_of_exporting(model, output, **settings):
-        return shutil.copy(exported["file"], output)
+        from align_detr_hf.export_align_detr import WRITER
+        from align_detr_hf.file_io import record_output
+
+        shutil.copy(exported["file"], output)
+        record_output(output, WRITER)  # as export_onnx does: the next export may replace it
 
     monkeypatch.setattr(export_pipeline, "export_onnx", copy_instead_of_exporting)
     output = tmp_path / "model.onnx"
