@@ -285,3 +285,23 @@ def test_verification_data_specs(pseudo_labelled, tmp_path):
                           (str(tmp_path / "missing"), "expected a COCO folder")]:
         with pytest.raises(ValueError, match=message):
             load_verification_data(spec)
+
+
+# ------------------------------------------------------------------------------------------------------ profiling
+
+
+def test_profiling_writes_nothing_into_the_current_directory(tiny, tmp_path, monkeypatch):
+    """benchmarks/profile_export.py: ONNX Runtime's profile file goes to a temporary folder, never the cwd."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_export.py"
+    spec = importlib.util.spec_from_file_location("profile_export", script)
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    _, _, _, path = tiny
+    monkeypatch.chdir(tmp_path)
+    totals = profile.onnxruntime_profile(path, profile._feeds(96, 128), threads=1)
+    assert {"Conv", "GridSample"} <= set(totals) and all(value >= 0 for value in totals.values())
+    assert "Conv" in profile.shares(totals)
+    assert list(tmp_path.iterdir()) == []
