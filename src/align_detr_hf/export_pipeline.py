@@ -17,10 +17,11 @@ calibrate on images like your own (a training folder) for a real model.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .export_align_detr import _check_output_path, export_onnx, model_inputs
-from .file_io import model_input_folders
+from .export_align_detr import WRITER, _check_output_path, export_onnx, model_inputs
+from .file_io import claim_output, model_input_folders
 
 DEFAULT_CALIBRATION = "synthetic:32"
 CALIBRATION_SEED = 4321
@@ -65,6 +66,8 @@ def claim_targets(output, inputs, *, fp16: bool = False, int8: bool = False, ope
         inputs = model_input_folders(inputs)
     elif hasattr(inputs, "config"):
         inputs = model_inputs(inputs)
+    # the path as given first: an empty one, or one ending in a separator (a folder), is refused as such
+    claim_output(os.path.expanduser(str(output)), WRITER, overwrite=overwrite, inputs=inputs)
     files = output_files(Path(output).expanduser(), fp16, int8, openvino, verify)
     for file in files:
         _check_output_path(file, inputs, overwrite)
