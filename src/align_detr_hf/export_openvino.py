@@ -5,10 +5,11 @@
 
 An OpenVINO IR is a `.xml` graph with its `.bin` weights beside it; both are written through temporary siblings and
 renamed into place, the `.bin` first, under the ownership rule (`file_io`: each may replace only a file an earlier
-export wrote and nobody changed since, unless `overwrite`; never an input). Inputs, outputs and the exported size range are those of the ONNX export
-(`export_align_detr.py`); the range and the labels are stored in the IR's `rt_info` for `ExportedDetector`.
-int8: OpenVINO reads the QuantizeLinear/DequantizeLinear pairs of `quantize.py`'s file and runs those layers in
-int8, the rest in float32 (`ExportedDetector` asks for f32 inference precision, not the bf16 of AMX CPUs).
+export wrote and nobody changed since, unless `overwrite`; never an input). Inputs, outputs and the exported size
+range are those of the ONNX export (`export_align_detr.py`); the range and the labels are stored in the IR's
+`rt_info` for `ExportedDetector`. int8: OpenVINO reads the QuantizeLinear/DequantizeLinear pairs of `quantize.py`'s
+file and runs those layers in int8, the rest in float32 (`ExportedDetector` asks for f32 inference precision, not
+the bf16 of AMX CPUs).
 """
 
 from __future__ import annotations

@@ -329,7 +329,8 @@ def write_certificate(report: dict, model_file, overwrite: bool = False, inputs:
         _check_output_path(path, inputs, overwrite)
     json_path, md_path, card = paths
     section = render_certificate(report)
-    texts = {json_path: json.dumps(report, indent=2) + "\n", md_path: section + "\n", card: _card(card, section, model_file)}
+    texts = {json_path: json.dumps(report, indent=2) + "\n", md_path: section + "\n",
+             card: _card(card, section, model_file)}
     for path, text in texts.items():
         with owned_file(path, WRITER, overwrite=overwrite, inputs=inputs) as temp:
             temp.write_text(text, encoding="utf-8")
