@@ -422,3 +422,21 @@ def test_cli_refuses_bad_export_options_before_exporting(tiny_folder, tmp_path, 
     assert exit_info.value.code == 2
     assert f"align-detr export: error: {message}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing exported
+
+
+@pytest.mark.parametrize("name, extra", [("m.xml", ["--openvino"]), ("README.md", ["--verify", "synthetic"])])
+def test_cli_refuses_an_output_name_its_side_files_would_share(tiny_folder, tmp_path, capsys, name, extra):
+    """model.xml with --openvino would be both the ONNX file and the OpenVINO graph; README.md with --verify both the
+    file and its model card. A name without .onnx is fine when nothing collides."""
+    from align_detr_hf.cli import main
+    from align_detr_hf.export_pipeline import output_files
+
+    assert [p.name for p in output_files(tmp_path / "m", int8=True, openvino=True, verify=True)] == [
+        "m", "m.int8.onnx", "m.xml", "m.bin", "m.int8.xml", "m.int8.bin", "m.certificate.json", "m.certificate.md",
+        "README.md"]
+    _, folder = tiny_folder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(folder), "--output", str(tmp_path / name), *extra])
+    assert exit_info.value.code == 2
+    assert "its exported files would share a name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
