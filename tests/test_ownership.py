@@ -246,6 +246,9 @@ R, W, NA = "refused", "written", "n/a"
 EXPECTED = {  # writer -> outcome per placement, in the order of PLACEMENTS
     "convert": (R, R, R, R, W, R, W),
     "export": (R, R, W, R, W, R, W),
+    "export_int8": (R, R, W, R, W, R, W),
+    "export_openvino": (R, R, W, R, W, R, W),
+    "export_certificate": (R, R, W, R, W, R, W),
     "predict": (R, R, W, R, W, R, W),
     "demo": (NA, NA, W, R, W, R, W),
     "save_pretrained": (W, W, W, R, W, R, W),
@@ -278,33 +281,113 @@ class ConvertWriter:
 
 
 class ExportWriter:
-    """`align-detr export`; the ONNX translation is replaced by a tiny valid graph (tests/test_export.py exports)."""
+    """`align-detr export`; the ONNX translation is replaced by a tiny valid graph (tests/test_export.py exports).
+    Its other outputs are rows of their own (below): the placement puts a file of that output's name in the way."""
 
     record, same_name, file_output = "align-detr export", "", True
+    extra_args, target_name = [], None  # the file the placement concerns (None: the .onnx itself)
 
     def setup(self, root, monkeypatch):
         onnx = pytest.importorskip("onnx")
         import align_detr_hf.export_align_detr as export
 
         graph = onnx.helper.make_graph(
-            [onnx.helper.make_node("Identity", ["pixel_values"], ["logits"])], "tiny",
-            [onnx.helper.make_tensor_value_info("pixel_values", onnx.TensorProto.FLOAT, ["b", 3, "h", "w"])],
-            [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", 3, "h", "w"])])  # fmt: skip
+            [onnx.helper.make_node("Identity", ["pixel_values"], ["logits"]),
+             onnx.helper.make_node("Identity", ["pixel_mask"], ["pred_boxes"])], "tiny",
+            [onnx.helper.make_tensor_value_info("pixel_values", onnx.TensorProto.FLOAT, ["b", 3, "h", "w"]),
+             onnx.helper.make_tensor_value_info("pixel_mask", onnx.TensorProto.INT64, ["b", "h", "w"])],
+            [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", 3, "h", "w"]),
+             onnx.helper.make_tensor_value_info("pred_boxes", onnx.TensorProto.INT64, ["b", "h", "w"])])  # fmt: skip
         proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
-        monkeypatch.setattr(export, "export_program", lambda model, **kwargs: None)
-        monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: type("P", (), {"model_proto": proto})())
+        monkeypatch.setattr(export, "_export", lambda exporter_class, *args, **kwargs: (self.program(), None))
+        monkeypatch.setattr(export, "_to_proto", lambda program: onnx.ModelProto.FromString(proto.SerializeToString()))
+        self.proto = proto
         self.model_dir = root / "inputs" / "model"
         save_like_a_training_script(self.model_dir)
+
+    def program(self):
+        return None
 
     def placement(self, name, root):
         return {"input": self.model_dir / "model.safetensors",
                 "in_input_folder": self.model_dir / "model.onnx"}.get(name, root / "out" / "model.onnx")  # fmt: skip
 
+    def target(self, location):
+        return location if self.target_name is None else location.parent / self.target_name
+
     def run(self, location, overwrite):
-        cli(["export", "--model", str(self.model_dir), "--output", str(location)] + ["--overwrite"] * overwrite)
+        cli(["export", "--model", str(self.model_dir), "--output", str(location), *self.extra_args]
+            + ["--overwrite"] * overwrite)  # fmt: skip
 
     def check(self, location):
         assert location.read_bytes().startswith(b"\x08")  # an ONNX protobuf (ir_version field first)
+
+
+class ExportInt8Writer(ExportWriter):
+    """`align-detr export --int8`: the calibration data and the quantizer are stand-ins (test_export_verify.py
+    quantizes); what is tested is where model.int8.onnx may land."""
+
+    extra_args, target_name = ["--int8"], "model.int8.onnx"
+
+    def setup(self, root, monkeypatch):
+        super().setup(root, monkeypatch)
+        import align_detr_hf.export_verify as verify
+        import align_detr_hf.quantize as quantize
+
+        monkeypatch.setattr(verify, "load_verification_data", lambda spec, limit=None, seed=None: [0])
+        monkeypatch.setattr(verify, "calibration_batches", lambda *args, **kwargs: [{}])
+        identity = type("Q", (), {"quantize": lambda self, model, inputs, export_format: model})()
+        monkeypatch.setattr(quantize, "int8_quantizer", lambda calibration: identity)
+
+    def check(self, location):
+        assert self.target(location).read_bytes().startswith(b"\x08")
+
+
+class ExportOpenVINOWriter(ExportWriter):
+    """`align-detr export --openvino`: the tiny graph converted by OpenVINO stands in for the exported model."""
+
+    extra_args, target_name = ["--openvino"], "model.bin"
+
+    def setup(self, root, monkeypatch):
+        self.openvino = pytest.importorskip("openvino")
+        super().setup(root, monkeypatch)
+        self.proto_file = root / "inputs" / "tiny.onnx"
+        self.proto_file.write_bytes(self.proto.SerializeToString())
+
+    def program(self):
+        return self.openvino.convert_model(self.proto_file)
+
+    def check(self, location):
+        assert self.openvino.Core().read_model(str(location.with_suffix(".xml"))).inputs
+
+
+class ExportCertificateWriter(ExportInt8Writer):
+    """`align-detr export --verify DATA`: the certificate (.json, .md) and the model card (README.md) beside the
+    file; the evaluation is a stand-in (test_export_verify.py certifies)."""
+
+    extra_args, target_name = ["--verify", "synthetic:1"], "README.md"
+
+    def setup(self, root, monkeypatch):
+        super().setup(root, monkeypatch)
+        import align_detr_hf.export_verify as verify
+
+        metrics = {"map": 0.5, "map_50": 0.7, "map_75": 0.5}
+
+        def certify(model, processor, dataset, targets, **kwargs):
+            return {"data": "synthetic:1", "images": 1, "batch_size": 1, "eager": {"metrics": metrics},
+                    "written": "now", "targets": [
+                        {"name": name, "file": str(path), "runtime": "onnxruntime", "precision": "fp32",
+                         "metrics": metrics, "delta_map_points": 0.0, "threshold_points": 0.1,
+                         "max_box_diff_px": 0.0, "max_score_diff": 0.0, "passed": True}
+                        for name, path in targets.items()]}  # fmt: skip
+
+        monkeypatch.setattr(verify, "certify", certify)
+
+    def check(self, location):
+        from align_detr_hf.export_verify import CARD_START
+
+        assert CARD_START in self.target(location).read_text()
+        assert json.loads(location.with_suffix(".certificate.json").read_text())["targets"][0]["passed"]
 
 
 class PredictWriter:
@@ -378,8 +461,9 @@ class SaveWriter:
         assert AlignDetrForObjectDetection.from_pretrained(location).config.num_queries == 12
 
 
-WRITERS = {"convert": ConvertWriter, "export": ExportWriter, "predict": PredictWriter, "demo": DemoWriter,
-           "save_pretrained": SaveWriter}
+WRITERS = {"convert": ConvertWriter, "export": ExportWriter, "export_int8": ExportInt8Writer,
+           "export_openvino": ExportOpenVINOWriter, "export_certificate": ExportCertificateWriter,
+           "predict": PredictWriter, "demo": DemoWriter, "save_pretrained": SaveWriter}
 
 
 def tiny_model():
@@ -390,7 +474,7 @@ def tiny_model():
 def place(writer, name: str, root: Path) -> Path:
     """Prepare the placement `name` for `writer`; returns where its output goes."""
     location = writer.placement(name, root)
-    target = location if writer.file_output else location / writer.same_name
+    target = writer.target(location) if writer.file_output else location / writer.same_name
     if writer.file_output:
         location.parent.mkdir(parents=True, exist_ok=True)  # export writes into an existing folder
     if name == "foreign_folder":
@@ -451,7 +535,7 @@ def run_cell(writer_name: str, placement: str, root: Path, monkeypatch, capsys) 
         return outcome
     writer.check(location)
     after = snapshot(root)
-    asked = location if writer.file_output else location / writer.same_name
+    asked = writer.target(location) if writer.file_output else location / writer.same_name
     changed = [rel for rel, digest in users.items()
                if after.get(rel) != digest and not (overwrite and root / rel == asked)]
     assert changed == [], f"{writer_name} at {placement} changed the user's files {changed}"

@@ -6,6 +6,7 @@ from torch import nn
 from transformers import AutoBackbone
 
 from .configuration_align_detr import AlignDetrConfig
+from .export_backbones import export_safe_backbone
 
 
 class AlignDetrFrozenBatchNorm2d(nn.Module):
@@ -113,4 +114,7 @@ class AlignDetrConvEncoder(nn.Module):
             raise
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if torch.compiler.is_exporting():  # any exporter, ours or transformers': see export_backbones.py
+            with export_safe_backbone(self.model):
+                return list(self.model(pixel_values).feature_maps)
         return list(self.model(pixel_values).feature_maps)

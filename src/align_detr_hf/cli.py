@@ -10,6 +10,7 @@ import urllib.parse
 from pathlib import Path
 
 from .flags import add_flag
+from .loading import load_detector
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -42,92 +43,6 @@ def _hub_repo(args: argparse.Namespace) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------ predict
-
-
-def _looks_like_path(name: str) -> bool:
-    """A Hub id is `name` or `owner/name`; anything else (absolute, ./, ~, backslashes, several slashes) is a path."""
-    return (
-        name.startswith((".", "/", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or os.path.isabs(name)
-        or name.endswith("/")
-    )
-
-
-def _load_model(model: str, device: str):
-    """Load (image processor, model) from a local folder or a Hub id, with errors that say what was looked for."""
-    from transformers import AutoConfig, AutoModelForObjectDetection
-    from transformers.models.auto.image_processing_auto import AutoImageProcessor
-
-    from .image_processing_align_detr import AlignDetrImageProcessor
-
-    if not model.strip():
-        raise ValueError("--model is empty; give a model folder or a Hub id.")
-    local = Path(model).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model folder {local.resolve()} has no config.json; expected a folder written by "
-                "`save_pretrained` or `align-detr convert` (config.json + model.safetensors)."
-            )
-        source = str(local)
-    elif local.exists():
-        raise ValueError(f"--model {model}: {local.resolve()} is a file; pass the folder that holds config.json.")
-    elif _looks_like_path(model):
-        raise FileNotFoundError(f"model folder not found: {local.resolve()} (from --model {model}).")
-    else:
-        source = model
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    config = None
-    try:
-        config = AutoConfig.from_pretrained(source)
-        detector = AutoModelForObjectDetection.from_pretrained(source, config=config)
-    except (RuntimeError, TypeError) as error:  # e.g. a hand-edited config.json whose shapes the weights do not fit
-        where = local.resolve() if local.is_dir() else f"'{model}'"
-        raise ValueError(f"could not load the model {where}: its config.json and weights do not fit together or "
-                         f"config.json is malformed ({type(error).__name__}: {_one_line(error)})") from error
-    except ValueError as error:
-        if config is not None:
-            raise
-        # the config's own checks (AlignDetrConfig refuses a value out of range): name the file
-        where = local.resolve() / "config.json" if local.is_dir() else f"config.json of '{model}'"
-        raise ValueError(f"{where}: {_one_line(error)}") from error
-    except OSError as error:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        if local.is_dir():
-            raise ValueError(f"could not load the model in folder {local.resolve()}: {first_line}") from error
-        if offline:
-            hint = (
-                "HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched and it has no copy; "
-                "unset HF_HUB_OFFLINE (with network access) to download it, or pass a local folder"
-            )
-        else:
-            hint = "check the spelling, the network, and for private models `hf auth login`"
-        raise FileNotFoundError(
-            f"could not load model '{model}': there is no folder {local.resolve()}, and as a Hugging Face Hub id "
-            f"it could not be loaded ({hint}). Cause: {first_line}"
-        ) from error
-    try:
-        processor = AutoImageProcessor.from_pretrained(source)
-    except Exception as error:  # noqa: BLE001 -- whatever it is, it is reported with the file it came from
-        if local.is_dir():
-            found = local.resolve() / "preprocessor_config.json"
-            found = str(found) if found.is_file() else None
-        else:  # a Hub model: the file is in the cache if the repository has one
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(source, "preprocessor_config.json")
-        if isinstance(found, str):  # a file that is there but wrong is an error, not a reason to use other settings
-            raise ValueError(f"{found} is not a valid image processor config: {_one_line(error)}") from error
-        print(
-            f"align-detr predict: note: no image processor config in '{model}'; using AlignDetrImageProcessor() "
-            "defaults (mmdetection's test pipeline).",
-            file=sys.stderr,
-        )
-        processor = AlignDetrImageProcessor()
-    return processor, detector.to(device).eval()
 
 
 PREDICT_WRITER = "align-detr predict"  # how predict's files are recorded in the output folder's manifest (file_io)
@@ -211,7 +126,7 @@ def predict(
     inputs = [name for name in images if not is_url(name)] + list(model_input_folders(model))
     for target in ["detections.json"] + (png_names if draw else []):
         claim_output(out_dir / target, PREDICT_WRITER, overwrite=overwrite, inputs=inputs)
-    processor, detector = _load_model(model, device)
+    processor, detector = load_detector(model, device, "align-detr predict")
     id2label = detector.config.id2label
     label2id = {str(name): int(i) for i, name in id2label.items()}
 
@@ -303,7 +218,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False).")
-    processor, detector = _load_model(args.model, device)
+    processor, detector = load_detector(args.model, device, "align-detr evaluate")
     with evaluation_data(args.data, detector.config.id2label, args.split, args.images, args.synthetic_images,
                          args.synthetic_image_size, args.seed) as dataset:
         result = evaluate_detector(
@@ -347,23 +262,41 @@ def _demo(argv: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export_align_detr import WRITER, export_onnx, load_for_export
-    from .file_io import claim_output, model_input_folders
+    from .export_align_detr import check_exportable
+    from .export_pipeline import claim_targets, export_targets
+    from .export_verify import failures
 
-    # before loading anything (export_onnx checks again with the loaded model's folder)
-    claim_output(os.path.expanduser(args.output), WRITER, overwrite=args.overwrite,
-                 inputs=model_input_folders(args.model_name_or_path))
-    model = load_for_export(args.model_name_or_path)
-    path = export_onnx(
-        model,
-        args.output,
-        opset=args.opset,
-        fp16=args.fp16,
-        with_postprocess=args.with_postprocess,
-        top_k=args.top_k,
-        overwrite=args.overwrite,
-    )
-    print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    # every file the export would write is checked before loading anything (export_targets checks again with the
+    # loaded model's folder)
+    claim_targets(os.path.expanduser(args.output), args.model_name_or_path, fp16=args.fp16, int8=args.int8,
+                  openvino=args.openvino, verify=args.verify is not None, overwrite=args.overwrite)
+    processor, model = load_detector(args.model_name_or_path, "cpu", "align-detr export")
+    check_exportable(model)
+    try:
+        _, report = export_targets(
+            model,
+            processor,
+            os.path.expanduser(args.output),
+            opset=args.opset,
+            fp16=args.fp16,
+            int8=args.int8,
+            openvino=args.openvino,
+            with_postprocess=args.with_postprocess,
+            top_k=args.top_k,
+            calibrate=args.calibrate,
+            calibration_images=args.calibration_images,
+            verify=args.verify,
+            verify_images=args.verify_images,
+            max_map_drop=args.max_map_drop,
+            overwrite=args.overwrite,
+        )
+    except ImportError as error:  # transformers < 5.25 (no exporters), or an extra that is not installed
+        print(f"align-detr export: error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from error
+    failed = failures(report) if report is not None else []
+    if failed:
+        print(f"align-detr export: error: certificate failed: {'; '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -452,16 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_parser = commands.add_parser(
         "export",
-        help="export to ONNX (inputs pixel_values, pixel_mask; outputs logits, pred_boxes)",
-        description="Export the detector to an ONNX file with dynamic batch, height and width. Inputs pixel_values "
-        "(B, 3, H, W) as the image processor makes them and pixel_mask (B, H, W); outputs logits and pred_boxes. "
-        "See align_detr_hf/export_align_detr.py for the preprocessing steps a consumer must do.",
+        help="export to ONNX / OpenVINO (float32, float16, int8), optionally certified on data",
+        description="Export the detector with dynamic batch, height and width through transformers' exporters. "
+        "Inputs pixel_values (B, 3, H, W) as the image processor makes them and pixel_mask (B, H, W); outputs "
+        "logits and pred_boxes. See align_detr_hf/export_align_detr.py for the preprocessing steps a consumer must "
+        "do, and align_detr_hf/export_runtime.py for the runner that checks inputs as eager PyTorch does. With "
+        "--verify DATA each file is run over DATA against eager PyTorch; the report is written beside the file and "
+        "into the folder's README.md, and the command exits with status 1 when a file's mAP differs by more than "
+        "its threshold.",
     )
     add_flag(export_parser, "model_name_or_path", required=True, aliases=["model"],
              help="model folder (save_pretrained / convert) or Hub id")
     add_flag(export_parser, "output", required=True, help="the .onnx file to write (its folder must exist)")
     add_flag(export_parser, "opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
     add_flag(export_parser, "fp16", action="store_true", help="float16 weights and inputs (for GPU runtimes)")
+    add_flag(export_parser, "int8", action="store_true",
+             help="also write OUTPUT.int8.onnx: int8 static quantization calibrated on --calibrate images (CPU)")
+    add_flag(export_parser, "openvino", action="store_true",
+             help="also write OUTPUT.xml/.bin for OpenVINO (and OUTPUT.int8.xml/.bin with --int8); needs the "
+             "openvino extra")
     add_flag(
         export_parser,
         "with_postprocess",
@@ -470,9 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
         "boxes (xyxy pixels)",
     )
     add_flag(export_parser, "top_k", type=int, default=300, help="detections per image with --with_postprocess")
+    add_flag(export_parser, "verify", metavar="DATA", default=None,
+             help="certify every written file on DATA: a COCO folder or annotation .json, a saved `datasets` folder "
+             "or Hub id[:split], or synthetic[:N[:SIZE]] (built-in shapes)")
+    add_flag(export_parser, "verify_images", type=int, default=None, metavar="N",
+             help="use only the first N images of --verify DATA")
+    add_flag(export_parser, "max_map_drop", type=float, default=None, metavar="POINTS",
+             help="largest accepted |ΔmAP| in points (default 0.1 for float32, 0.5 for float16 and int8)")
+    add_flag(export_parser, "calibrate", metavar="DATA", default=None,
+             help="int8 calibration images, DATA as for --verify (default synthetic:32; use images like yours)")
+    add_flag(export_parser, "calibration_images", type=int, default=32, metavar="N",
+             help="calibration images used (default 32)")
     add_flag(export_parser, "overwrite", action="store_true",
-             help="replace an --output file that an earlier export did not write (or that was changed since), and "
-             "allow writing inside the model folder")
+             help="replace output files (the .onnx, .int8.onnx, OpenVINO .xml/.bin, the certificate, the README.md "
+             "model card) that an earlier export did not write or that were changed since, and allow writing inside "
+             "the model folder (never over the model's own files)")
     export_parser.set_defaults(func=_export)
 
     evaluate_parser = commands.add_parser(
