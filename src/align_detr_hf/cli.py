@@ -299,10 +299,7 @@ def _export(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align-detr", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, help="the command to run")
-
+def _add_convert_command(commands) -> None:
     convert = commands.add_parser(
         "convert",
         help="convert an mmdetection Align-DETR or DINO (R-50, Swin), official Align-DETR or detrex DINO checkpoint",
@@ -352,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(func=_convert)
 
+
+def _add_predict_command(commands) -> None:
     predict_parser = commands.add_parser(
         "predict",
         help="detect objects in images; write detections.json and a drawing per image",
@@ -383,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(slicing, "slice_no_full_image", action="store_true", help="tiles only, no full-image pass")
     predict_parser.set_defaults(func=_predict)
 
+
+def _add_export_command(commands) -> None:
     export_parser = commands.add_parser(
         "export",
         help="export to ONNX / OpenVINO (float32, float16, int8), optionally certified on data",
@@ -429,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
              "the model folder (never over the model's own files)")
     export_parser.set_defaults(func=_export)
 
+
+def _add_evaluate_command(commands) -> None:
     evaluate_parser = commands.add_parser(
         "evaluate",
         help="COCO mAP on a data set, with pictures: per-class AP, PR curves, confusions, worst images",
@@ -459,6 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(evaluate_parser, "seed", type=int, default=10_000, help="with DATA synthetic (the demo's val seed)")
     evaluate_parser.set_defaults(func=_evaluate)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align-detr", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, help="the command to run")
+
+    _add_convert_command(commands)
+    _add_predict_command(commands)
+    _add_export_command(commands)
+    _add_evaluate_command(commands)
     # parsed by main() itself so that every argument (--help included) reaches demo.main; listed here for --help
     commands.add_parser("demo", help="run the demo (arguments are passed on: `align-detr demo --help`)", add_help=False)
     return parser
