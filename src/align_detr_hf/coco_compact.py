@@ -225,18 +225,30 @@ class CompactCocoEval:
         s = s[:, :, :, aind, mind] if ap else s[:, :, aind, mind]
         return -1.0 if len(s[s > -1]) == 0 else float(np.mean(s[s > -1]))
 
+    def _specs(self) -> list[tuple]:
+        """pycocotools' `_summarizeDets`: (AP?, IoU, area, maxDets) of the 12 stats; the first AP at 100 detections
+        whatever `max_dets` says."""
+        md = self.max_dets
+        return [(True, None, "all", 100), (True, 0.5, "all", md[2]), (True, 0.75, "all", md[2]),
+                *((True, None, area, md[2]) for area in AREA_LABELS[1:]),
+                *((False, None, "all", m) for m in md),
+                *((False, None, area, md[2]) for area in AREA_LABELS[1:])]
+
     def summarize(self) -> np.ndarray:
-        """pycocotools' 12 `stats` (its first AP is taken at 100 detections, whatever `max_dets` says)."""
+        """pycocotools' 12 `stats`."""
         if self.precision is None:
             self.accumulate()
-        md = self.max_dets
-        self.stats = np.array([
-            self._summarize(True), self._summarize(True, 0.5, max_dets=md[2]), self._summarize(True, 0.75, max_dets=md[2]),
-            *(self._summarize(True, area=area, max_dets=md[2]) for area in AREA_LABELS[1:]),
-            *(self._summarize(False, max_dets=m) for m in md),
-            *(self._summarize(False, area=area, max_dets=md[2]) for area in AREA_LABELS[1:]),
-        ])
+        self.stats = np.array([self._summarize(ap, iou, area, m) for ap, iou, area, m in self._specs()])
         return self.stats
+
+    def summary_text(self) -> str:
+        """The 12 lines pycocotools' `summarize()` prints."""
+        lines = []
+        for (ap, iou, area, max_dets), value in zip(self._specs(), self.summarize()):
+            iou_text = f"{IOU_THRESHOLDS[0]:0.2f}:{IOU_THRESHOLDS[-1]:0.2f}" if iou is None else f"{iou:0.2f}"
+            title = "Average Precision  (AP)" if ap else "Average Recall     (AR)"
+            lines.append(f" {title} @[ IoU={iou_text:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {value:0.3f}")
+        return "\n".join(lines)
 
     @property
     def params(self) -> dict:
