@@ -346,8 +346,8 @@ def _markdown(title: str, evaluator: Any, rows: list[dict], analysis: dict, pict
     metrics = evaluator.metrics
     lines = [f"# Evaluation: {title}", "",
              f"{len(evaluator.coco_gt.getImgIds())} images, {analysis['num_ground_truth']} ground-truth boxes; COCO "
-             f"metrics by {_BACKEND_TEXT.get(backend, backend)}, errors at score > {analysis['score_threshold']:g} and IoU "
-             f"{analysis['iou_threshold']:g}.", "", "| metric | value |", "|---|---|"]
+             f"metrics by {_BACKEND_TEXT.get(backend, backend)}, errors at score > {analysis['score_threshold']:g} "
+             f"and IoU {analysis['iou_threshold']:g}.", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in metrics.items()]
     lines += ["", "## Per-class AP", "", "| class | boxes | AP | AP50 | AP75 | AP small | AP medium | AP large |",
               "|---|---|---|---|---|---|---|---|"]
