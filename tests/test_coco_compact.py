@@ -143,3 +143,15 @@ def test_no_detections_and_bytes_per_detection():
     kept = sum(min(100, int((labels == c).sum())) for _, _, labels in detections.values() for c in range(NUM_CLASSES))
     assert ours.nbytes == 36 * kept  # 36 bytes a detection, nothing else grows with the images
     assert ours.stats.tolist() == reference(coco_gt, detections, (1, 10, 100), COCOeval).stats.tolist()
+
+
+def test_summary_text_is_pycocotools():
+    from pycocotools.cocoeval import COCOeval
+
+    gt, detections = hard_case(num_images=24)
+    coco_gt = _coco_from_dict(gt)
+    expected = reference(coco_gt, detections, (1, 100, 1000), COCOeval)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        expected.summarize()
+    assert compact(coco_gt, detections, (1, 100, 1000)).summary_text() == printed.getvalue().rstrip("\n")
