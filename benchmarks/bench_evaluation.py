@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--parts", nargs="+", choices=["backends", "trainer"], default=["backends", "trainer"])
     p.add_argument("--batch_size", type=int, default=8, help="Trainer eval batch")
+    p.add_argument("--cases", nargs="+", choices=BACKEND_CASES + TRAINER_CASES,
+                   help="measure only these cases (default: all of each part)")
     p.add_argument("--no_write", action="store_true")
     p.add_argument("--results", help="also save the raw runs to this json")
     p.add_argument("--report_only", help="re-render BENCHMARKS.md from a --results json, measuring nothing")
@@ -283,7 +285,8 @@ def report(args, backend_runs, trainer_runs, measured=None) -> str:
                 f"| {n} | {slow[0]['num_annotations']} | {slow[0]['num_detections']} | {median(slow, 'seconds'):.1f} "
                 f"| {median(fast, 'seconds'):.1f} | {median(compact, 'seconds'):.1f} | {median(slow, 'peak_mib'):.0f} "
                 f"| {median(fast, 'peak_mib'):.0f} | {median(compact, 'peak_mib'):.0f} | "
-                f"{compact[0]['state_bytes'] / n / 1000:.1f} | {_difference(slow, fast)} | {_difference(slow, compact)} |")
+                f"{compact[0]['state_bytes'] / n / 1000:.1f} | {_difference(slow, fast)} | "
+                f"{_difference(slow, compact)} |")
         lines += ["", f"Growth per image from {min(args.sizes)} to {max(args.sizes)} images: "
                   + ", ".join(f"{case.replace('_', '-')} {slope(backend_runs, case, args.sizes) * 1024:.0f} KiB"
                               for case in BACKEND_CASES) + "."]
@@ -315,9 +318,10 @@ def report(args, backend_runs, trainer_runs, measured=None) -> str:
                   + ". Accumulate holds the model outputs (900 x 80 float32 logits + boxes, ~290 KB an image) until "
                   "the end; streaming + COCOeval holds ~5 KB of detections an image but builds COCOeval's per-image "
                   "dicts at the end (~200 KB an image); compact holds 100 x (36 + 48) bytes an image (8.4 KB), lean "
-                  "100 x 36 (3.6 KB): exact per-detection state is linear in the detections kept, and nothing else "
-                  "grows. The rest of the growth is the ground truth itself (a pycocotools `COCO`, made once) and "
-                  "Trainer's own per-batch bookkeeping."]
+                  "100 x 36 (3.6 KB): exact per-detection state is linear in the detections kept; `compute()` sorts "
+                  "one class at a time, so its extra memory is one class's records plus the fixed-size precision "
+                  "array. The rest of the growth is the ground truth itself (a pycocotools `COCO`, made once), "
+                  "Trainer's own per-batch bookkeeping and the allocator."]
     return "\n".join(lines)
 
 
@@ -338,10 +342,10 @@ def main(argv=None):
     else:
         runs = {"backends": None, "trainer": None}
         if "backends" in args.parts:
-            runs["backends"] = measure("backend", BACKEND_CASES, args.sizes, args.rounds,
+            runs["backends"] = measure("backend", [c for c in BACKEND_CASES if c in (args.cases or BACKEND_CASES)], args.sizes, args.rounds,
                                        args.batch_size)
         if "trainer" in args.parts:
-            runs["trainer"] = measure("trainer", TRAINER_CASES, args.sizes, args.rounds,
+            runs["trainer"] = measure("trainer", [c for c in TRAINER_CASES if c in (args.cases or TRAINER_CASES)], args.sizes, args.rounds,
                                       args.batch_size)
         if args.results:
             Path(args.results).write_text(json.dumps({
@@ -349,6 +353,9 @@ def main(argv=None):
                 "command": common.command_line(), "commit": common.machine_info()["git_commit"],
                 **{part: [[case, n, r] for (case, n), r in found.items()] if found else None
                    for part, found in runs.items()}}, indent=1))
+    if args.cases and not args.report_only:  # a partial run: its runs are for --results, tables need every case
+        print("[evaluation] partial run (--cases): runs saved with --results, BENCHMARKS.md left as it is")
+        return
     text = report(args, runs["backends"], runs["trainer"], measured)
     print(text)
     if not args.no_write:

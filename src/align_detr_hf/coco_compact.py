@@ -169,31 +169,34 @@ class CompactCocoEval:
             self._blocks.append(np.concatenate(self._pending))
             self._pending = []
 
-    def records(self) -> np.ndarray:
+    def _merge_pending(self) -> None:
         if self._pending:
             self._blocks.append(np.concatenate(self._pending))
             self._pending = []
-        if len(self._blocks) > 1:
-            self._blocks = [np.concatenate(self._blocks)]
-        return self._blocks[0] if self._blocks else np.zeros(0, dtype=DETECTION)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the per-detection records held."""
         return sum(block.nbytes for block in self._blocks + self._pending)
 
+    def _class_records(self, k: int) -> np.ndarray:
+        """Class `k`'s records in pycocotools' accumulate order: the images concatenated in id order, each
+        score-sorted, then sorted stably by score (so: score descending, ties by image, then by rank). Gathered one
+        class at a time, so that sorting needs memory for one class, not for all records."""
+        rows = np.concatenate([block[block["category"] == k] for block in self._blocks] or
+                              [np.zeros(0, dtype=DETECTION)])
+        return rows[np.lexsort((rows["rank"], rows["image"], -rows["score"]))]
+
     def accumulate(self) -> None:
         """pycocotools' `accumulate()` on the records: `precision` (T, R, K, A, M) and `recall` (T, K, A, M)."""
-        records = self.records()
+        self._merge_pending()
         num_classes, num_limits = len(self.cat_ids), len(self.max_dets)
         precision = -np.ones((T, R, num_classes, A, num_limits))
         recall = -np.ones((T, num_classes, A, num_limits))
-        # pycocotools concatenates the images in id order, each score-sorted, then sorts stably by score
-        order = np.lexsort((records["rank"], records["image"], -records["score"], records["category"]))
-        records = records[order]
-        bounds = np.searchsorted(records["category"], np.arange(num_classes + 1))
         for k in range(num_classes):
-            mine = records[bounds[k]:bounds[k + 1]]
+            if not self.num_gt[k].any():
+                continue  # no non-ignored ground truth in any area range: -1 throughout
+            mine = self._class_records(k)
             for a in range(A):
                 npig = int(self.num_gt[k, a])
                 if npig == 0:
