@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""COCO evaluation at scale (issue 27): the two COCOeval backends, and streaming vs accumulate-then-compute in Trainer.
+"""COCO evaluation at scale (issue 27): the COCOeval backends and the compact image-by-image evaluation, and streaming
+vs accumulate-then-compute in Trainer.
 
 1. Backends: COCO-like generated ground truth (80 classes, 1-15 objects of 8-400 px per 640x480 image) and 100
    detections per image (jittered, sometimes misclassified ground truth plus background boxes); evaluation seconds
    and peak memory of `coco_summary` (loadRes, evaluate, accumulate, summarize) with pycocotools and with
-   faster-coco-eval, 500 to 5,000 images, and the largest difference between their nine summary metrics.
+   faster-coco-eval, and of `StreamingCocoEvaluator` (compact: each image matched as it is added, 36 bytes a
+   detection; fed 8 images at a time, then `compute()`), 500 to 5,000 images, and the largest difference of their
+   nine summary metrics from pycocotools'.
 2. Trainer: `Trainer.evaluate` over N images with a stub model that outputs DINO-sized predictions (900 queries x 80
-   classes, the planted boxes of the generated ground truth), today's accumulate-then-compute
-   (`build_compute_metrics`, `eval_do_concat_batches=False`) vs streaming (`CocoMetrics`, `batch_eval_metrics=True`,
-   `preprocess_logits_for_metrics`): peak memory above the level before `evaluate`, seconds, and whether the metrics
-   are equal.
+   classes, the planted boxes of the generated ground truth): today's accumulate-then-compute
+   (`build_compute_metrics`, `eval_do_concat_batches=False`), streaming with COCOeval at the end (`CocoMetrics`,
+   backend faster-coco-eval: how it was before the compact evaluation), and streaming compact (`CocoMetrics`'
+   default; with and without the detections kept for the pictures): peak memory above the level before `evaluate`,
+   seconds, and the largest metric difference from accumulate.
 
 Every measurement runs in a fresh process (peak RSS is a process maximum); the order of the compared cases alternates
 between rounds. Results go to BENCHMARKS.md between `<!-- evaluation:start -->` and `<!-- evaluation:end -->`.
 
-    python benchmarks/bench_evaluation.py                                   # ~30-60 min on 2 loaded cores
+    flock /tmp/timing.lock python benchmarks/bench_evaluation.py            # ~30-60 min on 2 loaded cores
     python benchmarks/bench_evaluation.py --sizes 200 --rounds 1 --no_write  # quick check
 """
 
@@ -36,6 +40,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 NUM_CLASSES, WIDTH, HEIGHT, DETECTIONS, QUERIES = 80, 640, 480, 100, 900
+BACKEND_CASES = ["pycocotools", "faster_coco_eval", "compact"]
+TRAINER_CASES = ["accumulate", "streaming_cocoeval", "compact", "compact_lean"]
 
 
 def parse_args(argv=None):
@@ -44,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--parts", nargs="+", choices=["backends", "trainer"], default=["backends", "trainer"])
     p.add_argument("--batch_size", type=int, default=8, help="Trainer eval batch")
+    p.add_argument("--cases", nargs="+", choices=BACKEND_CASES + TRAINER_CASES,
+                   help="measure only these cases (default: all of each part)")
     p.add_argument("--no_write", action="store_true")
     p.add_argument("--results", help="also save the raw runs to this json")
     p.add_argument("--report_only", help="re-render BENCHMARKS.md from a --results json, measuring nothing")
@@ -97,16 +105,34 @@ def detections(gt: dict, seed: int = 1) -> list[dict]:
 
 def backend_worker(backend: str, num_images: int) -> dict:
     from align_detr_hf.evaluation import _coco_from_dict, coco_summary
+    from align_detr_hf.evaluation_streaming import StreamingCocoEvaluator
 
     gt = ground_truth(num_images)
     results = detections(gt)
     coco_gt = _coco_from_dict(gt)
+    state_bytes = None
+    if backend == "compact":  # the detections as a model's post-processing gives them: per image, xyxy arrays
+        per_image: dict[int, list] = {}
+        for r in results:
+            x, y, w, h = r["bbox"]
+            per_image.setdefault(r["image_id"], []).append([x, y, x + w, y + h, r["score"], r["category_id"]])
+        arrays = [(image_id, np.array(rows)) for image_id, rows in per_image.items()]
+        del results
     with common.PeakMemory("cpu") as memory:
         start = time.perf_counter()
-        metrics = coco_summary(coco_gt, results, backend=backend)
+        if backend == "compact":
+            evaluator = StreamingCocoEvaluator(coco_gt)
+            for i in range(0, len(arrays), 8):
+                batch = arrays[i:i + 8]
+                evaluator.update([image_id for image_id, _ in batch], [
+                    {"boxes": rows[:, :4], "scores": rows[:, 4], "labels": rows[:, 5]} for _, rows in batch])
+            metrics = evaluator.compute()
+            state_bytes = evaluator.nbytes
+        else:
+            metrics = coco_summary(coco_gt, results, backend=backend)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": memory.peak_bytes / 2**20, "metrics": metrics,
-            "num_annotations": len(gt["annotations"]), "num_detections": len(results)}
+    return {"seconds": seconds, "peak_mib": memory.peak_bytes / 2**20, "metrics": metrics, "state_bytes": state_bytes,
+            "num_annotations": len(gt["annotations"]), "num_detections": DETECTIONS * num_images}
 
 
 class StubDetector(torch.nn.Module):
@@ -159,8 +185,12 @@ def trainer_worker(case: str, num_images: int, batch_size: int) -> dict:
     def collate(items):
         return {"pixel_values": torch.stack([i["pixel_values"] for i in items]), "labels": [i["labels"] for i in items]}
 
-    streaming = case == "streaming"
-    metrics_fn = CocoMetrics(gt) if streaming else build_compute_metrics(gt)
+    from align_detr_hf.coco_backend import resolve_backend
+
+    streaming = case != "accumulate"
+    metrics_fn = (build_compute_metrics(gt) if case == "accumulate"
+                  else CocoMetrics(gt, backend=resolve_backend("auto")) if case == "streaming_cocoeval"
+                  else CocoMetrics(gt, keep_detections=case == "compact"))
     with tempfile.TemporaryDirectory() as folder:
         args = TrainingArguments(output_dir=folder, per_device_eval_batch_size=batch_size, use_cpu=True,
                                  remove_unused_columns=False, report_to="none", disable_tqdm=True,
@@ -172,9 +202,10 @@ def trainer_worker(case: str, num_images: int, batch_size: int) -> dict:
             start = time.perf_counter()
             metrics = trainer.evaluate()
             seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": memory.peak_bytes / 2**20,
+    state_bytes = metrics_fn.last_evaluator.nbytes if case.startswith("compact") else None
+    return {"seconds": seconds, "peak_mib": memory.peak_bytes / 2**20, "state_bytes": state_bytes,
             "metrics": {k[len("eval_"):]: v for k, v in metrics.items()
-                        if k.startswith("eval_map") or k == "eval_mar_100"}}
+                        if k.startswith("eval_map") or k.startswith("eval_mar")}}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -210,6 +241,11 @@ def max_metric_difference(a: list[dict], b: list[dict]) -> float:
     return max(abs(x["metrics"][k] - y["metrics"][k]) for x in a for y in b for k in x["metrics"])
 
 
+def _difference(a: list[dict], b: list[dict]) -> str:
+    value = max_metric_difference(a, b)
+    return "0 (bit for bit)" if value == 0 else f"{value:.1e}"
+
+
 def slope(runs: dict, case: str, sizes: list[int]) -> float:
     """MiB per image between the smallest and the largest size."""
     low, high = min(sizes), max(sizes)
@@ -233,43 +269,66 @@ def report(args, backend_runs, trainer_runs, measured=None) -> str:
              f"compared cases alternating which runs first. Peak memory: the process's resident memory above its "
              f"level just before the measured call. torch {info['torch']}, commit {measured['commit']}."]
     if backend_runs:
-        lines += ["", "### COCOeval backends", "",
-                  "`coco_summary` (loadRes + evaluate + accumulate + summarize) on generated COCO-like data: 80 "
-                  "classes, 1-15 objects of 8-400 px per 640x480 image, 100 detections per image.", "",
-                  "| images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | pycocotools peak "
-                  "MiB | faster-coco-eval peak MiB | largest metric difference |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "### COCOeval backends and the compact evaluation", "",
+                  "`coco_summary` (loadRes + evaluate + accumulate + summarize) with each COCOeval, and "
+                  "`StreamingCocoEvaluator` (compact, the default: each image matched as it is added, 8 images an "
+                  "`update`, then `compute()`; the detections also kept for the pictures) on generated COCO-like "
+                  "data: 80 classes, 1-15 objects of 8-400 px per 640x480 image, 100 detections per image. "
+                  "Differences: the largest of the nine summary metrics from pycocotools'."]
+        cases = [case for case in BACKEND_CASES if (case, args.sizes[0]) in backend_runs]  # a saved run may lack one
+        if "compact" not in cases:
+            lines[-1] += " (The compact evaluation is not in this saved run: see the Trainer table for it.)"
+        lines.append("")
+        names = {"pycocotools": "pycocotools", "faster_coco_eval": "faster-coco-eval", "compact": "compact"}
+        state = "compact" in cases
+        lines += ["| images | boxes | detections | " + " | ".join(f"{names[c]} s" for c in cases) + " | "
+                  + " | ".join(f"{names[c]} peak MiB" for c in cases) + (" | compact state KB/image" if state else "")
+                  + "".join(f" | {names[c]} difference" for c in cases[1:]) + " |",
+                  "|---" * (3 + 2 * len(cases) + state + len(cases) - 1) + "|"]
         for n in args.sizes:
-            slow, fast = backend_runs["pycocotools", n], backend_runs["faster_coco_eval", n]
+            runs = [backend_runs[case, n] for case in cases]
+            first = runs[0][0]
             lines.append(
-                f"| {n} | {slow[0]['num_annotations']} | {slow[0]['num_detections']} | {median(slow, 'seconds'):.1f} "
-                f"| {median(fast, 'seconds'):.1f} | {median(slow, 'seconds') / median(fast, 'seconds'):.1f}x | "
-                f"{median(slow, 'peak_mib'):.0f} | {median(fast, 'peak_mib'):.0f} | "
-                f"{max_metric_difference(slow, fast):.1e} |")
+                f"| {n} | {first['num_annotations']} | {first['num_detections']} | "
+                + " | ".join(f"{median(r, 'seconds'):.1f}" for r in runs) + " | "
+                + " | ".join(f"{median(r, 'peak_mib'):.0f}" for r in runs)
+                + (f" | {backend_runs['compact', n][0]['state_bytes'] / n / 1000:.1f}" if state else "")
+                + "".join(f" | {_difference(runs[0], r)}" for r in runs[1:]) + " |")
+        lines += ["", f"Growth per image from {min(args.sizes)} to {max(args.sizes)} images: "
+                  + ", ".join(f"{names[case]} {slope(backend_runs, case, args.sizes) * 1024:.0f} KiB"
+                              for case in cases) + "."]
     if trainer_runs:
         lines += ["", "### Trainer: streaming vs accumulate-then-compute", "",
                   f"`Trainer.evaluate` (CPU, eval batch {args.batch_size}) with a stub model giving DINO-sized outputs "
-                  f"({QUERIES} queries x {NUM_CLASSES} classes) on the generated data above; the COCO backend is the "
-                  "automatic choice (faster-coco-eval here). Accumulate: today's `build_compute_metrics` "
-                  "(`eval_do_concat_batches=False`; Trainer keeps every batch's outputs). Streaming: `CocoMetrics` "
-                  "with `batch_eval_metrics=True` and `preprocess_logits_for_metrics` (top-100 per image kept).", "",
-                  "| images | accumulate peak MiB | streaming peak MiB | accumulate s | streaming s | same metrics |",
-                  "|---|---|---|---|---|---|"]
+                  f"({QUERIES} queries x {NUM_CLASSES} classes) on the generated data above. Accumulate: today's "
+                  "`build_compute_metrics` (`eval_do_concat_batches=False`; Trainer keeps every batch's outputs; "
+                  "COCOeval by the automatic backend, faster-coco-eval here). Streaming + COCOeval: `CocoMetrics` "
+                  "(`batch_eval_metrics=True`, `preprocess_logits_for_metrics`, top-100 per image kept) running "
+                  "faster-coco-eval at the end, as before the compact evaluation. Compact: `CocoMetrics`' default "
+                  "(each image matched as its batch comes, 36 bytes a detection, plus the detections for the "
+                  "pictures, 48 bytes each); lean: `keep_detections=False` (metrics and per-class curves only).", "",
+                  "| images | accumulate peak MiB | streaming + COCOeval peak MiB | compact peak MiB | lean peak MiB "
+                  "| accumulate s | streaming + COCOeval s | compact s | lean s | compact state KB/image | lean "
+                  "state KB/image | compact difference from accumulate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for n in args.sizes:
-            acc, stream = trainer_runs["accumulate", n], trainer_runs["streaming", n]
-            same = all(a["metrics"] == s["metrics"] for a in acc for s in stream)
-            lines.append(f"| {n} | {median(acc, 'peak_mib'):.0f} | {median(stream, 'peak_mib'):.0f} | "
-                         f"{median(acc, 'seconds'):.1f} | {median(stream, 'seconds'):.1f} | "
-                         f"{'yes, to the last digit' if same else 'NO'} |")
-        lines += ["", f"Growth per image from {min(args.sizes)} to {max(args.sizes)} images: accumulate "
-                  f"{slope(trainer_runs, 'accumulate', args.sizes) * 1024:.0f} KiB, streaming "
-                  f"{slope(trainer_runs, 'streaming', args.sizes) * 1024:.0f} KiB. Accumulate holds the model outputs "
-                  "(900 x 80 float32 logits + boxes, ~290 KB an image) until the end; streaming holds ~5 KB of "
-                  "detections an image. What still grows in streaming is COCOeval itself at the end (pycocotools "
-                  "`COCO` objects, one Python dict per detection: 100 per image here)"
-                  + (f", {slope(backend_runs, 'faster_coco_eval', args.sizes) * 1024:.0f} KiB an image with "
-                     "faster-coco-eval in the table above" if backend_runs else "") + ": the same in both, and the "
-                  "peak of both is reached there."]
+            acc, stream, compact, lean = (trainer_runs[case, n] for case in TRAINER_CASES)
+            lines.append(
+                f"| {n} | " + " | ".join(f"{median(r, 'peak_mib'):.0f}" for r in (acc, stream, compact, lean))
+                + " | " + " | ".join(f"{median(r, 'seconds'):.1f}" for r in (acc, stream, compact, lean))
+                + f" | {compact[0]['state_bytes'] / n / 1000:.1f} | {lean[0]['state_bytes'] / n / 1000:.1f} | "
+                f"{_difference(acc, compact)} |")
+        lines += ["", f"Growth per image from {min(args.sizes)} to {max(args.sizes)} images: "
+                  + ", ".join(f"{name} {slope(trainer_runs, case, args.sizes) * 1024:.0f} KiB" for name, case in (
+                      ("accumulate", "accumulate"), ("streaming + COCOeval", "streaming_cocoeval"),
+                      ("compact", "compact"), ("lean", "compact_lean")))
+                  + ". Accumulate holds the model outputs (900 x 80 float32 logits + boxes, ~290 KB an image) until "
+                  "the end; streaming + COCOeval holds ~5 KB of detections an image but builds COCOeval's per-image "
+                  "dicts at the end (~200 KB an image); compact holds 100 x (36 + 48) bytes an image (8.4 KB), lean "
+                  "100 x 36 (3.6 KB): exact per-detection state is linear in the detections kept; `compute()` sorts "
+                  "one class at a time, so its extra memory is one class's records plus the fixed-size precision "
+                  "array. The rest of the growth is the ground truth itself (a pycocotools `COCO`, made once), "
+                  "Trainer's own per-batch bookkeeping and the allocator."]
     return "\n".join(lines)
 
 
@@ -290,10 +349,10 @@ def main(argv=None):
     else:
         runs = {"backends": None, "trainer": None}
         if "backends" in args.parts:
-            runs["backends"] = measure("backend", ["pycocotools", "faster_coco_eval"], args.sizes, args.rounds,
+            runs["backends"] = measure("backend", [c for c in BACKEND_CASES if c in (args.cases or BACKEND_CASES)], args.sizes, args.rounds,
                                        args.batch_size)
         if "trainer" in args.parts:
-            runs["trainer"] = measure("trainer", ["accumulate", "streaming"], args.sizes, args.rounds,
+            runs["trainer"] = measure("trainer", [c for c in TRAINER_CASES if c in (args.cases or TRAINER_CASES)], args.sizes, args.rounds,
                                       args.batch_size)
         if args.results:
             Path(args.results).write_text(json.dumps({
@@ -301,6 +360,9 @@ def main(argv=None):
                 "command": common.command_line(), "commit": common.machine_info()["git_commit"],
                 **{part: [[case, n, r] for (case, n), r in found.items()] if found else None
                    for part, found in runs.items()}}, indent=1))
+    if args.cases and not args.report_only:  # a partial run: its runs are for --results, tables need every case
+        print("[evaluation] partial run (--cases): runs saved with --results, BENCHMARKS.md left as it is")
+        return
     text = report(args, runs["backends"], runs["trainer"], measured)
     print(text)
     if not args.no_write:

@@ -10,8 +10,10 @@ DATA is one of:
 
 Classes are matched by name: the model may know more classes than the data (those are left out before the top-k),
 but every class of the data must be one of the model's. The images go through the model's own image processor;
-detections are scored by [`align_detr_hf.evaluation_streaming.StreamingCocoEvaluator`] (top-k per image, memory flat
-in the number of images) and drawn by [`align_detr_hf.evaluation_report`].
+detections are scored by [`align_detr_hf.evaluation_streaming.StreamingCocoEvaluator`] (top-k per image, each image
+matched as it comes: 36 bytes a detection for the metrics, plus the detections for the pictures; `backend` auto is
+that compact evaluation, pycocotools' numbers to the last bit, or name a COCOeval) and drawn by
+[`align_detr_hf.evaluation_report`].
 """
 
 from __future__ import annotations

@@ -124,6 +124,9 @@ def analyse_errors(evaluator: Any, score_threshold: float = 0.3, iou_threshold: 
     "box" (xyxy), "score", "status": found/confused/duplicate/background}]), and `worst` (image ids, most errors
     first).
     """
+    if not getattr(evaluator, "keep_detections", True):
+        raise ValueError("The error analysis needs the detections: evaluate with "
+                         "StreamingCocoEvaluator(..., keep_detections=True).")
     coco_gt = evaluator.coco_gt
     names = category_names(coco_gt)
     cat_ids = sorted(names)

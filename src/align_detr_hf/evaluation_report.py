@@ -33,6 +33,8 @@ from .visualize import _font, class_colour, draw_detections
 
 __all__ = ["REPORT_PICTURES", "check_report_folder", "report_pictures", "write_evaluation_report"]
 
+_BACKEND_TEXT = {"compact": "pycocotools' COCOeval computed image by image (coco_compact)"}
+
 # (title, file name) of the pictures, in the order a reader wants them (the model card links those present)
 REPORT_PICTURES = (
     ("Per-class AP", "per_class_ap.png"),
@@ -344,8 +346,8 @@ def _markdown(title: str, evaluator: Any, rows: list[dict], analysis: dict, pict
     metrics = evaluator.metrics
     lines = [f"# Evaluation: {title}", "",
              f"{len(evaluator.coco_gt.getImgIds())} images, {analysis['num_ground_truth']} ground-truth boxes; COCO "
-             f"metrics by {backend}, errors at score > {analysis['score_threshold']:g} and IoU "
-             f"{analysis['iou_threshold']:g}.", "", "| metric | value |", "|---|---|"]
+             f"metrics by {_BACKEND_TEXT.get(backend, backend)}, errors at score > {analysis['score_threshold']:g} "
+             f"and IoU {analysis['iou_threshold']:g}.", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in metrics.items()]
     lines += ["", "## Per-class AP", "", "| class | boxes | AP | AP50 | AP75 | AP small | AP medium | AP large |",
               "|---|---|---|---|---|---|---|---|"]
@@ -364,8 +366,6 @@ def write_evaluation_report(
     """Write the files of the module docstring for a [`StreamingCocoEvaluator`] (computed here if it was not). The
     worst images need `dataset` (a [`DetectionDataset`] of the same images: `records`, `load_image`). Returns
     {file name: path} of what was written."""
-    from .coco_backend import resolve_backend
-
     output_dir = Path(output_dir)
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score threshold must be between 0 and 1, got {score_threshold}.")
@@ -383,7 +383,7 @@ def write_evaluation_report(
     if worst is not None:
         written["worst_images.png"] = _save(worst, output_dir / "worst_images.png")
     pictures = [(t, n) for t, n in REPORT_PICTURES if n in written]
-    backend = resolve_backend(evaluator.backend)
+    backend = evaluator.backend  # resolved when the evaluator was made: compact, pycocotools or faster_coco_eval
     # the boxes of the worst images only: all images' would make the file grow with the data set
     worst_images = {str(i): analysis["images"][i] for i in analysis["worst"][:num_worst]}
     summary = {"title": title, "backend": backend, "num_images": len(evaluator.coco_gt.getImgIds()),

@@ -1,10 +1,14 @@
-"""COCO evaluation whose memory does not grow with the model's outputs: each batch is post-processed as it comes and
-only its top-k detections per image are kept (100 x 6 numbers, ~5 KB an image, instead of the ~300 KB of a DINO
-model's 900 x 80 logits that `Trainer` otherwise holds for the whole evaluation set; transformers #34675).
+"""COCO evaluation whose memory does not grow with the model's outputs nor with COCOeval's per-image state: each batch
+is post-processed as it comes, only its top-k detections per image are kept (100 x 6 numbers instead of the ~300 KB
+of a DINO model's 900 x 80 logits that `Trainer` otherwise holds for the whole evaluation set; transformers #34675),
+and each image is matched against its ground truth as it arrives ([`align_detr_hf.coco_compact`]), leaving 36 bytes
+a detection for the final numbers instead of the ~200 KB an image of pycocotools' `COCOeval`.
 
-- [`StreamingCocoEvaluator`]: a [`CocoEvaluator`] that keeps each image's detections as one small array (the first
-  ones given for an image id count; repeats, e.g. accelerate's `even_batches` padding, are dropped), and after
-  `compute()` also the per-class precision/recall arrays for the pictures of [`align_detr_hf.evaluation_report`].
+- [`StreamingCocoEvaluator`]: a [`CocoEvaluator`] fed image by image (the first detections given for an image id
+  count; repeats, e.g. accelerate's `even_batches` padding, are dropped); after `compute()` also the per-class
+  precision/recall arrays for the pictures of [`align_detr_hf.evaluation_report`]. By default it also keeps each
+  image's detections (48 bytes each) for the error analysis and the worst-image pictures; `keep_detections=False`
+  keeps only the 36 bytes. `backend="pycocotools"` or `"faster_coco_eval"` runs that `COCOeval` at the end instead.
 - [`CocoMetrics`]: `compute_metrics` and `preprocess_logits_for_metrics` for `transformers.Trainer`:
 
       metrics = CocoMetrics(val_set.coco_ground_truth())
@@ -22,8 +26,10 @@ model's 900 x 80 logits that `Trainer` otherwise holds for the whole evaluation 
   2 CPU processes).
 - [`evaluate_loader`]: the same for any loop (the Accelerate script), gathering across processes.
 
-The numbers are those of [`build_compute_metrics`] on the same predictions, to the last digit (tested): the same
-post-processing, the same float values, the same per-image order of detections.
+The numbers are those of [`build_compute_metrics`] with pycocotools on the same predictions, to the last digit
+(tested): the same post-processing, the same float values, the same per-image order of detections, pycocotools'
+matching and accumulation. faster-coco-eval (the automatic backend of [`coco_summary`]) may differ from both by a
+float64 step (<= 1e-15).
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluation import METRIC_NAMES, CocoEvaluator, _image_ids_and_sizes, _split_prediction
+from .coco_backend import BACKENDS, resolve_backend
+from .coco_compact import CompactCocoEval
+from .evaluation import CocoEvaluator, _image_ids_and_sizes, _split_prediction, metric_names
 
-__all__ = ["CocoMetrics", "StreamingCocoEvaluator", "evaluate_loader", "pack_detections"]
+__all__ = ["CocoMetrics", "StreamingCocoEvaluator", "evaluate_loader", "evaluator_backend", "pack_detections"]
 
 # one packed detection: image id, x0, y0, x1, y1 (original image pixels), score, label (-1: not kept)
 PACKED_WIDTH = 7
@@ -81,25 +89,60 @@ def _is_packed(x: Any) -> bool:
     )
 
 
-class StreamingCocoEvaluator(CocoEvaluator):
-    """A [`CocoEvaluator`] that stores each image's kept detections as one `(k, 6)` float64 array (x0, y0, x1, y1,
-    score, label): a few KB an image. The first detections given for an image id count; later repeats are dropped.
+EVALUATOR_BACKENDS = ("compact", *BACKENDS)
 
-    After `compute()`: `metrics`, and `precision` (T x R x K x A x M), `recall` (T x K x A x M), `params` (the
-    COCOeval parameters: iouThrs, recThrs, catIds, areaRngLbl, maxDets) for per-class tables and curves.
-    `backend`: see [`align_detr_hf.coco_backend`].
+
+def evaluator_backend(backend: str | None = "auto") -> str:
+    """`"auto"` (or None) and `"compact"` -> `"compact"` ([`align_detr_hf.coco_compact`]: image by image, 36 bytes a
+    detection, pycocotools' numbers to the last bit); `"pycocotools"` / `"faster_coco_eval"` -> that COCOeval at the
+    end over the kept detections (checked to be installed)."""
+    backend = backend or "auto"
+    if backend in ("auto", "compact"):
+        return "compact"
+    if backend not in BACKENDS:
+        raise ValueError(f"COCO backend must be 'auto' or one of {', '.join(EVALUATOR_BACKENDS)}, got {backend!r}.")
+    return resolve_backend(backend)
+
+
+class StreamingCocoEvaluator(CocoEvaluator):
+    """A [`CocoEvaluator`] that scores each image as its detections arrive ([`align_detr_hf.coco_compact`]) and keeps
+    36 bytes per detection for the final numbers, instead of the ~200 KB an image of pycocotools' `COCOeval`. The
+    first detections given for an image id count; later repeats are dropped.
+
+    Args:
+        coco_gt, unknown_labels, max_dets: as [`CocoEvaluator`].
+        backend: `"auto"` (= `"compact"`), or `"pycocotools"` / `"faster_coco_eval"` to run that `COCOeval` at the
+            end instead (it then needs the detections, kept whatever `keep_detections` says).
+        keep_detections: also keep each image's detections as one `(k, 6)` float64 array (x0, y0, x1, y1, score,
+            label; 48 bytes a detection) in `detections`, for the error analysis and worst-image pictures of
+            [`align_detr_hf.evaluation_report`]. False keeps only the 36 bytes a detection of the metrics.
+
+    After `compute()`: `metrics`, `stats` (pycocotools' 12), `precision` (T x R x K x A x M), `recall`
+    (T x K x A x M), `params` (iouThrs, recThrs, catIds, areaRngLbl, maxDets) for per-class tables and curves.
+    `nbytes`: the bytes of the per-detection state held.
     """
 
-    def __init__(self, coco_gt: Any, unknown_labels: str = "error", backend: str = "auto"):
-        super().__init__(coco_gt, unknown_labels)
-        self.backend = backend
-        self.detections: dict[int, np.ndarray] = {}
-        self.metrics: dict[str, float] | None = None
-        self.precision = self.recall = self.params = None
+    def __init__(self, coco_gt: Any, unknown_labels: str = "error", backend: str = "auto",
+                 max_dets: Sequence[int] = (1, 10, 100), keep_detections: bool = True):
+        super().__init__(coco_gt, unknown_labels, max_dets)
+        self.backend = evaluator_backend(backend)
+        self.keep_detections = bool(keep_detections) or self.backend != "compact"
+        self._index = {image_id: n for n, image_id in enumerate(sorted(self.image_ids))}
+        self.reset()
 
     def reset(self) -> None:
-        self.detections = {}
-        self.metrics = self.precision = self.recall = self.params = None
+        self.detections: dict[int, np.ndarray] = {}
+        self._seen = np.zeros(len(self._index), dtype=bool)
+        self._num_given = 0
+        self._compact = CompactCocoEval(self.coco_gt, self.max_dets) if self.backend == "compact" else None
+        self.metrics = self.stats = self.precision = self.recall = self.params = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held per detection: the compact records plus the kept detections (without Python object
+        overheads: ~100 bytes an image for each kept array)."""
+        kept = sum(rows.nbytes for rows in self.detections.values())
+        return kept + (self._compact.nbytes if self._compact is not None else 0)
 
     def update(self, image_ids: Sequence[int], detections: Sequence[dict]) -> None:
         """`detections[i]` = {"scores" (k,), "labels" (k,), "boxes" (k, 4) xyxy} for image `image_ids[i]`."""
@@ -111,7 +154,14 @@ class StreamingCocoEvaluator(CocoEvaluator):
             scores, labels, boxes = (_array(det[key]) for key in ("scores", "labels", "boxes"))
             boxes = boxes.reshape(-1, 4)
             self._check(image_id, scores, labels, boxes)
-            if image_id not in self.detections:
+            n = self._index[image_id]
+            if self._seen[n]:
+                continue
+            self._seen[n] = True
+            self._num_given += len(scores)
+            if self._compact is not None:
+                self._compact.add_image(image_id, boxes, scores, labels)
+            if self.keep_detections:
                 self.detections[image_id] = np.concatenate([boxes, scores[:, None], labels[:, None]], axis=1)
 
     def add_packed(self, packed: Any) -> None:
@@ -125,6 +175,9 @@ class StreamingCocoEvaluator(CocoEvaluator):
 
     def coco_results(self) -> list[dict]:
         """The detections as COCO results ([x, y, w, h] boxes), image by image in the order they came."""
+        if not self.keep_detections:
+            raise ValueError("The detections were not kept (keep_detections=False); evaluate with "
+                             "StreamingCocoEvaluator(..., keep_detections=True) to have them.")
         results = []
         for image_id, rows in self.detections.items():
             for x0, y0, x1, y1, score, label in rows.tolist():
@@ -133,17 +186,32 @@ class StreamingCocoEvaluator(CocoEvaluator):
         return results
 
     def compute(self, verbose: bool = False) -> dict[str, float]:
-        from .coco_backend import run_cocoeval
-
-        coco_eval = run_cocoeval(self.coco_gt, self.coco_results(), backend=self.backend, verbose=verbose)
-        if coco_eval is None:
-            self.metrics = {name: 0.0 for name in METRIC_NAMES}
+        names = metric_names(self.max_dets)
+        if self._num_given == 0:  # pycocotools refuses an empty result list: every metric 0
+            self.metrics = {name: 0.0 for name in names}
             return dict(self.metrics)
-        self.metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats[: len(METRIC_NAMES)])}
-        self.precision, self.recall = np.asarray(coco_eval.eval["precision"]), np.asarray(coco_eval.eval["recall"])
-        p = coco_eval.params
-        self.params = {"iouThrs": np.asarray(p.iouThrs), "recThrs": np.asarray(p.recThrs), "catIds": list(p.catIds),
-                       "areaRngLbl": list(p.areaRngLbl), "maxDets": list(p.maxDets)}
+        if self._compact is not None:
+            self._compact.accumulate()
+            self.stats = self._compact.summarize()
+            self.precision, self.recall, self.params = self._compact.precision, self._compact.recall, \
+                self._compact.params
+            if verbose:
+                print(self._compact.summary_text())
+        else:
+            from .coco_backend import run_cocoeval
+
+            coco_eval = run_cocoeval(self.coco_gt, self.coco_results(), backend=self.backend, verbose=verbose,
+                                     max_dets=self.max_dets)
+            self.stats = np.asarray(coco_eval.stats[:12], dtype=np.float64)
+            self.precision, self.recall = np.asarray(coco_eval.eval["precision"]), np.asarray(coco_eval.eval["recall"])
+            p = coco_eval.params
+            self.params = {"iouThrs": np.asarray(p.iouThrs), "recThrs": np.asarray(p.recThrs),
+                           "catIds": list(p.catIds), "areaRngLbl": list(p.areaRngLbl), "maxDets": list(p.maxDets)}
+        values = [float(v) for v in self.stats[: len(names)]]
+        # as coco_summary: the first AP at max_dets[-1] (pycocotools takes it at 100 whatever maxDets says)
+        last = self.precision[:, :, :, 0, -1]
+        values[0] = float(last[last > -1].mean()) if (last > -1).any() else -1.0
+        self.metrics = dict(zip(names, values))
         return dict(self.metrics)
 
 
@@ -153,9 +221,9 @@ class CocoMetrics:
     [`StreamingCocoEvaluator`] (detections and per-class arrays, for [`align_detr_hf.evaluation_report`])."""
 
     def __init__(self, coco_gt: Any, threshold: float = 0.0, top_k: int = 100, backend: str = "auto",
-                 unknown_labels: str = "error"):
+                 unknown_labels: str = "error", max_dets: Sequence[int] = (1, 10, 100), keep_detections: bool = True):
         self.threshold, self.top_k = threshold, top_k
-        self.evaluator = StreamingCocoEvaluator(coco_gt, unknown_labels, backend)
+        self.evaluator = StreamingCocoEvaluator(coco_gt, unknown_labels, backend, max_dets, keep_detections)
         self.last_evaluator: StreamingCocoEvaluator | None = None
 
     def preprocess_logits_for_metrics(self, logits: Any, labels: Any) -> torch.Tensor:
@@ -183,7 +251,8 @@ class CocoMetrics:
         metrics = self.evaluator.compute()
         evaluator = self.evaluator
         self.last_evaluator = evaluator
-        self.evaluator = StreamingCocoEvaluator(evaluator.coco_gt, evaluator.unknown_labels, evaluator.backend)
+        self.evaluator = StreamingCocoEvaluator(evaluator.coco_gt, evaluator.unknown_labels, evaluator.backend,
+                                                evaluator.max_dets, evaluator.keep_detections)
         return metrics
 
 
