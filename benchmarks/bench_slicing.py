@@ -38,6 +38,7 @@ from align_detr_hf import AlignDetrForObjectDetection, AlignDetrImageProcessor  
 from align_detr_hf.data import collate_fn, load_coco_folder  # noqa: E402
 from align_detr_hf.demo import demo_config  # noqa: E402
 from align_detr_hf.evaluation import coco_summary  # noqa: E402
+from align_detr_hf.file_io import OutputPathError, atomic_directory, claim_output, owned_file  # noqa: E402
 from align_detr_hf.optim import build_optimizer  # noqa: E402
 from align_detr_hf.recipes import (  # noqa: E402
     FROM_SCRATCH,
@@ -48,6 +49,7 @@ from align_detr_hf.recipes import (  # noqa: E402
 from align_detr_hf.slicing import SliceConfig, detect_passes, merge_detections, slice_coco_dataset, sliced_detect  # noqa: E402
 from align_detr_hf.synthetic import generate_dense_dataset  # noqa: E402
 
+WRITER = "benchmarks/bench_slicing.py"  # how its files are recorded in their folders' manifests (file_io)
 TILE = 128  # set by --tile
 MAX_DETS = (100, 300, 1000)
 SIZES = (512, 1024, 2048)  # the cost curve; the table takes the middle one
@@ -62,8 +64,11 @@ def train(args, work: Path, folder: Path) -> Path:
     """Train the demo-size model on tiles of the dense set; the step count is fitted to `--time_budget_s` from the
     measured step time (`recipes.fit_schedule`: warm-up and lr drop at the recipe's fractions of the fitted length).
     Saves the model, its processor and train_info.json to `folder` every `--save_every` steps and at the end."""
-    train_ann = generate_dense_dataset(work / "dense_train", args.train_images, args.train_size, args.objects, seed=0)
-    tiles_ann = slice_coco_dataset(train_ann, work / "dense_train" / "images", work / "tiles", TILE, overlap=0.2)
+    # the data under the ownership rule: built beside `work/train_data`, replacing only an unchanged earlier copy
+    with atomic_directory(work / "train_data", WRITER, overwrite=args.overwrite) as staging:
+        dense_ann = generate_dense_dataset(staging / "dense", args.train_images, args.train_size, args.objects, seed=0)
+        slice_coco_dataset(dense_ann, staging / "dense" / "images", staging / "tiles", TILE, overlap=0.2)
+    tiles_ann = work / "train_data" / "tiles" / "annotations.json"
     dataset = load_coco_folder(tiles_ann, transforms=build_recipe_transforms("flip", TILE / 800), seed=0)
     model = AlignDetrForObjectDetection(demo_config(dataset.id2label, d_model=args.d_model,
                                                     num_queries=args.num_queries))
@@ -87,7 +92,8 @@ def train(args, work: Path, folder: Path) -> Path:
                 "threads": torch.get_num_threads(), "batch_size": args.batch_size, "lr": args.lr,
                 "d_model": args.d_model, "num_queries": args.num_queries,
                 "final_loss": round(sum(losses[-50:]) / max(len(losses[-50:]), 1), 3)}
-        (folder / "train_info.json").write_text(json.dumps(info))
+        with owned_file(folder / "train_info.json", WRITER, overwrite=args.overwrite) as temp:
+            Path(temp).write_text(json.dumps(info))
 
     while step < schedule.max_steps:
         dataset.set_epoch(epoch)
@@ -267,7 +273,9 @@ def draw_panel(image, found, threshold, title, crop):
     return panel
 
 
-def picture(folder: Path, val_ann: Path, output: Path, threshold: float, crop: int = 384) -> dict:
+def picture(
+    folder: Path, val_ann: Path, output: Path, threshold: float, overwrite: bool = False, crop: int = 384
+) -> dict:
     """Ground truth, full-image pass and sliced on the top-left crop of the first validation image, at 1:1 pixels."""
     from PIL import Image
 
@@ -290,10 +298,11 @@ def picture(folder: Path, val_ann: Path, output: Path, threshold: float, crop: i
         canvas.paste(panel, (i * (crop + 8), 0))
     output.parent.mkdir(parents=True, exist_ok=True)
     colours = 64
-    while True:  # an 8-bit palette keeps the README picture small
-        canvas.quantize(colours, dither=Image.Dither.NONE).save(output, optimize=True)
-        if output.stat().st_size < 300_000 or colours <= 8:
-            break
+    with owned_file(output, WRITER, overwrite=overwrite) as temp:
+        while True:  # an 8-bit palette keeps the README picture small
+            canvas.quantize(colours, dither=Image.Dither.NONE).save(temp, format="PNG", optimize=True)
+            if Path(temp).stat().st_size < 300_000 or colours <= 8:
+                break
         colours //= 2
     return counts
 
@@ -408,6 +417,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--picture", default=str(REPO / "docs" / "slicing_before_after.png"))
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files in WORK_DIR, MODEL_DIR or --picture that this script did not write")
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(run_case(json.loads(args.worker))), flush=True)
@@ -419,16 +430,23 @@ def main():
     started = time.perf_counter()
     work = Path(args.work_dir)
     folder = Path(args.model_dir) if args.model_dir else work / "model"
+    try:  # every file written at the end is claimed before the (long) work
+        for path in (work / "results.json", Path(args.picture)):
+            claim_output(path, WRITER, overwrite=args.overwrite)
+    except OutputPathError as error:
+        raise SystemExit(f"bench_slicing: error: {error}") from None
     if not args.skip_train:
         train(args, work, folder)
     if args.train_only:
         return
     info = json.loads((folder / "train_info.json").read_text())
-    val_ann = generate_dense_dataset(work / "dense_val", args.val_images, args.val_size, args.val_objects, seed=1)
+    with atomic_directory(work / "val_data", WRITER, overwrite=args.overwrite) as staging:
+        generate_dense_dataset(staging, args.val_images, args.val_size, args.val_objects, seed=1)
+    val_ann = work / "val_data" / "annotations.json"
     gt = json.loads(val_ann.read_text())
     info["val_small"] = sum(a["area"] < 32**2 for a in gt["annotations"]) / len(gt["annotations"])
     scores = evaluate(folder, val_ann)
-    counts = picture(folder, val_ann, Path(args.picture), args.picture_threshold)
+    counts = picture(folder, val_ann, Path(args.picture), args.picture_threshold, args.overwrite)
     if args.rounds:  # the scores now, the timing (which may wait for the lock) when it is done
         untimed = argparse.Namespace(**{**vars(args), "rounds": 0})
         text = render(untimed, info, scores, {}, counts, time.perf_counter() - started, [os.getloadavg()[0]] * 2)
@@ -436,8 +454,9 @@ def main():
     loads = [os.getloadavg()[0]]
     costs = measure_costs(args, folder)
     loads.append(os.getloadavg()[0])
-    (work / "results.json").write_text(json.dumps({"scores": scores, "counts": counts, "loads": loads,
-                                                   "costs": [[*k, v] for k, v in costs.items()]}))
+    with owned_file(work / "results.json", WRITER, overwrite=args.overwrite) as temp:
+        Path(temp).write_text(json.dumps({"scores": scores, "counts": counts, "loads": loads,
+                                          "costs": [[*k, v] for k, v in costs.items()]}))
     text = render(args, info, scores, costs, counts, time.perf_counter() - started, loads)
     common.write_section("slicing", text, args.output)
     print(f"wrote {args.output} and {args.picture}")
